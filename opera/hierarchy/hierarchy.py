@@ -1,0 +1,206 @@
+"""``SupervisionHierarchy``: the OPERA objective as a stack of task spaces over one backbone.
+
+From the base up (Eq. 35): Y^mask = Y, Y^self = g(Y), Y^full = h(Y^self). The total loss is the
+sum of the spaces' weighted losses (Eq. 9, Eq. 36); with the default weights and spec
+``self,full`` it is the official OPERA loss
+``0.5 (ctr(q1,k2) + ctr(q2,k1)) + 0.5 CE(view1) + 0.5 CE(view2)`` (Eq. 34).
+
+The training loop needs nothing but ``out = hierarchy(views=[x1, x2], labels=y)``,
+``out.loss.backward()`` and ``hierarchy.momentum_update(m)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import opera.supervisions  # noqa: F401  (registers the built-in spaces)
+from opera.backbones import create_backbone, get_spec, is_token_backbone
+from opera.errors import OperaError, suggest
+from opera.supervisions.base import SPACES, BuildContext, Stage, TaskSpace, make_options
+
+ARRANGEMENTS = ("A", "B", "C", "naive")
+
+
+@dataclass
+class HierarchyOutput:
+    """``loss``: the scalar to backpropagate; ``losses``: the weighted term of each space;
+    ``logs``: detached values worth logging (per-space accuracies, unweighted terms)."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def parse_spec(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"mask,self,full"`` -> ``("mask", "self", "full")``, validated (order from the base up).
+
+    ``+`` is accepted as a separator too (``self+full``), as the ablation variants write it.
+    """
+    if isinstance(spec, str):
+        tokens = [t.strip() for t in spec.replace("+", ",").split(",")]
+    else:
+        tokens = [str(t).strip() for t in spec]
+    valid = SPACES.names()
+    order = sorted(valid, key=lambda n: SPACES.get(n).level)
+    if not tokens or any(not t for t in tokens):
+        raise OperaError(f"empty task space in hierarchy {spec!r}; write spaces from the base up, e.g. {','.join(order)}")
+    for t in tokens:
+        if t not in SPACES:
+            raise OperaError(f"unknown task space {t!r} in hierarchy {spec!r}{suggest(t, valid)}; valid spaces: {', '.join(order)}")
+    if len(set(tokens)) != len(tokens):
+        raise OperaError(f"hierarchy {spec!r} repeats a task space; each of {', '.join(order)} may appear once")
+    levels = [SPACES.get(t).level for t in tokens]
+    if levels != sorted(levels):
+        fixed = ",".join(sorted(tokens, key=lambda n: SPACES.get(n).level))
+        raise OperaError(f"hierarchy {spec!r} is out of order; spaces go from the base up ({', '.join(order)}): use {fixed!r}")
+    return tuple(tokens)
+
+
+def resolve_arrangement(spaces: tuple[str, ...], arrangement: str | None) -> str:
+    """Default C when ``self`` and ``full`` are both present, A for ``full`` alone."""
+    if arrangement is not None and arrangement not in ARRANGEMENTS:
+        raise OperaError(f"unknown arrangement {arrangement!r}; valid: {', '.join(ARRANGEMENTS)}")
+    if "full" not in spaces:
+        if arrangement is not None:
+            raise OperaError(
+                f"arrangement {arrangement!r} places the class space, but hierarchy {','.join(spaces)!r} has no 'full'; "
+                "add 'full' (e.g. self,full) or drop the arrangement"
+            )
+        return "C"
+    if "self" not in spaces:
+        if arrangement not in (None, "A"):
+            raise OperaError(
+                f"arrangement {arrangement!r} attaches 'full' to the instance space, but the hierarchy has no 'self'; "
+                "use self,full or arrangement A"
+            )
+        return "A"
+    return arrangement or "C"
+
+
+class SupervisionHierarchy(nn.Module):
+    """A backbone and the task spaces stacked on it (``spaces``, a ModuleDict from the base up)."""
+
+    def __init__(self, backbone: nn.Module, spaces: dict[str, TaskSpace], arrangement: str, concat_views: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.spaces = nn.ModuleDict(spaces)
+        self.arrangement = arrangement
+        self.concat_views = concat_views
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_spec(
+        cls,
+        spec: str,
+        *,
+        backbone: str | nn.Module,
+        num_classes: int | None = None,
+        arrangement: str | None = None,
+        img_size: int = 224,
+        concat_views: bool = False,
+        backbone_options: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> "SupervisionHierarchy":
+        """Build the hierarchy ``spec`` (e.g. ``"mask,self,full"``) over ``backbone``.
+
+        ``options`` holds one dict per space, keyed by its name: ``self={"dim": 256}``,
+        ``full={"layers": 2, "hidden": 256}``, ``mask={"ratio": 0.5}``.
+        """
+        names = parse_spec(spec)
+        arrangement = resolve_arrangement(names, arrangement)
+        for key in options:
+            if key not in SPACES:
+                raise OperaError(f"unknown option group {key!r}{suggest(key, SPACES.names())}; valid: {', '.join(SPACES.names())}")
+            if key not in names:
+                raise OperaError(f"options for {key!r} were given but the hierarchy {','.join(names)!r} has no {key!r}; drop them or add {key!r}")
+        if isinstance(backbone, str):
+            backbone = create_backbone(backbone, img_size=img_size, **(backbone_options or {}))
+        elif not all(hasattr(backbone, a) for a in ("num_features", "forward_features", "forward_head")):
+            raise OperaError(
+                f"backbone {type(backbone).__name__} lacks timm's interface (num_features, forward_features, forward_head); "
+                "build it with opera.backbones.create_backbone or timm.create_model(..., num_classes=0)"
+            )
+        ctx = BuildContext(
+            backbone=backbone,
+            dims={"backbone": int(backbone.num_features)},
+            num_classes=num_classes,
+            arrangement=arrangement,
+            spec=names,
+            token_backbone=is_token_backbone(backbone),
+        )
+        spaces: dict[str, TaskSpace] = {}
+        for name in names:
+            space_cls = SPACES.get(name)
+            spaces[name] = space_cls.build(ctx, make_options(space_cls.Options, options.get(name), name))
+        return cls(backbone, spaces, arrangement, concat_views)
+
+    @property
+    def spec(self) -> str:
+        return ",".join(self.spaces.keys())
+
+    # ------------------------------------------------------------------ training step
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> HierarchyOutput:
+        stage = Stage(list(views), labels, [{} for _ in views], self.concat_views)
+        encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
+        for space in self.spaces.values():
+            encode = space.wrap_encoder(encode, stage, self.backbone)
+        if self.concat_views and len(views) > 1:
+            tokens = encode(torch.cat(stage.views, 0), list(range(len(views)))).chunk(len(views), 0)
+        else:
+            tokens = [encode(x, [i]) for i, x in enumerate(stage.views)]
+        for rep, t in zip(stage.reps, tokens):
+            rep["tokens"] = t
+            rep["backbone"] = self.backbone.forward_head(t, pre_logits=True)
+        losses: dict[str, torch.Tensor] = {}
+        logs: dict[str, torch.Tensor] = {}
+        for name, space in self.spaces.items():
+            out = space(stage)
+            losses[name] = out.loss
+            logs.update(out.logs)
+        loss = torch.stack(list(losses.values())).sum()
+        return HierarchyOutput(loss, losses, logs)
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """theta_k <- m theta_k + (1 - m) theta_q for every (online, momentum) pair (MoCo)."""
+        online: list[torch.Tensor] = []
+        target: list[torch.Tensor] = []
+        for space in self.spaces.values():
+            for src, dst in space.momentum_pairs(self.backbone):
+                online.extend(src.parameters())
+                target.extend(dst.parameters())
+        if target:
+            torch._foreach_lerp_(target, online, 1.0 - m)
+
+    # ------------------------------------------------------------------ inspection
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every representation of the hierarchy for one batch of (unmasked) images, in the
+        module's current mode: ``backbone`` (y), and ``projector``/``predictor``/``class_logits``
+        where the spaces exist. Used by the diagnostics of Corollary 1."""
+        reps: dict[str, torch.Tensor] = {"backbone": self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)}
+        if "self" in self.spaces:
+            sp = self.spaces["self"]
+            reps["projector"] = sp.projector(reps["backbone"])
+            reps["predictor"] = sp.predictor(reps["projector"])
+        if "full" in self.spaces:
+            sp = self.spaces["full"]
+            reps["class_logits"] = sp.class_head(reps[sp.source])
+        return reps
+
+    def describe(self) -> dict[str, Any]:
+        spec = get_spec(self.backbone)
+        return {
+            "hierarchy": self.spec,
+            "arrangement": self.arrangement,
+            "backbone": spec.to_dict() if spec else type(self.backbone).__name__,
+            "concat_views": self.concat_views,
+            "parameters": sum(p.numel() for _, p in self.trainable_parameters()),
+        }

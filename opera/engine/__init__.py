@@ -1,0 +1,1 @@
+"""Training machinery: optimizers, schedules, checkpoints, logging and the pretraining loop."""

@@ -177,6 +177,8 @@ def config_from_dict(data: dict[str, Any], base: PretrainConfig | None = None) -
     if not isinstance(data, dict):
         raise OperaError("a config must be a YAML mapping of sections (hierarchy, backbone, data, optim, train, mask, self, full)")
     for key, value in data.items():
+        if key == "description":
+            continue
         if key in TOP_LEVEL:
             set_value(cfg, key, value)
         elif isinstance(value, dict):

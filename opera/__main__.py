@@ -1,0 +1,3 @@
+from opera.cli import main
+
+main()

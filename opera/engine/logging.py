@@ -1,0 +1,109 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events and a rich progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+METRICS = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows logged after ``after_step`` (a killed run may have logged past its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if row.get("step", 0) <= after_step:
+            keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+class RunLogger:
+    """Writes metrics rows to ``metrics.jsonl`` and TensorBoard; does nothing off rank 0."""
+
+    def __init__(self, output: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.output = output
+        self._tb = None
+        self._file = None
+        if enabled:
+            self._file = open(output / METRICS, "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(output / "tb"))
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {k: _plain(v) for k, v in row.items()}
+        self._file.write(json.dumps({"step": step, **row}) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.flush()
+            self._tb.close()
+
+
+class ProgressDisplay:
+    """Epoch, step, ETA and the live losses; a line per epoch when stdout is not a terminal."""
+
+    def __init__(self, enabled: bool, total_steps: int, done_steps: int):
+        self.enabled = enabled
+        self.console = Console(stderr=False)
+        self.interactive = enabled and sys.stdout.isatty()
+        self._progress = None
+        self._t0 = time.time()
+        if self.interactive:
+            self._progress = Progress(
+                TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=self.console,
+            )
+            self._task = self._progress.add_task("pretrain", total=total_steps, completed=done_steps, epoch="-", losses="")
+            self._progress.start()
+
+    def update(self, step: int, epoch: int, losses: dict[str, float]) -> None:
+        if self._progress is not None:
+            text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+            self._progress.update(self._task, completed=step, epoch=epoch, losses=text)
+
+    def epoch_end(self, epoch: int, epochs: int, step: int, total: int, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={_plain(v):.4g}" for k, v in row.items() if isinstance(_plain(v), (int, float)))
+        elapsed = time.time() - self._t0
+        line = f"epoch {epoch + 1}/{epochs} step {step}/{total} {text} [{elapsed:.0f}s]"
+        if self._progress is not None:
+            self._progress.console.print(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,265 @@
+"""The pretraining run: setup, the epoch loop, checkpoints, resume.
+
+The loop knows nothing about the task spaces: it asks the hierarchy for ``out.loss`` and the
+named ``out.losses``, logs them, and steps. Written for torch.distributed from the start: one
+process per device, ``train.batch_size`` is the global batch, only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from opera import distributed
+from opera.backbones import get_spec, is_token_backbone
+from opera.configs import PretrainConfig, config_to_dict
+from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state, save_state
+from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
+from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
+from opera.engine.step import train_step
+from opera.errors import OperaError
+from opera.hierarchy import SupervisionHierarchy
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OperaError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise OperaError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def check_output_dir(output: Path) -> None:
+    """Create ``output`` or fail in one line if it cannot be written."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OperaError(f"output directory {output} is not writable ({exc.strerror}); choose another --output") from None
+
+
+def build_hierarchy(cfg: PretrainConfig, num_classes: int | None) -> SupervisionHierarchy:
+    b = cfg.backbone
+    return SupervisionHierarchy.from_spec(
+        cfg.hierarchy,
+        backbone=b.name,
+        num_classes=num_classes if "full" in cfg.hierarchy.replace("+", ",").split(",") else None,
+        arrangement=cfg.arrangement,
+        img_size=b.img_size,
+        concat_views=cfg.train.concat_views,
+        backbone_options={"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
+                          "drop_path_rate": b.drop_path_rate or None},
+        **cfg.space_options(),
+    )
+
+
+def resolve_optimizer_name(cfg: PretrainConfig, hierarchy: SupervisionHierarchy) -> str:
+    name = cfg.optim.name
+    if name == "auto":
+        return "adamw" if is_token_backbone(hierarchy.backbone) else "lars"
+    if name not in ("lars", "adamw", "sgd"):
+        raise OperaError(f"unknown optimizer {name!r}; valid: auto, lars, adamw, sgd")
+    return name
+
+
+def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, num_classes: int | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run."""
+    spec = get_spec(hierarchy.backbone)
+    return {"hierarchy": hierarchy.spec, "arrangement": hierarchy.arrangement,
+            "backbone": spec.name if spec else None, "num_classes": num_classes}
+
+
+def check_resumable(state: dict[str, Any], want: dict[str, Any], path: Path) -> None:
+    have = state.get("identity") or {}
+    diffs = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise OperaError(
+            f"checkpoint {path} was trained with a different setup: {'; '.join(diffs)}; "
+            "resume with the same settings or choose a new --output"
+        )
+
+
+def seed_step(seed: int, rank: int, global_step: int) -> None:
+    """Reseed every step from (seed, rank, step): model randomness (masks, drop path) is then a
+    function of the step alone, so a resumed run replays the uninterrupted one exactly."""
+    s = (seed * 1_000_003 + rank * 7_919 + global_step) % (2**31 - 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+
+
+def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = None) -> dict[str, Any]:
+    """Pretrain with ``cfg`` into ``output``; continue from ``output/last.pt`` (or ``resume``)."""
+    from opera.data import PretrainTransform, SeededDataset, build_dataset, build_loader, steps_per_epoch
+
+    output = Path(output)
+    env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, main = env.rank, env.world_size, env.rank == 0
+    device = resolve_device(cfg.train.device, env.local_rank)
+    if main:
+        check_output_dir(output)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_step(cfg.train.seed, rank, 0)
+
+    b = cfg.backbone
+    transform = PretrainTransform(b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip)
+    train_set = SeededDataset(build_dataset(cfg.data.spec, "train", transform=transform), seed=cfg.train.seed)
+    num_classes = train_set.dataset.num_classes if hasattr(train_set, "dataset") else train_set.num_classes
+    batch = cfg.train.batch_size
+    if batch % world:
+        raise OperaError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
+    if batch > len(train_set):
+        raise OperaError(f"batch size {batch} is larger than the dataset ({len(train_set)} training images); use --batch-size <= {len(train_set)}")
+    per_rank = batch // world
+    n_steps = steps_per_epoch(len(train_set), batch, world)
+    epochs = cfg.train.epochs
+    total_steps = n_steps * epochs
+
+    hierarchy = build_hierarchy(cfg, num_classes).to(device)
+    if device.type == "cuda" and cfg.train.channels_last and not is_token_backbone(hierarchy.backbone):
+        hierarchy = hierarchy.to(memory_format=torch.channels_last)
+    want = identity(cfg, hierarchy, num_classes)
+    opt_name = resolve_optimizer_name(cfg, hierarchy)
+    lr = cfg.optim.base_lr * batch / 256
+    optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas)
+
+    state = RunState()
+    source = Path(resume) if resume else output / LAST
+    if resume and not source.is_file():
+        raise OperaError(f"--resume {source} does not exist; pass the last.pt of an opera run or its directory")
+    if source.is_dir():
+        source = source / LAST
+    if source.is_file():
+        ckpt = load_state(source)
+        check_resumable(ckpt, want, source)
+        hierarchy.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = RunState(int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"]))
+        if main:
+            print(f"resuming from {source} at epoch {state.epoch + 1}, step {state.global_step}", flush=True)
+            truncate_metrics(output / METRICS, state.global_step)
+
+    model: torch.nn.Module = hierarchy
+    if world > 1:
+        if cfg.train.sync_bn:
+            hierarchy = torch.nn.SyncBatchNorm.convert_sync_batchnorm(hierarchy)
+        model = torch.nn.parallel.DistributedDataParallel(
+            hierarchy, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    resolved = config_to_dict(cfg)
+    resolved["resolved"] = {"optimizer": opt_name, "lr": lr, "world_size": world, "per_rank_batch": per_rank,
+                            "steps_per_epoch": n_steps, "num_classes": num_classes, "device": str(device),
+                            **hierarchy.describe()}
+    if main:
+        (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    logger = RunLogger(output, enabled=main)
+    progress = ProgressDisplay(main, total_steps, state.global_step)
+
+    def checkpoint(path: Path) -> None:
+        if main:
+            save_state({
+                "model": hierarchy.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+                "identity": want, "config": resolved, "backbone_spec": get_spec(hierarchy.backbone).to_dict(),
+            }, path)
+
+    result: dict[str, Any] = {}
+    t_last = time.time()
+    try:
+        while state.epoch < epochs:
+            train_set.set_epoch(state.epoch)
+            loader = build_loader(train_set, per_rank, shuffle=True, drop_last=True, workers=cfg.data.workers,
+                                  seed=cfg.train.seed, epoch=state.epoch, rank=rank, world_size=world,
+                                  start_step=state.step_in_epoch)
+            model.train()
+            sums: dict[str, float] = {}
+            count = 0
+            for views, labels in loader:
+                seed_step(cfg.train.seed, rank, state.global_step)
+                views = [v.to(device, non_blocking=True) for v in views]
+                if device.type == "cuda" and cfg.train.channels_last and not is_token_backbone(hierarchy.backbone):
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                labels = labels.to(device, non_blocking=True)
+                epoch_f = state.epoch + state.step_in_epoch / n_steps
+                step_lr = lr_at(epoch_f, epochs, cfg.optim.warmup_epochs, lr)
+                m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
+                out = train_step(model, hierarchy, optimizer, views, labels, step_lr, m, device, cfg.train.amp, state.global_step)
+                state.global_step += 1
+                state.step_in_epoch += 1
+                terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
+                row_now = {"loss": out.loss.detach(), **terms, **out.logs}
+                for k, v in row_now.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+                if state.global_step % cfg.train.log_every == 0 or state.step_in_epoch == n_steps:
+                    dt = time.time() - t_last
+                    t_last = time.time()
+                    row = {k: float(distributed.all_reduce_mean(v.float())) for k, v in row_now.items()}
+                    logger.log({"epoch": epoch_f, "lr": step_lr, "ema_momentum": m,
+                                "img_per_s": batch * min(cfg.train.log_every, count) / max(dt, 1e-9), **row}, state.global_step)
+                    progress.update(state.global_step, state.epoch + 1, {k: v for k, v in row.items() if k.startswith("loss")})
+                if cfg.train.save_every_steps and state.global_step % cfg.train.save_every_steps == 0 and state.step_in_epoch < n_steps:
+                    checkpoint(output / LAST)
+                if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+                    break
+            if state.step_in_epoch >= n_steps:
+                state.epoch += 1
+                state.step_in_epoch = 0
+            epoch_row = {k: v / max(count, 1) for k, v in sums.items()}
+            if cfg.train.knn_every and (state.epoch % cfg.train.knn_every == 0 or state.epoch == epochs) and state.step_in_epoch == 0:
+                epoch_row["knn_top1"] = knn_monitor(hierarchy.backbone, cfg, device, rank, world)
+                logger.log({"epoch": float(state.epoch), "knn_top1": epoch_row["knn_top1"]}, state.global_step)
+            checkpoint(output / LAST)
+            if main and cfg.train.save_every_epochs and state.epoch % cfg.train.save_every_epochs == 0 and state.step_in_epoch == 0:
+                checkpoint(output / f"epoch_{state.epoch:04d}.pt")
+            if main:
+                export_backbone(hierarchy.backbone, output / BACKBONE, {"identity": want, "epoch": state.epoch})
+            progress.epoch_end(state.epoch - 1 if state.step_in_epoch == 0 else state.epoch, epochs, state.global_step, total_steps, epoch_row)
+            result = {"epoch": state.epoch, "global_step": state.global_step, **epoch_row}
+            if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+                break
+        if main and state.global_step == total_steps and not (output / BACKBONE).is_file():
+            export_backbone(hierarchy.backbone, output / BACKBONE, {"identity": want, "epoch": state.epoch})
+    finally:
+        progress.close()
+        logger.close()
+    distributed.barrier()
+    return {"output": str(output), "finished": state.epoch >= epochs, **result}
+
+
+@torch.no_grad()
+def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int) -> float:
+    """Weighted kNN top-1 (%) on the held-out split, from backbone features (rank 0 computes)."""
+    from opera.evals.knn import knn_eval_backbone
+
+    acc = torch.zeros(1, device=device)
+    if rank == 0:
+        acc[0] = knn_eval_backbone(backbone, cfg.data.spec, cfg.backbone.img_size, device=device, k=cfg.train.knn_k)
+    if world > 1:
+        torch.distributed.broadcast(acc, 0)
+    return float(acc[0])

@@ -1,0 +1,53 @@
+"""Data: specs, datasets, augmentations and deterministic loaders.
+
+``build_dataset("digits:0-4", "train", transform)`` -> :class:`OperaDataset` of uint8 images;
+``PretrainTransform`` / ``EvalTransform`` -> augmentations; ``build_loader`` -> a resumable,
+seeded, rank-sharded ``DataLoader``.
+"""
+
+from opera.data.datasets import (
+    DigitsDataset,
+    FolderDataset,
+    OperaDataset,
+    TorchvisionDataset,
+    build_dataset,
+    decode_image_file,
+    verify_images,
+)
+from opera.data.loader import (
+    SeededDataset,
+    ShardedBatchSampler,
+    build_loader,
+    sample_seed,
+    steps_per_epoch,
+)
+from opera.data.specs import DataSpec, parse_data_spec
+from opera.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClassicPILPretrainTransform,
+    EvalTransform,
+    PretrainTransform,
+)
+
+__all__ = [
+    "ClassicPILPretrainTransform",
+    "DataSpec",
+    "DigitsDataset",
+    "EvalTransform",
+    "FolderDataset",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "OperaDataset",
+    "PretrainTransform",
+    "SeededDataset",
+    "ShardedBatchSampler",
+    "TorchvisionDataset",
+    "build_dataset",
+    "build_loader",
+    "decode_image_file",
+    "parse_data_spec",
+    "sample_seed",
+    "steps_per_epoch",
+    "verify_images",
+]

@@ -1,0 +1,248 @@
+"""Deterministic, resumable data loading.
+
+* :class:`SeededDataset` seeds torch's global RNG per sample from ``(seed, epoch, index)`` while
+  the transform runs, so augmentations depend on nothing else: not on the number of workers,
+  not on which worker gets the sample, not on resumption.
+* :class:`ShardedBatchSampler` shuffles once per epoch from ``(seed, epoch)``, shards the
+  permutation over ranks like ``DistributedSampler(drop_last=True)``, cuts it into per-rank
+  batches and can skip the first ``start_step`` batches (exact mid-epoch resume).
+* :func:`build_loader` puts both into a plain ``torch.utils.data.DataLoader``. The sampler hands
+  ``(epoch, index)`` pairs to the dataset, so ``loader.batch_sampler.set_epoch(e)`` reaches the
+  augmentation even in persistent workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from opera.errors import OperaError
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed from ``(seed, epoch, index)``; no Python ``hash()`` involved."""
+    h = _splitmix64(int(seed) & _MASK64)
+    h = _splitmix64(h ^ (int(epoch) & _MASK64))
+    h = _splitmix64(h ^ (int(index) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+class SeededDataset(Dataset):
+    """Wrap ``dataset`` so that item ``i`` of epoch ``e`` is drawn under seed ``(seed, e, i)``.
+
+    ``dataset[i]`` uses the epoch set by :meth:`set_epoch`; ``dataset[(e, i)]`` uses epoch ``e``
+    (what :func:`build_loader`'s sampler sends). The global RNG state of the caller is restored
+    afterwards (``torch.random.fork_rng``). Attributes of the wrapped dataset (``num_classes``,
+    ``targets``, ...) are readable through the wrapper.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            epoch, index = key
+        else:
+            epoch, index = self.epoch, key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):
+        # Never forward "dataset" (unset during unpickling) or dunders: DataLoader would pick
+        # up e.g. a wrapped Subset's __getitems__ and bypass the seeding.
+        if name == "dataset" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The epoch's order of ``range(n)``: a permutation drawn from ``(seed, epoch)``."""
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator()
+    g.manual_seed(sample_seed(seed, epoch, -1))
+    return torch.randperm(n, generator=g).tolist()
+
+
+class ShardedBatchSampler(Sampler[list]):
+    """Per-rank batches of one epoch; deterministic from ``(seed, epoch)``.
+
+    The epoch's permutation is truncated to a multiple of ``world_size`` (like
+    ``DistributedSampler(drop_last=True)``; without ``drop_last`` nothing is dropped and ranks may
+    differ by one sample) and rank ``r`` takes every ``world_size``-th index from ``r``; its
+    share is cut into batches of ``batch_size`` (the last, short one is dropped with
+    ``drop_last``). The first ``start_step`` batches are skipped. With ``seeded=True`` each
+    index is yielded as ``(epoch, index)`` for :class:`SeededDataset`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+        seeded: bool = False,
+    ):
+        if world_size < 1 or not (0 <= rank < world_size):
+            raise ValueError(f"bad rank {rank} for world size {world_size}")
+        if batch_size < 1:
+            raise OperaError(f"batch size must be >= 1, got {batch_size}; use --batch-size >= 1")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.seeded = seeded
+        self.set_epoch(epoch, start_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Switch to ``epoch``, skipping its first ``start_step`` batches."""
+        self.epoch = int(epoch)
+        total = self.steps_in_epoch()
+        if not (0 <= start_step <= total):
+            raise ValueError(f"start_step {start_step} is outside 0..{total} (steps per epoch)")
+        self.start_step = int(start_step)
+
+    def _rank_indices(self) -> list[int]:
+        perm = epoch_permutation(self.num_samples, self.seed, self.epoch, self.shuffle)
+        if self.drop_last:
+            perm = perm[: (len(perm) // self.world_size) * self.world_size]
+        return perm[self.rank :: self.world_size]
+
+    def steps_in_epoch(self) -> int:
+        per_rank = (
+            self.num_samples // self.world_size
+            if self.drop_last
+            else -(-(self.num_samples - self.rank) // self.world_size)
+        )
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return -(-per_rank // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_in_epoch() - self.start_step
+
+    def __iter__(self) -> Iterator[list]:
+        idx = self._rank_indices()
+        bs = self.batch_size
+        for step in range(self.start_step, self.steps_in_epoch()):
+            batch = idx[step * bs : (step + 1) * bs]
+            yield [(self.epoch, i) for i in batch] if self.seeded else batch
+
+
+def steps_per_epoch(
+    len_dataset: int, global_batch: int, world_size: int = 1, drop_last: bool = True
+) -> int:
+    """Optimizer steps per epoch for a global batch split evenly over ``world_size`` ranks."""
+    if global_batch < 1:
+        raise OperaError(f"batch size must be >= 1, got {global_batch}; use --batch-size >= 1")
+    if global_batch % world_size:
+        raise OperaError(
+            f"global batch size {global_batch} is not divisible by the {world_size} processes; "
+            f"use a --batch-size that is a multiple of {world_size}"
+        )
+    per_rank_batch = global_batch // world_size
+    if drop_last:
+        return (len_dataset // world_size) // per_rank_batch
+    per_rank = -(-len_dataset // world_size)  # rank 0's share, the largest
+    return -(-per_rank // per_rank_batch)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    start_step: int = 0,
+    pin_memory: bool | str = "auto",
+    persistent_workers: bool | str = "auto",
+    prefetch_factor: int | str | None = "auto",
+) -> DataLoader:
+    """A ``DataLoader`` over this rank's batches of epoch ``epoch`` (``batch_size`` per process).
+
+    ``dataset`` is wrapped in :class:`SeededDataset` (unless it already is one) so augmentation
+    depends only on ``(seed, epoch, index)``. The first ``start_step`` batches are skipped (exact
+    mid-epoch resume). For later epochs call ``loader.batch_sampler.set_epoch(epoch)`` (works
+    with persistent workers) or build a new loader. ``"auto"``: ``pin_memory`` when CUDA is
+    available; ``persistent_workers`` when ``workers > 0``; ``prefetch_factor`` 2 with workers.
+
+    Raises :class:`OperaError` when ``drop_last`` and the global batch (``batch_size *
+    world_size``) is larger than the dataset (the epoch would have no step).
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    if batch_size < 1:
+        raise OperaError(f"batch size must be >= 1, got {batch_size}; use --batch-size >= 1")
+    if workers < 0:
+        raise OperaError(f"workers must be >= 0, got {workers}; use --workers 0 or more")
+    if n == 0:
+        raise OperaError("the dataset is empty; check the data spec")
+    global_batch = batch_size * world_size
+    if drop_last and global_batch > n:
+        raise OperaError(
+            f"batch size {global_batch} is larger than the dataset ({n} images); "
+            f"use --batch-size <= {n}"
+        )
+    ds = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, seed)
+    ds.set_epoch(epoch)
+    sampler = ShardedBatchSampler(
+        n,
+        batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+        seeded=True,
+    )
+    if pin_memory == "auto":
+        pin_memory = torch.cuda.is_available()
+    if persistent_workers == "auto":
+        persistent_workers = workers > 0
+    if prefetch_factor == "auto":
+        prefetch_factor = 2 if workers > 0 else None
+    return DataLoader(
+        ds,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=bool(pin_memory),
+        persistent_workers=bool(persistent_workers) and workers > 0,
+        prefetch_factor=prefetch_factor if workers > 0 else None,
+    )

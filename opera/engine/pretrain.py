@@ -127,7 +127,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     b = cfg.backbone
     transform = PretrainTransform(b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip)
     train_set = SeededDataset(build_dataset(cfg.data.spec, "train", transform=transform), seed=cfg.train.seed)
-    num_classes = train_set.dataset.num_classes if hasattr(train_set, "dataset") else train_set.num_classes
+    num_classes = train_set.num_classes
     batch = cfg.train.batch_size
     if batch % world:
         raise OperaError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
@@ -255,11 +255,18 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
 @torch.no_grad()
 def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int) -> float:
     """Weighted kNN top-1 (%) on the held-out split, from backbone features (rank 0 computes)."""
-    from opera.evals.knn import knn_eval_backbone
+    from opera.data import EvalTransform, build_dataset
+    from opera.evals.common import extract_features
+    from opera.evals.knn import knn_accuracy
 
     acc = torch.zeros(1, device=device)
     if rank == 0:
-        acc[0] = knn_eval_backbone(backbone, cfg.data.spec, cfg.backbone.img_size, device=device, k=cfg.train.knn_k)
+        tf = EvalTransform(cfg.backbone.img_size)
+        bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
+        bank, bank_labels = extract_features(backbone, bank_set, device=device)
+        queries, query_labels = extract_features(backbone, build_dataset(cfg.data.spec, "val", transform=tf), device=device)
+        acc[0] = knn_accuracy(bank, bank_labels, queries, query_labels, bank_set.num_classes, k=cfg.train.knn_k)["top1"]
+        backbone.train()
     if world > 1:
         torch.distributed.broadcast(acc, 0)
     return float(acc[0])

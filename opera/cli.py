@@ -16,6 +16,7 @@ from typing import Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from opera.errors import OperaError
 
@@ -27,7 +28,7 @@ run_app = typer.Typer(help="Run a job: pretraining or an evaluation protocol.", 
 configs_app = typer.Typer(help="List and show the shipped recipes.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(configs_app, name="configs")
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def default_output(hierarchy: str, backbone: str, data: str) -> Path:
@@ -121,7 +122,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except OperaError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -110,6 +110,12 @@ def get_spec(backbone: nn.Module) -> BackboneSpec | None:
     return getattr(backbone, "opera_spec", None)
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of y = ``forward_head(..., pre_logits=True)``: timm's ``head_hidden_size`` where the head
+    has its own hidden layer (MobileNetV3: 288 channels -> 1024), else ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
+
+
 def is_token_backbone(backbone: nn.Module) -> bool:
     """True for ViT-style backbones whose patch tokens can be masked (the ``mask`` space)."""
     return isinstance(backbone, VisionTransformer)

@@ -15,7 +15,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """(grid_h*grid_w, dim) fixed 2-D sin-cos embedding; a quarter of the channels per sin/cos of h/w."""
+    """(grid_h*grid_w, dim) fixed 2-D sin-cos embedding; a quarter of the channels per sin/cos of h/w.
+
+    Channel order as MoCo-v3's ``build_2d_sincos_position_embedding``: [sin, cos] of the row, then
+    [sin, cos] of the column of each row-major token (its ``meshgrid(w, h)`` with 'ij' indexing makes
+    its ``grid_w`` the row index), so for square grids the tensor is MoCo-v3's exactly.
+    """
     if dim % 4:
         raise ValueError(f"embedding dim {dim} must be a multiple of 4 for the 2-D sin-cos embedding")
     gh, gw = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32), torch.arange(grid_w, dtype=torch.float32), indexing="ij")
@@ -23,7 +28,7 @@ def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     out_w = gw.flatten()[:, None] * omega[None]
     out_h = gh.flatten()[:, None] * omega[None]
-    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([out_h.sin(), out_h.cos(), out_w.sin(), out_w.cos()], dim=1)
 
 
 @torch.no_grad()

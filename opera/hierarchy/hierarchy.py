@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import opera.supervisions  # noqa: F401  (registers the built-in spaces)
-from opera.backbones import create_backbone, get_spec, is_token_backbone
+from opera.backbones import create_backbone, feature_dim, get_spec, is_token_backbone
 from opera.errors import OperaError, suggest
 from opera.supervisions.base import SPACES, BuildContext, Stage, TaskSpace, make_options
 
@@ -126,7 +126,7 @@ class SupervisionHierarchy(nn.Module):
             )
         ctx = BuildContext(
             backbone=backbone,
-            dims={"backbone": int(backbone.num_features)},
+            dims={"backbone": feature_dim(backbone)},
             num_classes=num_classes,
             arrangement=arrangement,
             spec=names,

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from opera.backbones import pooled_features
+from opera.errors import OperaError
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
 from opera.supervisions.losses import info_nce
@@ -70,6 +71,11 @@ class InstanceSpace(TaskSpace):
         return stage.apply(self.momentum_projector, feats)
 
     def forward(self, stage: Stage) -> SpaceOutput:
+        if len(stage.views) < 2:
+            raise OperaError(
+                f"the instance space 'self' needs at least two views of each image, got {len(stage.views)}; "
+                "pass views=[x1, x2] (two augmentations) or drop 'self' from the hierarchy"
+            )
         z = stage.apply(self.projector, stage.get("backbone"))
         q = stage.apply(self.predictor, z)
         for rep, zi, qi in zip(stage.reps, z, q):

@@ -21,7 +21,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, gather_distri
     gradient scale independent of tau. Its gradient w.r.t. the logits ``q k^T`` is Eq. 3.
     """
     q = F.normalize(q, dim=1)
-    k = F.normalize(k, dim=1)
+    k = F.normalize(k.detach(), dim=1)  # stop-gradient on the keys, with or without a gather
     keys = distributed.all_gather_no_grad(k) if gather_distributed else k
     logits = q @ keys.T / temperature
     offset = q.shape[0] * distributed.get_rank() if gather_distributed else 0

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from opera.errors import OperaError
+from opera.launch.options import LaunchOptions, dispatch, with_launch_options
 
 app = typer.Typer(
     help="opera: omni-supervised representation learning with hierarchical supervisions (OPERA).",
@@ -61,6 +62,7 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
 
 
 @run_app.command("pretrain")
+@with_launch_options
 def pretrain(
     hierarchy: Optional[str] = typer.Option(None, "--hierarchy", "-H", help="Task spaces from the base up: self | full | self,full | mask,self | mask,self,full. Default: self,full (or the recipe's)."),
     arrangement: Optional[str] = typer.Option(None, "--arrangement", help="Where 'full' attaches (Fig. 4): C after the predictor (OPERA), B on the projector, A on the backbone, naive on the instance representation itself (Eq. 4)."),
@@ -76,7 +78,7 @@ def pretrain(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (data order, augmentations, masks)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process."),
-    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (gloo on CPU, NCCL on GPU); --batch-size stays global."),
+    launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Pretrain a backbone with a supervision hierarchy (OPERA: --hierarchy self,full)."""
     cfg = build_pretrain_config(config, hierarchy, arrangement, backbone, data, epochs, batch_size, seed, device,
@@ -84,14 +86,9 @@ def pretrain(
     out = output or default_output(cfg.hierarchy, cfg.backbone.name, cfg.data.spec)
     from opera.engine.pretrain import run_pretrain
 
-    if nproc > 1:
-        from opera.launch.local import launch_local
-
-        launch_local(run_pretrain, (cfg, out, str(resume) if resume else None), nproc)
-        result = {"output": str(out)}
-    else:
-        result = run_pretrain(cfg, out, str(resume) if resume else None)
-    console.print(f"[bold green]done[/] outputs in {result['output']}: config.yaml metrics.jsonl last.pt backbone.safetensors tb/")
+    dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)
+    if not launch.slurm or launch.wait:
+        console.print(f"[bold green]done[/] outputs in {out}: config.yaml metrics.jsonl last.pt backbone.safetensors tb/")
 
 
 @configs_app.command("list")
@@ -117,6 +114,23 @@ def configs_show(name: str = typer.Argument(..., help="Recipe name or YAML path.
     console.print(yaml.safe_dump(config_to_dict(load_config(name)), sort_keys=False), end="", markup=False, highlight=False)
 
 
+def _click_exception_types() -> tuple[type, ...]:
+    types: list[type] = []
+    try:
+        from typer._click.exceptions import ClickException as Bundled  # typer >= 0.26 bundles click
+
+        types.append(Bundled)
+    except ImportError:
+        pass
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
 def main() -> None:
     """Console entry point: one line per user error, exit code 2."""
     try:
@@ -132,10 +146,8 @@ def main() -> None:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; rerun the same command to resume from the last checkpoint")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors of typer's (bundled) click
+        if isinstance(exc, _click_exception_types()):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -61,6 +61,89 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / get_world_size()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of every rank's input is the sum over ranks of
+    the gradients of the outputs (the gradient of the sum of all ranks' losses)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.contiguous().clone()
+        dist.all_reduce(g)
+        return g
+
+
+class GlooSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are over the samples of all ranks, on CPU (gloo).
+
+    ``torch.nn.SyncBatchNorm`` runs on CUDA only (its kernels have no CPU version and DDP refuses it
+    on CPU modules), so CPU runs of several processes use this one: mean and variance come from two
+    differentiable all-reduces, which makes the forward and the gradients those of one BatchNorm over
+    the global batch. It is not a ``SyncBatchNorm`` subclass (DDP would refuse it). Outside training,
+    or in a single process, it is a plain BatchNorm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_initialized() and get_world_size() > 1):
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input  # statistics in fp32 at least
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+        totals = _AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centered = x - mean.view(shape)
+        var = _AllReduceSum.apply((centered * centered).sum(dims)) / n  # biased, as BatchNorm normalises
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return out.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm of ``module`` (a momentum encoder included) -> one with statistics over ranks.
+
+    ``torch.nn.SyncBatchNorm`` when the module is on CUDA, :class:`GlooSyncBatchNorm` otherwise.
+    Parameters and buffers are shared with the originals (the same tensors), as torch's converter does.
+    """
+    first = next(module.parameters(), None)
+    if first is not None and first.device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    out = module
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlooSyncBatchNorm):
+        out = GlooSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats)
+        if module.affine:
+            out.weight, out.bias = module.weight, module.bias
+        out.running_mean, out.running_var = module.running_mean, module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.training = module.training
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child))
+    return out
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int

@@ -165,7 +165,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     model: torch.nn.Module = hierarchy
     if world > 1:
         if cfg.train.sync_bn:
-            hierarchy = torch.nn.SyncBatchNorm.convert_sync_batchnorm(hierarchy)
+            hierarchy = distributed.convert_sync_batchnorm(hierarchy)  # torch's on CUDA, a gloo one on CPU
         model = torch.nn.parallel.DistributedDataParallel(
             hierarchy, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:

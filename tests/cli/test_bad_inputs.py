@@ -114,3 +114,10 @@ def test_resume_from_other_hierarchy_overwrites_nothing(tmp_path, capsys):
     other = tmp_path / "other"
     code, _, err = run_cli(["run", "pretrain", "--backbone", "vit_tiny", "--resume", str(first / "last.pt"), "-o", str(other), *FAST], capsys)
     assert_one_line_error(code, err, "backbone")
+
+
+def test_usage_errors_exit_2_without_traceback(capsys):
+    code, _, err = run_cli(["run", "pretrain", "--epochs", "abc"], capsys)
+    assert code == 2 and "Traceback" not in err and "--epochs" in err
+    code, _, err = run_cli(["run", "nosuch"], capsys)
+    assert code == 2 and "Traceback" not in err

@@ -32,6 +32,18 @@ app.add_typer(configs_app, name="configs")
 console = Console(soft_wrap=True)
 
 
+def _mount_evaluations() -> None:
+    """``opera run linear|finetune|knn|transfer|diagnose`` and ``opera export`` (opera.evals)."""
+    from opera.evals import cli as evals_cli
+
+    for name, fn in evals_cli.COMMANDS.items():
+        run_app.command(name)(fn)
+    app.command("export")(evals_cli.export)
+
+
+_mount_evaluations()
+
+
 def default_output(hierarchy: str, backbone: str, data: str) -> Path:
     """A deterministic default, so rerunning the same command resumes the same run."""
     safe = lambda s: "".join(c if c.isalnum() or c in "-_" else "-" for c in s).strip("-")  # noqa: E731

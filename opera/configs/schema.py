@@ -177,7 +177,7 @@ def config_from_dict(data: dict[str, Any], base: PretrainConfig | None = None) -
     if not isinstance(data, dict):
         raise OperaError("a config must be a YAML mapping of sections (hierarchy, backbone, data, optim, train, mask, self, full)")
     for key, value in data.items():
-        if key == "description":
+        if key in ("description", "resolved"):  # prose, and what a run derived (config.yaml)
             continue
         if key in TOP_LEVEL:
             set_value(cfg, key, value)

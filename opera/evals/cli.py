@@ -1,0 +1,187 @@
+"""Typer commands of the evaluation protocols, as plain functions for ``opera.cli`` to mount:
+
+    run_app.command("linear")(linear)       # opera run linear
+    run_app.command("finetune")(finetune)   # opera run finetune
+    run_app.command("knn")(knn)             # opera run knn
+    run_app.command("transfer")(transfer)   # opera run transfer
+    run_app.command("diagnose")(diagnose)   # opera run diagnose
+    app.command("export")(export)           # opera export
+
+Every command writes ``OUTPUT/results.json`` (metrics, checkpoint sha256, full config, data
+specs, seed, wall time), TensorBoard scalars under ``OUTPUT/tb`` and prints a table. Bad inputs
+raise :class:`~opera.errors.OperaError` (one line, exit 2 in ``opera.cli.main``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+CHECKPOINT_HELP = ("An opera run directory, its backbone.safetensors or last.pt; or random:<backbone> "
+                   "(randomly initialised baseline, e.g. random:resnet50) or timm:<name> (a timm architecture, never downloaded).")
+BACKBONE_HELP = "Expected backbone name; a checkpoint of another backbone is an error (and it must match random:/timm:)."
+DATA_HELP = "Data spec: digits, digits:0-4, an ImageNet-style folder (PATH[@0-99]), or cifar10|cifar100|stl10|flowers102|pets=ROOT."
+IMG_HELP = "Image size. Default: a ViT's own size, else the run's config.yaml, else 32 for digits and 224 otherwise."
+DEVICE_HELP = "auto | cpu | cuda | cuda:N."
+
+
+def _default_output(kind: str, checkpoint: str) -> Path:
+    p = Path(checkpoint)
+    if ":" not in checkpoint and p.exists():
+        run_dir = p if p.is_dir() else p.parent
+        return run_dir / "evals" / kind
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in checkpoint).strip("-")
+    return Path("evals") / f"{kind}_{safe}"
+
+
+def linear(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and tb/. Default: RUN/evals/linear."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+    epochs: int = typer.Option(90, "--epochs", help="Training epochs of the linear classifier (C.1: 90)."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Batch size (C.1: 1024)."),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", help="lr = base_lr * batch / 256. Default 0.1 for CNNs, 3.0 for ViTs (C.1)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="SGD weight decay (C.1: 0)."),
+    bn: bool = typer.Option(False, "--bn/--no-bn", help="BatchNorm1d(affine=False) on the features before the linear layer (MAE-style). Default off, as in C.1 / MoCo-v3."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Fresh RandomResizedCrop+flip views each epoch through the frozen backbone (ImageNet protocol), or features cached once without augmentation. Default: cached for digits, augmented otherwise."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+) -> None:
+    """Linear probe on the frozen backbone (SGD, cosine; top-1/top-5); fails if the backbone changed."""
+    from opera.evals.linear import LinearConfig, run_linear
+
+    run_linear(LinearConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("linear", checkpoint)),
+                            backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers,
+                            epochs=epochs, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay, bn=bn,
+                            augment=augment))
+
+
+def knn(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP + " The train split is the bank, val the queries."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and tb/. Default: RUN/evals/knn."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+    k: int = typer.Option(20, "--k", help="Neighbours."),
+    temperature: float = typer.Option(0.07, "--temperature", help="Vote weight exp(cos / T)."),
+    query_chunk: int = typer.Option(1024, "--query-chunk", help="Queries per similarity block (bounds memory)."),
+    bank_chunk: int = typer.Option(65536, "--bank-chunk", help="Bank features per similarity block (bounds memory)."),
+    half_bank: bool = typer.Option(False, "--half-bank", help="Keep the training bank in float16 (ImageNet-sized banks)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+) -> None:
+    """Weighted k-NN (k=20, T=0.07) on L2-normalised frozen features, computed in bounded chunks."""
+    from opera.evals.knn import KNNConfig, run_knn
+
+    run_knn(KNNConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("knn", checkpoint)),
+                      backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, k=k,
+                      temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk, half_bank=half_bank))
+
+
+def finetune(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and tb/. Default: RUN/evals/finetune."),
+    recipe: str = typer.Option("auto", "--recipe", help="finetune_100ep | finetune_150ep | finetune_200ep | finetune_300ep (Table 2), transfer, digits, or a YAML path. auto: digits for digits data, else finetune_100ep. Options below override it."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (recipe: 100/150/200/300)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (C.1: 1024)."),
+    base_lr: Optional[float] = typer.Option(None, "--base-lr", help="AdamW lr per --lr-batch-base images (C.1: 5e-4)."),
+    lr_batch_base: Optional[int] = typer.Option(None, "--lr-batch-base", help="lr = base_lr * batch / this (DeiT: 512)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (C.1: 0.05)."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear warmup epochs before the cosine decay."),
+    layer_decay: Optional[float] = typer.Option(None, "--layer-decay", help="Layer-wise lr decay (e.g. 0.75 for ViTs; timm param_groups_layer_decay). Default off."),
+    drop_path: Optional[float] = typer.Option(None, "--drop-path", help="Stochastic depth rate."),
+    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Label smoothing."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha (0: off)."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha (0: off)."),
+    randaug_magnitude: Optional[int] = typer.Option(None, "--randaug-magnitude", help="RandAugment magnitude (0: off; DeiT 9)."),
+    reprob: Optional[float] = typer.Option(None, "--reprob", help="Random erasing probability."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA) | bf16 | off."),
+) -> None:
+    """End-to-end fine-tuning (AdamW, cosine + warmup, Mixup/CutMix, RandAugment, label smoothing, drop path)."""
+    from opera.evals.finetune import finetune_config, run_finetune
+
+    cfg = finetune_config(recipe, checkpoint=checkpoint, data=data, output=str(output or _default_output("finetune", checkpoint)),
+                          backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, amp=amp,
+                          epochs=epochs, batch_size=batch_size, base_lr=base_lr, lr_batch_base=lr_batch_base,
+                          weight_decay=weight_decay, warmup_epochs=warmup_epochs, layer_decay=layer_decay,
+                          drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
+                          randaug_magnitude=randaug_magnitude, reprob=reprob)
+    run_finetune(cfg)
+
+
+def transfer(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    suite: str = typer.Option("digits", "--suite", help="classification: CIFAR-10/100, Flowers-102, Pets from --root (fine-tuning, 100 epochs; Table 3). digits: linear, k-NN and fine-tuning on digits classes held out from pretraining."),
+    root: Optional[str] = typer.Option(None, "--root", help="classification: folder holding cifar-10-batches-py/, cifar-100-python/, flowers-102/, oxford-iiit-pet/ (never downloaded)."),
+    datasets: Optional[str] = typer.Option(None, "--datasets", help="classification: comma-separated subset of cifar10,cifar100,flowers102,pets."),
+    target: Optional[str] = typer.Option(None, "--target", help="digits: held-out data spec. Default: the digits classes absent from the run's pretraining data, else digits:5-9."),
+    protocols: str = typer.Option("linear,knn,finetune", "--protocols", help="digits: comma-separated protocols."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json (and one subfolder per dataset/protocol)."),
+    recipe: str = typer.Option("auto", "--recipe", help="Fine-tuning recipe; auto: transfer (classification) or digits."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the recipe's fine-tuning epochs."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the recipe's fine-tuning batch size."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+) -> None:
+    """Transfer to other classification datasets (Table 3), or to held-out digits classes."""
+    from opera.evals.transfer import TransferConfig, run_transfer
+
+    run_transfer(TransferConfig(checkpoint=checkpoint, suite=suite, root=root, datasets=datasets, target=target,
+                                protocols=protocols, output=str(output or _default_output(f"transfer_{suite}", checkpoint)),
+                                recipe=recipe, epochs=epochs, batch_size=batch_size, backbone=backbone,
+                                img_size=img_size, seed=seed, device=device, workers=workers))
+
+
+def diagnose(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP + " A run directory with last.pt adds the proxy spaces."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Default: the run's pretraining data."),
+    split: str = typer.Option("val", "--split", help="train | val."),
+    num_images: int = typer.Option(512, "--num-images", help="Images sampled (two augmented views each)."),
+    crop_min: Optional[float] = typer.Option(None, "--crop-min", help="RandomResizedCrop minimum scale of the views. Default: the run's."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json and similarity_hist.png."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
+    seed: int = typer.Option(0, "--seed", help="Random seed (image sample and views)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Corollary 1: mean cosine similarity of views / same-class / different-class pairs in every space (Eq. 11 ordering)."""
+    from opera.evals.diagnose import DiagnoseConfig, run_diagnose
+
+    run_diagnose(DiagnoseConfig(checkpoint=checkpoint, data=data, split=split, num_images=num_images, crop_min=crop_min,
+                                output=str(output or _default_output("diagnose", checkpoint)), backbone=backbone,
+                                img_size=img_size, seed=seed, device=device))
+
+
+def export(
+    checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
+    format: str = typer.Option("timm", "--format", "-f", help="timm (any backbone, safetensors) | torchvision | detectron2 | mmdet (ResNets)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for backbone_<format>.<ext> and results.json. Default: RUN/export."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
+) -> None:
+    """Export the backbone for timm, torchvision, detectron2 or mmdet."""
+    from opera.evals.export import ExportConfig, run_export
+
+    out = output
+    if out is None:
+        p = Path(checkpoint)
+        out = (p if p.is_dir() else p.parent) / "export" if ":" not in checkpoint and p.exists() else Path("export")
+    run_export(ExportConfig(checkpoint=checkpoint, format=format, output=str(out), backbone=backbone, tensorboard=False))
+
+
+COMMANDS = {"linear": linear, "finetune": finetune, "knn": knn, "transfer": transfer, "diagnose": diagnose}
+"""``opera run <name>`` commands; ``export`` is top level (``opera export``)."""

@@ -1,0 +1,454 @@
+"""What every evaluation protocol shares.
+
+* :func:`load_eval_backbone` turns ``--checkpoint`` into a backbone: an opera run directory,
+  ``backbone.safetensors`` or ``last.pt``; ``random:<backbone>`` (randomly initialised, the
+  "no pretraining" baseline) or ``timm:<name>`` (any timm architecture, never downloaded).
+* :func:`extract_features` runs a frozen backbone over a dataset in batches into one
+  preallocated ``N x D`` tensor (``pooled_features``: timm's pre-logits, Eq. 8's y).
+* :class:`EvalRun` records a protocol's run: TensorBoard scalars under ``OUTPUT/tb``, then
+  ``OUTPUT/results.json`` (metrics, checkpoint path + sha256 + backbone spec, the full protocol
+  config, the data specs, seed, wall time, versions) written atomically, and a rich table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from opera.errors import OperaError, suggest
+
+RESULTS = "results.json"
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+# ----------------------------------------------------------------------------- common options
+@dataclass
+class EvalConfig:
+    """Options shared by every protocol (each protocol's config extends it)."""
+
+    checkpoint: str = ""  # run dir | backbone.safetensors | last.pt | random:<backbone> | timm:<name>
+    data: str = "digits"  # data spec (opera.data.parse_data_spec)
+    output: str = ""  # folder for results.json and tb/
+    backbone: str | None = None  # expected backbone name; a checkpoint of another one is an error
+    img_size: int | None = None  # None: a ViT's own size, else the run's config.yaml, else 32 (digits) / 224
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    workers: int = 0  # DataLoader workers
+    tensorboard: bool = True
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+# ----------------------------------------------------------------------------- small helpers
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OperaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OperaError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (cached per path, size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def parse_data(spec: str):
+    """Parse a data spec up front (a bad spec fails before any model is built)."""
+    from opera.data import parse_data_spec
+
+    return parse_data_spec(spec)
+
+
+def default_img_size(data_spec: str) -> int:
+    return 32 if parse_data(data_spec).name == "digits" else 224
+
+
+def check_output(output: str | Path, create: bool = True) -> Path:
+    """Validate ``--output`` (a folder, or a path where one can be made); create it if asked."""
+    if not str(output):
+        raise OperaError("no --output folder given; pass --output DIR for results.json")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise OperaError(f"--output {out} is a file; pass a folder for results.json")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OperaError(f"cannot create --output {out}: {exc.strerror or exc}; pass a writable folder") from None
+    return out
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the top-k scores, for each k (k capped at C)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(targets.view(-1, 1))
+    return {k: int(hit[:, : min(k, maxk)].any(1).sum()) for k in ks}
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """``{"top1": %, "top5": %}``; with fewer than 5 classes top-5 counts every class (100%)."""
+    n = max(1, targets.numel())
+    return {f"top{k}": 100.0 * c / n for k, c in topk_correct(logits, targets, ks).items()}
+
+
+# ----------------------------------------------------------------------------- backbones
+@dataclass
+class LoadedBackbone:
+    """A backbone and where it came from (recorded in results.json)."""
+
+    model: nn.Module
+    source: str  # the --checkpoint string
+    kind: str  # "checkpoint" | "random" | "timm"
+    file: str | None = None  # the file actually read
+    sha256: str | None = None
+    spec: dict[str, Any] | None = None
+    img_size: int = 224
+    run_dir: str | None = None  # the opera run directory when there is one
+    run_config: dict[str, Any] | None = None  # its config.yaml
+
+    @property
+    def name(self) -> str:
+        return (self.spec or {}).get("name", type(self.model).__name__)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "file": self.file,
+            "sha256": self.sha256,
+            "backbone_spec": self.spec,
+            "img_size": self.img_size,
+            "run_dir": self.run_dir,
+            "run_config": self.run_config,
+        }
+
+
+def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except yaml.YAMLError as exc:
+        raise OperaError(f"{run_dir / 'config.yaml'} is not valid YAML ({str(exc).splitlines()[0]}); repair or remove it") from None
+    return data if isinstance(data, dict) else None
+
+
+def _pick_img_size(explicit: int | None, run_config: dict | None, spec: dict | None, data: str | None) -> int:
+    fixed = (spec or {}).get("timm_kwargs", {}).get("img_size")
+    if isinstance(fixed, (list, tuple)):
+        fixed = fixed[0]
+    if explicit is not None and fixed and int(explicit) != int(fixed):
+        raise OperaError(f"--img-size {explicit} differs from the {fixed}px this {spec.get('name')} backbone was built for; drop --img-size or pass {fixed}")
+    if explicit is not None:
+        if explicit < 1:
+            raise OperaError(f"--img-size must be a positive integer, got {explicit}")
+        return int(explicit)
+    if fixed:
+        return int(fixed)
+    size = ((run_config or {}).get("backbone") or {}).get("img_size")
+    if size:
+        return int(size)
+    return default_img_size(data) if data else 224
+
+
+def _random_backbone(name: str, kind: str, expect: str | None, img_size: int | None, data: str | None, seed: int, source: str) -> LoadedBackbone:
+    from opera.backbones import create_backbone
+
+    if not name:
+        raise OperaError(f"--checkpoint {source!r} names no backbone; write {kind}:resnet50, {kind}:resnet_tiny, ...")
+    full = f"timm:{name}" if kind == "timm" else name
+    if expect is not None and expect not in (name, full):
+        raise OperaError(f"--checkpoint {source!r} builds a {name!r} backbone but --backbone is {expect!r}; make them agree")
+    size = _pick_img_size(img_size, None, None, data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_backbone(full, img_size=size)
+    spec = model.opera_spec.to_dict()
+    return LoadedBackbone(model, source, kind, spec=spec, img_size=_pick_img_size(img_size, None, spec, data))
+
+
+def load_eval_backbone(checkpoint: str, backbone: str | None = None, img_size: int | None = None,
+                       data: str | None = "digits", seed: int = 0) -> LoadedBackbone:
+    """Resolve ``--checkpoint`` (see the module docstring) into a :class:`LoadedBackbone`.
+
+    ``backbone`` (``--backbone``) is the name the user expects; a checkpoint of another backbone
+    is an :class:`OperaError`. Random weights are drawn from ``seed``. ``data`` only picks the
+    default image size (32 for digits, else 224; a run's config.yaml or a ViT's size win).
+    """
+    from opera.engine.checkpoint import load_backbone, resolve_checkpoint
+
+    checkpoint = str(checkpoint or "").strip()
+    if not checkpoint:
+        raise OperaError("no --checkpoint given; pass an opera run directory, a backbone.safetensors/last.pt file, random:<backbone> or timm:<name>")
+    for kind in ("random", "timm"):
+        if checkpoint.startswith(kind + ":"):
+            return _random_backbone(checkpoint[len(kind) + 1:].strip(), kind, backbone, img_size, data, seed, checkpoint)
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise OperaError(
+            f"checkpoint {checkpoint} does not exist; pass an opera run directory, a backbone.safetensors or last.pt file, "
+            "or random:<backbone> / timm:<name> for a baseline"
+        )
+    file = resolve_checkpoint(path)
+    model = load_backbone(file, expect=backbone)
+    run_dir = path if path.is_dir() else (file.parent if (file.parent / "config.yaml").is_file() else None)
+    run_config = _run_config(run_dir)
+    spec = model.opera_spec.to_dict()
+    return LoadedBackbone(
+        model, checkpoint, "checkpoint", file=str(file), sha256=sha256_file(file), spec=spec,
+        img_size=_pick_img_size(img_size, run_config, spec, data), run_dir=str(run_dir) if run_dir else None,
+        run_config=run_config,
+    )
+
+
+def is_vit(model: nn.Module) -> bool:
+    from opera.backbones import is_token_backbone
+
+    return is_token_backbone(model)
+
+
+def snapshot_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of every parameter and buffer."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class FrozenBackboneError(RuntimeError):
+    """The backbone of a frozen-feature protocol changed during training (a bug, not user input)."""
+
+
+def check_frozen(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """MoCo-v3's ``sanity_check``: every parameter and buffer still equals the loaded checkpoint."""
+    state = model.state_dict()
+    changed = [k for k, v in reference.items() if k not in state or not torch.equal(state[k].detach().cpu(), v)]
+    extra = [k for k in state if k not in reference]
+    if changed or extra:
+        keys = changed + extra
+        raise FrozenBackboneError(
+            f"the frozen backbone changed during evaluation: {len(keys)} tensors differ from the loaded checkpoint "
+            f"(first: {', '.join(keys[:3])}); the linear protocol must not update the backbone or its BatchNorm statistics"
+        )
+
+
+# ----------------------------------------------------------------------------- features
+def make_loader(dataset, batch_size: int, shuffle: bool = False, workers: int = 0, drop_last: bool = False,
+                generator: torch.Generator | None = None, device: torch.device | None = None):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
+        generator=generator, pin_memory=bool(device is not None and device.type == "cuda"),
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset, batch_size: int = 256, device: torch.device | str = "cpu",
+                     workers: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features N x D, labels N)`` of a frozen backbone over ``dataset``, on the CPU.
+
+    Runs in eval mode without gradients, one batch at a time into a preallocated tensor, so peak
+    memory is the output plus one batch (``dtype=torch.float16`` halves an ImageNet-sized bank).
+    """
+    from opera.backbones import pooled_features
+
+    device = torch.device(device)
+    was_training = backbone.training
+    backbone.eval()
+    n = len(dataset)
+    feats: torch.Tensor | None = None
+    labels = torch.empty(n, dtype=torch.long)
+    i = 0
+    try:
+        for x, y in make_loader(dataset, batch_size, workers=workers, device=device):
+            f = pooled_features(backbone, x.to(device, non_blocking=True)).float()
+            if feats is None:
+                feats = torch.empty(n, f.shape[1], dtype=dtype)
+            feats[i: i + len(f)] = f.to("cpu", dtype)
+            labels[i: i + len(f)] = torch.as_tensor(y)
+            i += len(f)
+    finally:
+        backbone.train(was_training)
+    if feats is None:
+        raise OperaError("the dataset is empty; select classes or a split that has images")
+    return feats, labels
+
+
+# ----------------------------------------------------------------------------- recording
+class EvalRun:
+    """Times a protocol, logs scalars to TensorBoard and writes ``results.json``.
+
+    ``OUTPUT`` is validated at once but created only when something is written, so a run that
+    fails on its inputs leaves no folder behind.
+
+    >>> run = EvalRun("linear", cfg)          # creates cfg.output
+    >>> run.log("linear/val_top1", 93.1, step=epoch)
+    >>> results = run.finish(metrics, backbone=loaded, data={"train": "digits", "val": "digits"})
+    """
+
+    def __init__(self, protocol: str, cfg: Any, output: str | Path | None = None, tensorboard: bool | None = None):
+        self.protocol = protocol
+        self.cfg = cfg
+        self.output = check_output(output if output is not None else cfg.output, create=False)
+        self.started = time.time()
+        self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self._tb_enabled = getattr(cfg, "tensorboard", True) if tensorboard is None else tensorboard
+        self._tb = None
+
+    @property
+    def writer(self):
+        if self._tb is None and self._tb_enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            check_output(self.output)
+            self._tb = SummaryWriter(log_dir=str(self.output / "tb"))
+        return self._tb
+
+    def path(self, name: str) -> Path:
+        """``OUTPUT/name``, creating ``OUTPUT``."""
+        check_output(self.output)
+        return self.output / name
+
+    def log(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None and math.isfinite(float(value)):
+            self.writer.add_scalar(tag, float(value), step)
+
+    def finish(self, metrics: dict[str, Any], backbone: LoadedBackbone | None = None, data: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None, title: str | None = None, print_table: bool = True) -> dict[str, Any]:
+        from opera.engine.checkpoint import atomic_write
+
+        wall = time.time() - self.started
+        check_output(self.output)
+        results = {
+            "protocol": self.protocol,
+            "metrics": metrics,
+            "checkpoint": backbone.describe() if backbone is not None else None,
+            "config": config_dict(self.cfg),
+            "data": data or {},
+            "seed": getattr(self.cfg, "seed", None),
+            "started_at": self.started_at,
+            "wall_time_s": round(wall, 3),
+            "versions": _versions(),
+        }
+        if extra:
+            results.update(extra)
+        text = json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n"
+        atomic_write(self.output / RESULTS, lambda tmp: Path(tmp).write_text(text))
+        if self.writer is not None:
+            for k, v in _flatten(metrics).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.log(f"final/{k}", v, 0)
+            self.writer.flush()
+            self.writer.close()
+            self._tb = None
+        if print_table:
+            print_metrics(title or f"{self.protocol}: {backbone.source if backbone else ''}", metrics, wall)
+        return results
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    import opera
+
+    return {"opera": getattr(opera, "__version__", "?"), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def print_metrics(title: str, metrics: dict[str, Any], wall: float | None = None) -> None:
+    """A two-column rich table of (nested) metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in _flatten(metrics).items():
+        if isinstance(v, float):
+            v = f"{v:.2f}" if abs(v) >= 1 else f"{v:.4f}"
+        table.add_row(k, str(v))
+    if wall is not None:
+        table.add_row("wall time (s)", f"{wall:.1f}")
+    Console().print(table)
+
+
+def choose(name: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
+    """Validate an option value against ``choices`` (one-line error with a suggestion)."""
+    if value not in choices:
+        raise OperaError(f"unknown {name} {value!r}{suggest(value, list(choices))}; valid: {', '.join(choices)}")
+    return value
+
+
+__all__ = [
+    "EvalConfig", "EvalRun", "FrozenBackboneError", "LoadedBackbone", "RESULTS", "accuracy", "check_frozen",
+    "check_output", "choose", "config_dict", "default_img_size", "extract_features", "is_vit", "load_eval_backbone",
+    "make_loader", "parse_data", "print_metrics", "resolve_device", "seed_everything", "sha256_file",
+    "snapshot_state", "topk_correct",
+]

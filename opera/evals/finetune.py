@@ -1,0 +1,308 @@
+"""End-to-end fine-tuning (paper Appendix C.1, Table 2; DeiT's recipe as used by MoCo-v3).
+
+The pretrained backbone gets a fresh linear classifier (``timm.create_model(..., num_classes=K)``
+with the backbone weights loaded, so every timm model works) and is trained end to end:
+AdamW (betas 0.9/0.999) with ``lr = base_lr * batch / lr_batch_base`` (5e-4 per 512 images, as
+DeiT scales it), weight decay 0.05 (not on biases, norms, position embeddings or class tokens),
+linear warmup then per-iteration cosine decay, timm Mixup 0.8 / CutMix 1.0 (switch prob 0.5) with
+label smoothing 0.1 (``SoftTargetCrossEntropy``), RandAugment (torchvision's, 2 ops at
+magnitude 9, on uint8 tensors), random erasing 0.25, stochastic depth (drop path) 0.1 and
+optionally layer-wise lr decay (timm's ``param_groups_layer_decay``, e.g. 0.75 for ViTs). Each
+is a field of :class:`FinetuneConfig`; 0 / None switches it off.
+
+Recipes (``opera/evals/recipes/*.yaml``) set the fields of one row of the paper:
+``finetune_100ep`` ... ``finetune_300ep`` (Table 2: only the epochs differ), ``transfer`` (Table 3:
+100 epochs) and ``digits`` (seconds on a CPU: no Mixup/RandAugment, which would swamp 8x8
+images). Precedence, lowest first: dataclass defaults, the recipe, explicit options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from opera.engine.optim import lr_at
+from opera.errors import OperaError, suggest
+from opera.evals.common import (
+    EvalConfig,
+    EvalRun,
+    LoadedBackbone,
+    accuracy,
+    choose,
+    load_eval_backbone,
+    make_loader,
+    parse_data,
+    resolve_device,
+    seed_everything,
+)
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class FinetuneConfig(EvalConfig):
+    recipe: str | None = None  # a recipe name (opera/evals/recipes) or a YAML path
+    epochs: int = 100
+    batch_size: int = 1024
+    base_lr: float = 5e-4
+    lr_batch_base: int = 512  # lr = base_lr * batch_size / lr_batch_base
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 5.0
+    layer_decay: float | None = None  # e.g. 0.75 for ViTs; None: off
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug_ops: int = 2
+    randaug_magnitude: int = 9  # 0: RandAugment off
+    reprob: float = 0.25  # random erasing probability
+    crop_min: float = 0.08  # RandomResizedCrop minimum scale
+    flip: bool = True
+    clip_grad: float | None = None
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    eval_every: int = 1  # epochs between validations (the final one always runs)
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit; smoke tests)
+
+
+# ----------------------------------------------------------------------------- recipes
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise OperaError(f"recipe file {p} does not exist; pass a YAML file or one of {', '.join(list_recipes())}")
+        return p
+    if (RECIPES / f"{name_or_path}.yaml").is_file():
+        return RECIPES / f"{name_or_path}.yaml"
+    raise OperaError(f"unknown fine-tuning recipe {name_or_path!r}{suggest(name_or_path, list_recipes())}; valid: {', '.join(list_recipes())} or a YAML path")
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    import yaml
+
+    path = recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise OperaError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise OperaError(f"recipe {path} must be a mapping of finetune options")
+    valid = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for key in data:
+        if key not in valid:
+            raise OperaError(f"unknown key {key!r} in recipe {path}{suggest(key, sorted(valid))}")
+    if "betas" in data:
+        data["betas"] = tuple(data["betas"])
+    return data
+
+
+def default_recipe(data: str) -> str:
+    """``digits`` for the embedded digits, ``finetune_100ep`` otherwise."""
+    return "digits" if parse_data(data).name == "digits" else "finetune_100ep"
+
+
+def finetune_config(recipe: str | None = "auto", **options: Any) -> FinetuneConfig:
+    """Defaults < ``recipe`` < ``options`` (options that are None are ignored).
+
+    ``recipe="auto"`` picks :func:`default_recipe` of ``options["data"]``; None uses the
+    dataclass defaults (the 100-epoch ImageNet recipe) alone.
+    """
+    if recipe == "auto":
+        recipe = default_recipe(options.get("data") or FinetuneConfig.data)
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(load_recipe(recipe))
+    values.update({k: v for k, v in options.items() if v is not None})
+    values["recipe"] = recipe
+    valid = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    bad = [k for k in values if k not in valid]
+    if bad:
+        raise OperaError(f"unknown finetune option {bad[0]!r}{suggest(bad[0], sorted(valid))}")
+    return FinetuneConfig(**values)
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    parse_data(cfg.data)
+    choose("--amp", cfg.amp, ("auto", "bf16", "off"))
+    for name in ("epochs", "batch_size", "lr_batch_base", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise OperaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.base_lr <= 0:
+        raise OperaError(f"--base-lr must be positive, got {cfg.base_lr}")
+    if not 0 < cfg.crop_min <= 1:
+        raise OperaError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise OperaError(f"Mixup/CutMix mix a batch with its reverse and need an even --batch-size, got {cfg.batch_size}")
+    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
+        raise OperaError(f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
+    for name in ("drop_path", "label_smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise OperaError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+# ----------------------------------------------------------------------------- pieces
+class FinetuneTrainTransform:
+    """RandomResizedCrop + flip + RandAugment (uint8) + normalise + random erasing."""
+
+    def __init__(self, img_size: int, crop_min: float = 0.08, flip: bool = True, randaug_ops: int = 2,
+                 randaug_magnitude: int = 9, reprob: float = 0.25):
+        from torchvision.transforms import v2
+
+        from opera.data import IMAGENET_MEAN, IMAGENET_STD
+
+        ops: list = [v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)]
+        if flip:
+            ops.append(v2.RandomHorizontalFlip())
+        if randaug_magnitude > 0 and randaug_ops > 0:
+            ops.append(v2.RandAugment(num_ops=randaug_ops, magnitude=randaug_magnitude))
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if reprob > 0:
+            ops.append(v2.RandomErasing(p=reprob, value="random"))
+        self.t = v2.Compose(ops)
+
+    def __call__(self, img):
+        return self.t(img)
+
+
+def build_classifier(loaded: LoadedBackbone, num_classes: int, drop_path: float = 0.0) -> nn.Module:
+    """The timm model of the backbone's spec with a fresh ``num_classes`` head and the backbone
+    weights; only the classifier's own parameters may be missing from the checkpoint."""
+    import timm
+
+    spec = loaded.spec or {}
+    if not spec.get("timm_name"):
+        raise OperaError(f"checkpoint {loaded.source} carries no timm spec; fine-tuning needs an opera or timm backbone")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("timm_kwargs", {}).items() if k != "num_classes"}
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    try:
+        model = timm.create_model(spec["timm_name"], pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise OperaError(f"backbone {spec.get('name')!r} does not accept drop_path_rate ({exc}); pass --drop-path 0") from None
+    classifier = model.get_classifier()
+    cname = next(n for n, m in model.named_modules() if m is classifier)
+    head = {f"{cname}.{n}" for n, _ in classifier.named_parameters()}
+    missing, unexpected = model.load_state_dict(loaded.model.state_dict(), strict=False)
+    stray = [k for k in missing if k not in head]
+    if stray or unexpected:
+        raise OperaError(f"checkpoint {loaded.source} does not fit {spec['timm_name']} (missing {stray[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """Weight-decay groups (none on 1-d params / no_weight_decay()), with per-layer lr scales."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if cfg.layer_decay is not None and cfg.layer_decay < 1.0:
+        groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+    return groups
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        with autocast():
+            logits.append(model(x.to(device, non_blocking=True)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return accuracy(torch.cat(logits), torch.cat(labels))
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- the protocol
+def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, protocol: str = "finetune") -> dict:
+    """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from opera.data import EvalTransform, build_dataset
+
+    _validate(cfg)
+    device = resolve_device(cfg.device)
+    run = EvalRun(protocol, cfg)
+    gen = seed_everything(cfg.seed)
+    loaded = loaded or load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, cfg.data, cfg.seed)
+    size = loaded.img_size
+    train = build_dataset(cfg.data, "train", FinetuneTrainTransform(size, cfg.crop_min, cfg.flip, cfg.randaug_ops,
+                                                                     cfg.randaug_magnitude, cfg.reprob))
+    val = build_dataset(cfg.data, "val", EvalTransform(size))
+    k = train.num_classes
+    model = build_classifier(loaded, k, cfg.drop_path).to(device)
+    use_mixup = cfg.mixup > 0 or cfg.cutmix > 0
+    batch = min(cfg.batch_size, len(train) - len(train) % 2) if use_mixup else cfg.batch_size
+    loader = make_loader(train, batch, shuffle=True, workers=cfg.workers, drop_last=len(train) >= 2 * batch or use_mixup,
+                         generator=gen, device=device)
+    val_loader = make_loader(val, max(batch, 256), workers=cfg.workers, device=device)
+    mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+                  label_smoothing=cfg.label_smoothing, num_classes=k) if use_mixup else None
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    lr = cfg.base_lr * cfg.batch_size / cfg.lr_batch_base
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas))
+    autocast = _autocast(device, cfg.amp)
+    steps_per_epoch = max(1, len(loader))
+
+    step, best, cur = 0, 0.0, 0.0
+    metrics: dict[str, Any] = {}
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if len(x) < 2:  # BatchNorm cannot train on one sample
+                continue
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            cur = lr_at(epoch + i / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, lr)
+            for g in opt.param_groups:
+                g["lr"] = cur * g["lr_scale"]
+            with autocast():
+                loss = criterion(model(x), y)
+            if not torch.isfinite(loss):
+                raise OperaError(f"fine-tuning diverged (loss {float(loss)}) at epoch {epoch}; lower --base-lr or add --clip-grad")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            total += float(loss.detach()) * len(x)
+            seen += len(x)
+            step += 1
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        run.log(f"{protocol}/train_loss", total / max(seen, 1), epoch)
+        run.log(f"{protocol}/lr", cur, epoch)
+        last = epoch == cfg.epochs - 1 or bool(cfg.max_steps and step >= cfg.max_steps)
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            metrics = evaluate(model, val_loader, device, autocast)
+            best = max(best, metrics["top1"])
+            run.log(f"{protocol}/val_top1", metrics["top1"], epoch)
+            run.log(f"{protocol}/val_top5", metrics["top5"], epoch)
+        if last:
+            break
+    metrics = dict(metrics)
+    metrics.update({"best_top1": best, "epochs_run": epoch + 1, "steps": step, "lr": lr})
+    return run.finish(metrics, loaded, data={"train": cfg.data, "val": cfg.data, "num_classes": k,
+                                             "train_images": len(train), "val_images": len(val)})

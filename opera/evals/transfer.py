@@ -1,0 +1,146 @@
+"""Transfer learning (paper Table 3).
+
+* ``--suite classification``: the fine-tuning protocol (recipe ``transfer``: 100 epochs, 224 px)
+  on CIFAR-10, CIFAR-100, Flowers-102 and Oxford-IIIT Pets read from ``--root`` by torchvision
+  (``download=False``). Every dataset is checked before any training; a missing one is a one-line
+  error saying which files to put where. ``--datasets cifar10,pets`` picks a subset.
+* ``--suite digits``: the same protocols on the embedded digits, so the whole pipeline runs on a
+  CPU in seconds: a backbone pretrained on some classes (its ``config.yaml``'s ``data.spec``, e.g.
+  ``digits:0-4``) is evaluated by linear probe, k-NN and fine-tuning on the held-out classes
+  (``--target``, default: the digits classes absent from pretraining, else ``digits:5-9``).
+
+Each dataset / protocol writes its own ``results.json`` under ``OUTPUT/<name>/``; the suite's
+``OUTPUT/results.json`` collects their top-1 accuracies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from opera.errors import OperaError
+from opera.evals.common import EvalConfig, EvalRun, choose, load_eval_backbone, parse_data
+
+SUITES = ("classification", "digits")
+CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
+DIGITS_PROTOCOLS = ("linear", "knn", "finetune")
+
+
+@dataclass
+class TransferConfig(EvalConfig):
+    suite: str = "digits"
+    data: str = ""  # unused: the suite names the data (recorded per dataset)
+    root: str | None = None  # classification: folder holding the torchvision datasets
+    datasets: str | None = None  # classification: comma-separated subset of cifar10,cifar100,flowers102,pets
+    target: str | None = None  # digits: held-out data spec
+    protocols: str = "linear,knn,finetune"  # digits: which protocols
+    recipe: str = "auto"  # fine-tuning recipe: auto = transfer (classification) / digits
+    epochs: int | None = None  # overrides the recipe's fine-tuning epochs
+    batch_size: int | None = None  # overrides the recipe's fine-tuning batch
+    linear_epochs: int = 90  # digits: linear probe epochs
+    k: int = 20  # digits: k-NN neighbours
+
+
+def _split_list(text: str | None, valid: tuple[str, ...], what: str) -> list[str]:
+    if not text:
+        return list(valid)
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise OperaError(f"empty {what} list; choose from {', '.join(valid)}")
+    for t in items:
+        choose(what, t, valid)
+    return items
+
+
+def digits_target(cfg: TransferConfig, run_config: dict | None) -> tuple[str, str | None]:
+    """(target spec, pretraining spec or None)."""
+    pre = ((run_config or {}).get("data") or {}).get("spec")
+    if cfg.target:
+        spec = parse_data(cfg.target)
+        if spec.name != "digits":
+            raise OperaError(f"--suite digits evaluates on digits classes, got --target {cfg.target!r}; use e.g. digits:5-9 or --suite classification")
+        return cfg.target, pre
+    if pre:
+        pspec = parse_data(pre)
+        if pspec.name == "digits" and pspec.classes:
+            held = [c for c in range(10) if c not in pspec.classes]
+            if len(held) >= 2:
+                return "digits:" + ",".join(str(c) for c in held), pre
+    return "digits:5-9", pre
+
+
+def _finetune_cfg(cfg: TransferConfig, data: str, output: str, default_recipe: str):
+    from opera.evals.finetune import finetune_config
+
+    recipe = default_recipe if cfg.recipe == "auto" else cfg.recipe
+    return finetune_config(recipe, checkpoint=cfg.checkpoint, data=data, output=output, backbone=cfg.backbone,
+                           img_size=cfg.img_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+                           tensorboard=cfg.tensorboard, epochs=cfg.epochs, batch_size=cfg.batch_size)
+
+
+def run_transfer(cfg: TransferConfig) -> dict:
+    from pathlib import Path
+
+    from opera.data import build_dataset
+
+    choose("--suite", cfg.suite, SUITES)
+    if cfg.suite == "classification":
+        if not cfg.root:
+            raise OperaError("--suite classification needs --root, the folder holding cifar-10-batches-py/, cifar-100-python/, flowers-102/ and oxford-iiit-pet/")
+        names = _split_list(cfg.datasets, CLASSIFICATION_DATASETS, "--datasets entry")
+        specs = {n: f"{n}={cfg.root}" for n in names}
+        for spec in specs.values():  # fail on a missing dataset before any training
+            build_dataset(spec, "train")
+            build_dataset(spec, "val")
+    else:
+        protocols = _split_list(cfg.protocols, DIGITS_PROTOCOLS, "--protocols entry")
+        if cfg.target:
+            parse_data(cfg.target)
+    out = Path(cfg.output)
+    run = EvalRun(f"transfer-{cfg.suite}", cfg)
+    loaded = load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, "digits" if cfg.suite == "digits" else None, cfg.seed)
+    metrics: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    if cfg.suite == "classification":
+        from opera.evals.finetune import run_finetune
+
+        for name, spec in specs.items():
+            ft = _finetune_cfg(cfg, spec, str(out / name), "transfer")
+            res = run_finetune(ft, loaded=_fresh(loaded), protocol=f"transfer/{name}")
+            metrics[name] = {"top1": res["metrics"]["top1"], "top5": res["metrics"]["top5"]}
+            data[name] = spec
+            run.log(f"transfer/{name}_top1", res["metrics"]["top1"], 0)
+        metrics["mean_top1"] = sum(m["top1"] for m in metrics.values()) / len(names)
+    else:
+        target, pre = digits_target(cfg, loaded.run_config)
+        pre_classes = set(parse_data(pre).classes or range(10)) if pre and parse_data(pre).name == "digits" else set()
+        tgt_classes = set(parse_data(target).classes or range(10))
+        data = {"pretraining": pre, "target": target, "held_out": not (pre_classes & tgt_classes)}
+        common = dict(checkpoint=cfg.checkpoint, data=target, backbone=cfg.backbone, img_size=cfg.img_size,
+                      device=cfg.device, seed=cfg.seed, workers=cfg.workers, tensorboard=cfg.tensorboard)
+        for proto in protocols:
+            sub = str(out / proto)
+            if proto == "linear":
+                from opera.evals.linear import LinearConfig, run_linear
+
+                res = run_linear(LinearConfig(output=sub, epochs=cfg.linear_epochs, **common), loaded=_fresh(loaded))
+            elif proto == "knn":
+                from opera.evals.knn import KNNConfig, run_knn
+
+                res = run_knn(KNNConfig(output=sub, k=cfg.k, **common), loaded=_fresh(loaded))
+            else:
+                from opera.evals.finetune import run_finetune
+
+                res = run_finetune(_finetune_cfg(cfg, target, sub, "digits"), loaded=_fresh(loaded),
+                                   protocol="transfer/finetune")
+            metrics[proto] = {"top1": res["metrics"]["top1"], "top5": res["metrics"]["top5"]}
+            run.log(f"transfer/{proto}_top1", res["metrics"]["top1"], 0)
+    return run.finish(metrics, loaded, data=data, title=f"transfer ({cfg.suite}): {loaded.source}")
+
+
+def _fresh(loaded):
+    """A private copy of the backbone for one protocol (protocols must not share state)."""
+    import copy
+    import dataclasses
+
+    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))

@@ -32,7 +32,18 @@ app.add_typer(configs_app, name="configs")
 console = Console(soft_wrap=True)
 
 
-def _mount_evaluations() -> None:
+def _mount_evaluations()
+
+
+def _mount_ablations() -> None:
+    """``opera ablate arrangements|hierarchy|sweep`` and ``opera report DIR`` (opera.ablate)."""
+    from opera.ablate.cli import ablate_app, report
+
+    app.add_typer(ablate_app, name="ablate")
+    app.command("report")(report)
+
+
+_mount_ablations() -> None:
     """``opera run linear|finetune|knn|transfer|diagnose`` and ``opera export`` (opera.evals)."""
     from opera.evals import cli as evals_cli
 
@@ -42,6 +53,17 @@ def _mount_evaluations() -> None:
 
 
 _mount_evaluations()
+
+
+def _mount_ablations() -> None:
+    """``opera ablate arrangements|hierarchy|sweep`` and ``opera report DIR`` (opera.ablate)."""
+    from opera.ablate.cli import ablate_app, report
+
+    app.add_typer(ablate_app, name="ablate")
+    app.command("report")(report)
+
+
+_mount_ablations()
 
 
 def default_output(hierarchy: str, backbone: str, data: str) -> Path:

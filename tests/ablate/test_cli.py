@@ -1,0 +1,63 @@
+"""The Typer commands: opera ablate arrangements|hierarchy|sweep and opera report DIR."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from opera.ablate.cli import ablate_app, report
+from opera.errors import OperaError
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer()
+    app.add_typer(ablate_app, name="ablate")
+    app.command("report")(report)
+    return app
+
+
+runner = CliRunner()
+
+
+def test_dry_run_lists_cells(tmp_path):
+    res = runner.invoke(make_app(), ["ablate", "hierarchy", "--seeds", "2", "--dry-run", "-o", str(tmp_path / "h")])
+    assert res.exit_code == 0, res.output
+    assert "4 variants x 2 seeds = 8 cells" in res.output and "mask+self+full left out" in res.output
+    assert not (tmp_path / "h").exists()
+    res = runner.invoke(make_app(), ["ablate", "sweep", "--set", "full.layers=1,2,3", "--set", "train.epochs=2", "--dry-run"])
+    assert res.exit_code == 0 and "3 variants x 3 seeds = 9 cells" in res.output and "2 epochs" in res.output
+
+
+def test_usage_errors_are_opera_errors(tmp_path):
+    res = runner.invoke(make_app(), ["ablate", "hierarchy", "--variants", "self,mask+self+full", "-o", str(tmp_path / "x")])
+    assert isinstance(res.exception, OperaError) and "needs a ViT backbone" in str(res.exception)
+    res = runner.invoke(make_app(), ["report", str(tmp_path)])
+    assert isinstance(res.exception, OperaError) and "not an ablation study" in str(res.exception)
+    res = runner.invoke(make_app(), ["ablate", "arrangements", "--partition", "gpu", "--dry-run"])
+    assert isinstance(res.exception, OperaError) and "--slurm" in str(res.exception)
+
+
+def test_sweep_end_to_end_and_report(tmp_path, one_thread, tiny_overrides):
+    out = tmp_path / "sweep"
+    args = ["ablate", "sweep", "--set", "full.layers=1,3", "--seeds", "1", "--data", "digits:0-2", "--transfer", "none",
+            "--evals", "knn", "--jobs", "1", "--threads", "1", "-o", str(out)]
+    for item in tiny_overrides:
+        args += ["--set", item]
+    res = runner.invoke(make_app(), args)
+    assert res.exit_code == 0, (res.output, res.exception)
+    study = json.loads((out / "study.json").read_text())
+    assert study["command"].startswith("opera ablate sweep --set full.layers=1,3 --set train.epochs=1")
+    assert "--data digits:0-2" in study["command"] and study["transfer"] is None
+    assert [v["name"] for v in study["variants"]] == ["full.layers=1", "full.layers=3"]
+    for layers in (1, 3):
+        cfg = (out / "cells" / f"full.layers={layers}" / "seed0" / "pretrain" / "config.yaml").read_text()
+        assert f"layers: {layers}" in cfg
+    md = (out / "report.md").read_text()
+    assert study["command"] in md and "| full.layers=3 | 1 |" in md
+    assert "kNN top-1" in res.output  # the rich table in the terminal
+    (out / "report.md").unlink()
+    res = runner.invoke(make_app(), ["report", str(out), "--no-plots"])
+    assert res.exit_code == 0 and (out / "report.md").is_file() and "2/2 cells" in res.output

@@ -32,40 +32,6 @@ app.add_typer(configs_app, name="configs")
 console = Console(soft_wrap=True)
 
 
-def _mount_evaluations()
-
-
-def _mount_ablations() -> None:
-    """``opera ablate arrangements|hierarchy|sweep`` and ``opera report DIR`` (opera.ablate)."""
-    from opera.ablate.cli import ablate_app, report
-
-    app.add_typer(ablate_app, name="ablate")
-    app.command("report")(report)
-
-
-_mount_ablations() -> None:
-    """``opera run linear|finetune|knn|transfer|diagnose`` and ``opera export`` (opera.evals)."""
-    from opera.evals import cli as evals_cli
-
-    for name, fn in evals_cli.COMMANDS.items():
-        run_app.command(name)(fn)
-    app.command("export")(evals_cli.export)
-
-
-_mount_evaluations()
-
-
-def _mount_ablations() -> None:
-    """``opera ablate arrangements|hierarchy|sweep`` and ``opera report DIR`` (opera.ablate)."""
-    from opera.ablate.cli import ablate_app, report
-
-    app.add_typer(ablate_app, name="ablate")
-    app.command("report")(report)
-
-
-_mount_ablations()
-
-
 def default_output(hierarchy: str, backbone: str, data: str) -> Path:
     """A deterministic default, so rerunning the same command resumes the same run."""
     safe = lambda s: "".join(c if c.isalnum() or c in "-_" else "-" for c in s).strip("-")  # noqa: E731
@@ -123,6 +89,22 @@ def pretrain(
     dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)
     if not launch.slurm or launch.wait:
         console.print(f"[bold green]done[/] outputs in {out}: config.yaml metrics.jsonl last.pt backbone.safetensors tb/")
+
+
+def _mount_subcommands() -> None:
+    """``opera run linear|finetune|knn|transfer|diagnose``, ``opera export`` (opera.evals),
+    ``opera ablate arrangements|hierarchy|sweep``, ``opera report`` (opera.ablate)."""
+    from opera.ablate.cli import ablate_app, report
+    from opera.evals import cli as evals_cli
+
+    for name, fn in evals_cli.COMMANDS.items():
+        run_app.command(name)(fn)
+    app.command("export")(evals_cli.export)
+    app.add_typer(ablate_app, name="ablate")
+    app.command("report")(report)
+
+
+_mount_subcommands()
 
 
 @configs_app.command("list")

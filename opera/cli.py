@@ -102,6 +102,9 @@ def _mount_subcommands() -> None:
     app.command("export")(evals_cli.export)
     app.add_typer(ablate_app, name="ablate")
     app.command("report")(report)
+    from opera.bench import bench
+
+    app.command("bench")(bench)
 
 
 _mount_subcommands()

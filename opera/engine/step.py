@@ -20,6 +20,24 @@ def autocast_context(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device | str, channels_last: bool | None = None) -> torch.nn.Module:
+    """Move ``model`` (a hierarchy) to ``device`` and pick its memory format.
+
+    ``channels_last=None`` turns it on for CNN backbones (every 4-D weight, so the convolutions of
+    the online and momentum encoders run in NHWC); token backbones stay as they are. The choice is
+    kept in ``model.opera_channels_last``. Values are unchanged; only strides differ.
+    """
+    from opera.backbones import is_token_backbone
+
+    model = model.to(device)
+    if channels_last is None:
+        channels_last = not is_token_backbone(getattr(model, "backbone", model))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.opera_channels_last = bool(channels_last)
+    return model
+
+
 class NonFiniteLoss(OperaError):
     """A NaN or inf loss: the run stops, the last good checkpoint is kept."""
 
@@ -36,7 +54,9 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         group["lr"] = lr
     with autocast_context(device, amp):
         out = model(views=views, labels=labels)
-    bad = [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
+    # one host sync for all terms; the names are looked up only when something is wrong
+    finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in out.losses.values()])).all()
+    bad = [] if bool(finite) else [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
     if bad:
         terms = ", ".join(f"{n}={float(out.losses[n].detach())}" for n in bad)
         raise NonFiniteLoss(f"non-finite loss at step {step} ({terms}); the last good checkpoint is kept - lower optim.base_lr or check the data")

@@ -81,15 +81,42 @@ def resolve_arrangement(spaces: tuple[str, ...], arrangement: str | None) -> str
     return arrangement or "C"
 
 
-class SupervisionHierarchy(nn.Module):
-    """A backbone and the task spaces stacked on it (``spaces``, a ModuleDict from the base up)."""
+def couples_samples(module: nn.Module) -> bool:
+    """True if ``module`` has a layer whose output for one sample depends on the other samples of
+    the batch in training mode (BatchNorm and its subclasses - SyncBatchNorm, timm's
+    BatchNormAct2d - or timm's batch-statistics EvoNorms).
 
-    def __init__(self, backbone: nn.Module, spaces: dict[str, TaskSpace], arrangement: str, concat_views: bool = False):
+    A backbone without one (a ViT: LayerNorm, attention within a sample) gives the same output
+    for a batch of concatenated views as for each view alone, so it may run the views as one batch.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return True
+        name = type(m).__name__
+        if "BatchNorm" in name or name.startswith("EvoNorm") and "B" in name[len("EvoNorm"):]:
+            return True
+    return False
+
+
+class SupervisionHierarchy(nn.Module):
+    """A backbone and the task spaces stacked on it (``spaces``, a ModuleDict from the base up).
+
+    ``fuse_views`` (default on): when the backbone couples no samples (``couples_samples`` is
+    False, e.g. a ViT), its online and momentum copies run all views of a step as one
+    concatenated batch - the same outputs as one view at a time, in fewer, larger matrix products.
+    The heads (with BatchNorm) still see each view alone unless ``concat_views``. BatchNorm
+    backbones always run per view unless ``concat_views`` (which changes their statistics).
+    """
+
+    def __init__(self, backbone: nn.Module, spaces: dict[str, TaskSpace], arrangement: str, concat_views: bool = False,
+                 fuse_views: bool = True):
         super().__init__()
         self.backbone = backbone
         self.spaces = nn.ModuleDict(spaces)
         self.arrangement = arrangement
         self.concat_views = concat_views
+        self.fuse_views = fuse_views
+        self.backbone_couples_samples = couples_samples(backbone)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,6 +129,7 @@ class SupervisionHierarchy(nn.Module):
         arrangement: str | None = None,
         img_size: int = 224,
         concat_views: bool = False,
+        fuse_views: bool = True,
         backbone_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> "SupervisionHierarchy":
@@ -136,7 +164,7 @@ class SupervisionHierarchy(nn.Module):
         for name in names:
             space_cls = SPACES.get(name)
             spaces[name] = space_cls.build(ctx, make_options(space_cls.Options, options.get(name), name))
-        return cls(backbone, spaces, arrangement, concat_views)
+        return cls(backbone, spaces, arrangement, concat_views, fuse_views)
 
     @property
     def spec(self) -> str:
@@ -145,10 +173,13 @@ class SupervisionHierarchy(nn.Module):
     # ------------------------------------------------------------------ training step
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> HierarchyOutput:
         stage = Stage(list(views), labels, [{} for _ in views], self.concat_views)
+        # one batch through the backbone (online here, momentum in the 'self' space) when exact
+        stage.extras["fuse_backbone"] = fuse = len(views) > 1 and (self.concat_views or (
+            self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
         encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
         for space in self.spaces.values():
             encode = space.wrap_encoder(encode, stage, self.backbone)
-        if self.concat_views and len(views) > 1:
+        if fuse:
             tokens = encode(torch.cat(stage.views, 0), list(range(len(views)))).chunk(len(views), 0)
         else:
             tokens = [encode(x, [i]) for i, x in enumerate(stage.views)]

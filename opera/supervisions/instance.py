@@ -66,8 +66,17 @@ class InstanceSpace(TaskSpace):
 
     @torch.no_grad()
     def keys(self, stage: Stage) -> list[torch.Tensor]:
-        """k_i = momentum_projector(momentum_encoder(x_i)) for the unmasked views."""
-        feats = stage.apply(lambda x: pooled_features(self.momentum_encoder, x), stage.views)
+        """k_i = momentum_projector(momentum_encoder(x_i)) for the unmasked views.
+
+        The momentum encoder runs the views as one batch where the hierarchy found that exact
+        (``stage.extras["fuse_backbone"]``: a backbone without BatchNorm, or ``concat_views``);
+        the projector follows ``stage.apply`` (per view unless ``concat_views``).
+        """
+        views = stage.views
+        if stage.extras.get("fuse_backbone") and len(views) > 1:
+            feats = list(pooled_features(self.momentum_encoder, torch.cat(views, 0)).chunk(len(views), 0))
+        else:
+            feats = [pooled_features(self.momentum_encoder, x) for x in views]
         return stage.apply(self.momentum_projector, feats)
 
     def forward(self, stage: Stage) -> SpaceOutput:

@@ -1,0 +1,229 @@
+"""``opera bench``: time full pretraining steps (and, with ``--data``, the data pipeline).
+
+One step is exactly what the training loop runs - ``opera.engine.step.train_step`` - on random
+in-memory images: both views through the online branch (forward and backward), both through the
+momentum branch, the optimizer step (LARS for CNNs, AdamW for ViTs) and the momentum (EMA)
+update. fp32 on a CPU; the step's bf16 autocast on CUDA.
+
+    opera bench --backbone resnet18 --img-size 64 --batch-size 64 --hierarchy self,full \\
+        --steps 20 --warmup 3 --threads 2 --json
+
+Peak RSS is the process's ``ru_maxrss``: run one configuration per process (``opera bench`` does;
+``bench_step_subprocess`` starts a fresh interpreter) for a per-configuration figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+from opera.errors import OperaError
+
+try:  # the command works without typer installed only as a library function
+    import typer
+except ImportError:  # pragma: no cover
+    typer = None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def make_step(
+    backbone: str = "resnet18", img_size: int = 64, batch_size: int = 64, hierarchy: str = "self,full", threads: int = 2,
+    patch_size: int | None = None, mlp_dim: int = 4096, dim: int = 256, num_classes: int = 10,
+    concat_views: bool = False, channels_last: bool | None = None, compile: bool = False, device: str = "cpu",
+    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = True,
+):
+    """Build the model, optimizer and random views of one configuration.
+
+    Returns ``(step, model, meta)``: ``step(i)`` runs ``train_step`` once and returns its output,
+    ``meta`` describes the configuration. ``bench_step`` times it; ``benchmarks/ab_step.py``
+    interleaves it with the official step in one process.
+    """
+    from opera.backbones import is_token_backbone
+    from opera.engine.optim import build_optimizer
+    from opera.engine.step import prepare_model, train_step
+    from opera.hierarchy import SupervisionHierarchy, parse_spec
+
+    if batch_size < 2:
+        raise OperaError("bench needs --batch-size >= 2 (BatchNorm)")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OperaError("no CUDA device: run the benchmark with --device cpu")
+    torch.manual_seed(0)
+    spaces = parse_spec(hierarchy)
+    options: dict[str, dict[str, Any]] = {}
+    if "self" in spaces:
+        options["self"] = {"dim": dim, "mlp_dim": mlp_dim}
+    model = SupervisionHierarchy.from_spec(
+        hierarchy, backbone=backbone, num_classes=num_classes if "full" in spaces else None, img_size=img_size,
+        concat_views=concat_views, fuse_views=fuse_views, backbone_options={"patch_size": patch_size} if patch_size else None, **options,
+    )
+    token = is_token_backbone(model.backbone)
+    opt_name = ("adamw" if token else "lars") if optimizer == "auto" else optimizer
+    model = prepare_model(model, dev, channels_last=channels_last)
+    optim = build_optimizer(model, opt_name, lr=0.1 if opt_name == "lars" else 1e-4,
+                            weight_decay=1e-6 if opt_name == "lars" else 0.1)
+    runner = torch.compile(model) if compile else model
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev) for _ in range(2)]
+    labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev) if "full" in spaces else None
+
+    def step(i: int):
+        return train_step(runner, model, optim, views, labels, lr=optim.param_groups[0]["lr"], ema_momentum=0.99,
+                          device=dev, amp=amp, step=i)
+
+    meta = {
+        "impl": "opera",
+        "backbone": backbone, "img_size": img_size, "batch_size": batch_size, "hierarchy": hierarchy,
+        "patch_size": model.backbone.patch_embed.patch_size[0] if token else None,
+        "mlp_dim": mlp_dim, "dim": dim, "num_classes": num_classes, "concat_views": concat_views,
+        "fuse_views": bool(fuse_views and not model.backbone_couples_samples),
+        "channels_last": bool(getattr(model, "opera_channels_last", False)), "compile": compile,
+        "optimizer": opt_name, "device": str(dev), "amp": amp, "threads": torch.get_num_threads(),
+    }
+    return step, model, meta
+
+
+def bench_step(
+    backbone: str = "resnet18",
+    img_size: int = 64,
+    batch_size: int = 64,
+    hierarchy: str = "self,full",
+    steps: int = 20,
+    warmup: int = 3,
+    threads: int = 2,
+    patch_size: int | None = None,
+    mlp_dim: int = 4096,
+    dim: int = 256,
+    num_classes: int = 10,
+    concat_views: bool = False,
+    channels_last: bool | None = None,
+    compile: bool = False,
+    device: str = "cpu",
+    optimizer: str = "auto",
+    amp: str = "auto",
+) -> dict[str, Any]:
+    """Time ``steps`` pretraining steps (after ``warmup``) in this process.
+
+    ``channels_last=None`` follows ``opera.engine.step.prepare_model`` (on for CNN backbones).
+    Returns the configuration and ``img_per_s`` (batch / median step time), ``s_per_step``
+    (median), ``s_per_step_min``, ``peak_rss_mb`` (this process's peak so far) and, on CUDA,
+    ``peak_cuda_mb``.
+    """
+    dev = torch.device(device)
+    step_fn, model, meta = make_step(backbone, img_size, batch_size, hierarchy, threads, patch_size, mlp_dim, dim,
+                                     num_classes, concat_views, channels_last, compile, device, optimizer, amp)
+    if steps < 1 or warmup < 0:
+        raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times: list[float] = []
+    out = None
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        out = step_fn(i)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    result: dict[str, Any] = {
+        **meta, "steps": steps, "warmup": warmup,
+        "img_per_s": batch_size / med,
+        "s_per_step": med,
+        "s_per_step_min": min(times),
+        "peak_rss_mb": _peak_rss_mb(),
+        "loss": float(out.loss.detach()) if out is not None else None,
+    }
+    if dev.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return result
+
+
+def bench_step_subprocess(timeout: float | None = None, **config: Any) -> dict[str, Any]:
+    """``bench_step(**config)`` in a fresh interpreter, so ``peak_rss_mb`` is this config's own."""
+    code = "import json, sys; from opera.bench import bench_step; print(json.dumps(bench_step(**json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise OperaError(f"benchmark subprocess failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _format(r: dict[str, Any]) -> str:
+    if "v2_img_per_s" in r:
+        return (f"data pipeline: {r['images']} images at {r['img_size']}px, {r['workers']} workers: "
+                f"v2 {r['v2_img_per_s']:.1f} img/s, PIL {r['pil_img_per_s']:.1f} img/s per worker ({r['speedup']:.2f}x)")
+    return (f"{r['backbone']} {r['img_size']}px batch {r['batch_size']} [{r['hierarchy']}] on {r['device']} "
+            f"({r['threads']} threads): {r['img_per_s']:.1f} img/s, {r['s_per_step'] * 1e3:.0f} ms/step (median of "
+            f"{r['steps']}), peak RSS {r['peak_rss_mb']:.0f} MB")
+
+
+if typer is not None:
+    def bench(
+        backbone: str = typer.Option("resnet18", "--backbone", "-b", help="Backbone name (resnet18, resnet50, vit_tiny, deit_small, ... or a timm name)."),
+        img_size: int = typer.Option(64, "--img-size", help="Side of the random square images."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per view per step."),
+        hierarchy: str = typer.Option("self,full", "--hierarchy", "-H", help="Task spaces from the base up."),
+        steps: int = typer.Option(20, "--steps", help="Timed steps (the median is reported)."),
+        warmup: int = typer.Option(3, "--warmup", help="Untimed steps first."),
+        threads: int = typer.Option(2, "--threads", help="torch.set_num_threads (0: leave as is)."),
+        patch_size: Optional[int] = typer.Option(None, "--patch-size", help="ViT patch size (default: img_size/8 for vit_tiny, 16 for DeiTs)."),
+        mlp_dim: int = typer.Option(4096, "--mlp-dim", help="Hidden width of projector and predictor."),
+        dim: int = typer.Option(256, "--dim", help="Instance embedding width."),
+        num_classes: int = typer.Option(10, "--num-classes", help="Classes of the class space."),
+        concat_views: bool = typer.Option(False, "--concat-views", help="One forward for both views (changes BatchNorm statistics)."),
+        channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
+        compile: bool = typer.Option(False, "--compile", help="torch.compile the hierarchy."),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+        data: Optional[str] = typer.Option(None, "--data", help="Benchmark the data pipeline on the images in DIR instead."),
+        workers: int = typer.Option(0, "--workers", help="DataLoader workers for --data (0: one thread in this process)."),
+        batches: int = typer.Option(4, "--batches", help="Batches for --data."),
+    ) -> None:
+        """Time full pretraining steps on random images, or the data pipeline with --data DIR."""
+        if data is not None:
+            if not os.path.isdir(data):
+                raise OperaError(f"--data {data!r} is not a directory of images")
+            from opera.data.bench import bench_pipeline
+
+            result = bench_pipeline(data, img_size=img_size, batches=batches, batch_size=batch_size, workers=workers)
+        else:
+            result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,
+                                warmup=warmup, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
+                                num_classes=num_classes, concat_views=concat_views, channels_last=channels_last,
+                                compile=compile, device=device)
+        print(json.dumps(result) if as_json else _format(result))
+
+
+def main() -> None:  # ``python -m opera.bench ...``
+    if typer is None:  # pragma: no cover
+        raise SystemExit("typer is not installed")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(bench)
+    try:
+        app()
+    except OperaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

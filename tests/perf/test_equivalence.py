@@ -1,0 +1,331 @@
+"""Every speed optimisation of the pretraining step changes no result.
+
+Each kept optimisation (see BENCHMARKS.md) is held against the straightforward code it replaces:
+the same loss, the same gradients and the same parameters after optimizer and momentum updates,
+to float32 round-off (1e-5 relative / 1e-6 absolute):
+
+* foreach LARS (batched trust ratios, scratch copy promoted to momentum buffer) vs MoCo-v3's
+  per-parameter Python loop;
+* the ``torch._foreach_lerp_`` momentum update vs MoCo-v3's loop
+  ``param_m.data = param_m.data * m + param_b.data * (1 - m)``;
+* fused AdamW vs the foreach implementation;
+* one concatenated forward of the views through a LayerNorm backbone (online and momentum) vs
+  one view at a time; BatchNorm backbones are never fused (per-view statistics);
+* channels_last CNNs vs contiguous NCHW;
+* the single-sync finiteness check still names the bad term;
+* the whole optimised ``train_step`` vs a plain reference step over several iterations.
+
+No test here is timed: speed lives in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from opera.engine.optim import LARS, build_optimizer, param_groups
+from opera.engine.step import NonFiniteLoss, prepare_model, train_step
+from opera.hierarchy import SupervisionHierarchy
+from opera.hierarchy.hierarchy import couples_samples
+
+RTOL, ATOL = 1e-5, 1e-6
+NUM_CLASSES = 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: 2 OpenMP threads on the shared 2-core machine can stall for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(backbone: str = "resnet_tiny", spec: str = "self,full", **kw) -> SupervisionHierarchy:
+    torch.manual_seed(0)
+    options = {"self": {"mlp_dim": 64, "dim": 32}} if "self" in spec else {}
+    if "full" in spec:
+        options["full"] = {"hidden": 32}
+    return SupervisionHierarchy.from_spec(
+        spec, backbone=backbone, num_classes=NUM_CLASSES, img_size=32,
+        backbone_options={"depth": 2} if backbone == "vit_tiny" else None, **options, **kw,
+    )
+
+
+def batch(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 32, 32, generator=g) for _ in range(2)], torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """``max|a - b| <= ATOL + RTOL * max|b|``: equal up to float32 round-off, measured against the
+    tensor's scale (an element-wise relative bound would flag tiny entries of a gradient whose
+    round-off comes from the large ones, e.g. through a BatchNorm over a few samples)."""
+    assert a.shape == b.shape, what
+    a, b = a.detach().double(), b.detach().double()
+    err, scale = float((a - b).abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0
+    assert err <= ATOL + RTOL * scale, f"{what}: max |diff| {err:.3g} > {ATOL} + {RTOL} * {scale:.3g}"
+
+
+def assert_same_params(m1: nn.Module, m2: nn.Module) -> None:
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2
+        assert_close(p1, p2, n1)
+
+
+def assert_same_grads(m1: nn.Module, m2: nn.Module) -> None:
+    for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert (p1.grad is None) == (p2.grad is None), n1
+        if p1.grad is not None:
+            assert_close(p1.grad, p2.grad, f"grad of {n1}")
+
+
+# --------------------------------------------------------------------------- references
+class LoopLARS(torch.optim.Optimizer):
+    """MoCo-v3's ``moco/optimizer.py`` LARS: one parameter at a time, ``p.ndim > 1`` adapted."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+@torch.no_grad()
+def loop_momentum_update(h: SupervisionHierarchy, m: float) -> None:
+    """MoCo-v3's ``_update_momentum_encoder``, over every (online, momentum) pair."""
+    for space in h.spaces.values():
+        for src, dst in space.momentum_pairs(h.backbone):
+            for param_b, param_m in zip(src.parameters(), dst.parameters()):
+                param_m.data = param_m.data * m + param_b.data * (1.0 - m)
+
+
+def reference_step(h: SupervisionHierarchy, opt: torch.optim.Optimizer, views, labels, lr: float, m: float):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    out = h(views=views, labels=labels)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    loop_momentum_update(h, m)
+    return out
+
+
+# --------------------------------------------------------------------------- optimizers
+def _lars_params(channels_last: bool = False):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 4, 3, 3), (16, 8), (8,), (8,), (3, 5), (4, 4, 1, 1)]
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    with torch.no_grad():
+        params[4].zero_()  # |p| = 0: trust ratio 1
+    if channels_last:
+        params = [nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last)) if p.ndim == 4 else p for p in params]
+    return params
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_foreach_lars_matches_moco_v3_loop(weight_decay, channels_last):
+    ours = _lars_params(channels_last)
+    ref = [nn.Parameter(p.detach().clone().contiguous()) for p in ours]
+    model_ours, model_ref = nn.ParameterList(ours), nn.ParameterList(ref)
+    opt = LARS(param_groups(model_ours, weight_decay), lr=0.3, momentum=0.9)
+    opt_ref = LoopLARS(model_ref.parameters(), lr=0.3, weight_decay=weight_decay, momentum=0.9)
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            grad = torch.randn(a.shape, generator=g)
+            if i == 1 and step == 2:
+                grad.zero_()  # |g| = 0 (with no decay): trust ratio 1
+            if i == 5 and step == 1:
+                a.grad = b.grad = None  # a parameter without a gradient this step is skipped
+                continue
+            a.grad = grad.clone().contiguous(memory_format=torch.channels_last) if a.ndim == 4 and channels_last else grad.clone()
+            b.grad = grad.clone()
+        grads_before = [None if p.grad is None else p.grad.clone() for p in ours]
+        opt.step()
+        opt_ref.step()
+        for a, b in zip(ours, ref):
+            assert_close(a, b, "param")
+            assert_close(opt.state[a]["mu"], opt_ref.state[b]["mu"], "momentum buffer")
+        for p, before in zip(ours, grads_before):  # p.grad is not modified
+            assert (p.grad is None) == (before is None)
+            if before is not None:
+                assert torch.equal(p.grad, before)
+
+
+def test_fused_adamw_matches_foreach():
+    """The same gradients into both (no forward between steps, so round-off does not feed back)."""
+    params_fused = _lars_params()
+    params_ref = [nn.Parameter(p.detach().clone()) for p in params_fused]
+    o1 = build_optimizer(nn.ParameterList(params_fused), "adamw", lr=1e-2, weight_decay=0.05)
+    assert o1.defaults.get("fused")
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in param_groups(nn.ParameterList(params_ref), 0.05)]
+    o2 = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        for a, b in zip(params_fused, params_ref):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        o1.step()
+        o2.step()
+        for a, b in zip(params_fused, params_ref):
+            assert_close(a, b, "param")
+
+
+# --------------------------------------------------------------------------- momentum update
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny"])
+def test_foreach_momentum_update_matches_loop(backbone):
+    h1 = build(backbone)
+    with torch.no_grad():  # make online and momentum weights differ
+        for p in h1.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    h2 = copy.deepcopy(h1)
+    for m in (0.99, 0.9, 0.5):
+        h1.momentum_update(m)
+        loop_momentum_update(h2, m)
+    assert_same_params(h1, h2)
+
+
+# --------------------------------------------------------------------------- fused views
+def test_layernorm_backbone_is_fused_and_batchnorm_backbone_is_not():
+    assert not couples_samples(build("vit_tiny").backbone)
+    assert couples_samples(build("resnet_tiny").backbone)
+    assert couples_samples(nn.SyncBatchNorm(4))
+
+
+@pytest.mark.parametrize("spec", ["self,full", "self", "full"])
+def test_fused_views_through_a_layernorm_backbone_change_nothing(spec):
+    fused = build("vit_tiny", spec)
+    plain = copy.deepcopy(fused)
+    plain.fuse_views = False
+    views, labels = batch()
+    calls = {"fused": 0, "plain": 0}
+    fused.backbone.blocks.register_forward_hook(lambda *a: calls.__setitem__("fused", calls["fused"] + 1))
+    plain.backbone.blocks.register_forward_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
+    o1, o2 = fused(views=views, labels=labels), plain(views=views, labels=labels)
+    assert calls == {"fused": 1, "plain": 2}  # one batch of both views vs one per view
+    assert_close(o1.loss, o2.loss, "loss")
+    for k in o1.losses:
+        assert_close(o1.losses[k], o2.losses[k], k)
+    for k in o1.logs:
+        assert_close(o1.logs[k], o2.logs[k], k)
+    o1.loss.backward()
+    o2.loss.backward()
+    assert_same_grads(fused, plain)
+
+
+def test_fused_momentum_keys_match_per_view_keys():
+    h = build("vit_tiny")
+    sp = h.spaces["self"]
+    views, _ = batch()
+    from opera.supervisions.base import Stage
+
+    fused = sp.keys(Stage(views, None, [{}, {}], extras={"fuse_backbone": True}))
+    plain = sp.keys(Stage(views, None, [{}, {}]))
+    for a, b in zip(fused, plain):
+        assert_close(a, b, "key")
+
+
+def test_batchnorm_backbone_runs_per_view_even_with_fuse_views():
+    h = build("resnet_tiny")
+    assert h.fuse_views
+    calls = []
+    h.backbone.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    h.spaces["self"].momentum_encoder.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    views, labels = batch(n=6)
+    h(views=views, labels=labels)
+    assert calls == [6, 6, 6, 6]  # online x2, momentum x2: per-view BatchNorm statistics
+
+
+def test_views_of_different_sizes_are_not_fused():
+    torch.manual_seed(0)
+    h = SupervisionHierarchy.from_spec("self", backbone="vit_tiny", img_size=32, self={"mlp_dim": 64, "dim": 32},
+                                       backbone_options={"depth": 2, "dynamic_img_size": True})
+    calls = []
+    h.backbone.blocks.register_forward_hook(lambda *a: calls.append(1))
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
+    h(views=views)
+    assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- channels_last
+def test_channels_last_cnn_changes_nothing():
+    h_cl, h_plain = build("resnet_tiny"), build("resnet_tiny")
+    h_cl = prepare_model(h_cl, "cpu")  # default: channels_last for CNNs
+    h_plain = prepare_model(h_plain, "cpu", channels_last=False)
+    assert h_cl.opera_channels_last and not h_plain.opera_channels_last
+    assert h_cl.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert h_cl.spaces["self"].momentum_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    o_cl = build_optimizer(h_cl, "lars", lr=0.2, weight_decay=1e-4)
+    o_plain = build_optimizer(h_plain, "lars", lr=0.2, weight_decay=1e-4)
+    views, labels = batch(n=32)  # BatchNorm over 6 samples would amplify round-off past 1e-5
+    for step in range(3):
+        out_cl = train_step(h_cl, h_cl, o_cl, views, labels, 0.2, 0.99, torch.device("cpu"), step=step)
+        out_plain = train_step(h_plain, h_plain, o_plain, views, labels, 0.2, 0.99, torch.device("cpu"), step=step)
+        assert_close(out_cl.loss, out_plain.loss, f"loss at step {step}")
+    assert_same_grads(h_cl, h_plain)
+    assert_same_params(h_cl, h_plain)
+    for (n, b1), (_, b2) in zip(h_cl.named_buffers(), h_plain.named_buffers()):
+        assert_close(b1.float(), b2.float(), n)
+
+
+def test_vit_is_not_made_channels_last():
+    h = prepare_model(build("vit_tiny"), "cpu")
+    assert not h.opera_channels_last
+    assert h.backbone.patch_embed.proj.weight.is_contiguous()
+
+
+# --------------------------------------------------------------------------- the whole step
+@pytest.mark.parametrize("backbone,optimizer", [("resnet_tiny", "lars"), ("vit_tiny", "sgd")])
+def test_optimised_train_step_matches_reference_step(backbone, optimizer):
+    """Optimised: channels_last (CNN) or fused views (ViT), foreach LARS, foreach EMA.
+    Reference: NCHW, one view at a time, loop LARS, loop EMA. (The ViT runs with SGD on both
+    sides: Adam's normalised update turns round-off in near-zero gradients into lr-sized steps,
+    so two Adam runs drift apart through later forwards; fused AdamW is tested on its own above.)"""
+    fast = prepare_model(build(backbone), "cpu")
+    ref = prepare_model(build(backbone), "cpu", channels_last=False)
+    ref.fuse_views = False
+    lr = 0.2 if optimizer == "lars" else 0.05
+    opt_fast = build_optimizer(fast, optimizer, lr=lr, weight_decay=1e-4)
+    opt_ref = LoopLARS(ref.parameters(), lr=lr, weight_decay=1e-4) if optimizer == "lars" else build_optimizer(ref, "sgd", lr=lr, weight_decay=1e-4)
+    for step in range(3):
+        views, labels = batch(n=32, seed=10 + step)
+        out_fast = train_step(fast, fast, opt_fast, views, labels, lr, 0.9, torch.device("cpu"), step=step)
+        out_ref = reference_step(ref, opt_ref, views, labels, lr, 0.9)
+        assert_close(out_fast.loss, out_ref.loss, f"loss at step {step}")
+        assert_same_grads(fast, ref)
+        assert_same_params(fast, ref)
+
+
+def test_single_sync_finiteness_check_still_names_the_bad_term():
+    h = build("resnet_tiny")
+    opt = build_optimizer(h, "lars", lr=0.1, weight_decay=0.0)
+    views, labels = batch()
+    labels = labels.clone()
+    with torch.no_grad():
+        h.spaces["full"].class_head[-1].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match=r"full=nan") as info:
+        train_step(h, h, opt, views, labels, 0.1, 0.99, torch.device("cpu"), step=7)
+    assert "self=" not in str(info.value) and "step 7" in str(info.value)

@@ -33,7 +33,8 @@ def test_run_writes_every_named_output(run_dir):
     assert any((run_dir / "tb").iterdir())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["train"]["epochs"] == 2 and cfg["resolved"]["num_classes"] == 4
-    assert cfg["resolved"]["optimizer"] == "lars" and cfg["resolved"]["lr"] == pytest.approx(0.6 * 32 / 256)
+    assert cfg["resolved"]["optimizer"] == "lars"
+    assert cfg["resolved"]["lr"] == pytest.approx(cfg["optim"]["base_lr"] * 32 / 256)  # lr = base_lr * batch / 256
 
 
 def test_metrics_rows_name_every_loss(run_dir):

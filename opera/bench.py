@@ -115,6 +115,7 @@ def bench_step(
     device: str = "cpu",
     optimizer: str = "auto",
     amp: str = "auto",
+    fuse_views: bool = True,
 ) -> dict[str, Any]:
     """Time ``steps`` pretraining steps (after ``warmup``) in this process.
 
@@ -125,7 +126,8 @@ def bench_step(
     """
     dev = torch.device(device)
     step_fn, model, meta = make_step(backbone, img_size, batch_size, hierarchy, threads, patch_size, mlp_dim, dim,
-                                     num_classes, concat_views, channels_last, compile, device, optimizer, amp)
+                                     num_classes, concat_views, channels_last, compile, device, optimizer, amp,
+                                     fuse_views)
     if steps < 1 or warmup < 0:
         raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
 

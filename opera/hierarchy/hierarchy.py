@@ -176,6 +176,10 @@ class SupervisionHierarchy(nn.Module):
         # one batch through the backbone (online here, momentum in the 'self' space) when exact
         stage.extras["fuse_backbone"] = fuse = len(views) > 1 and (self.concat_views or (
             self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
+        for space in self.spaces.values():  # targets first (the momentum keys of 'self'): lower peak memory
+            prepare = getattr(space, "prepare", None)
+            if prepare is not None:
+                prepare(stage)
         encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
         for space in self.spaces.values():
             encode = space.wrap_encoder(encode, stage, self.backbone)

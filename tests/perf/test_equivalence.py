@@ -329,3 +329,31 @@ def test_single_sync_finiteness_check_still_names_the_bad_term():
     with pytest.raises(NonFiniteLoss, match=r"full=nan") as info:
         train_step(h, h, opt, views, labels, 0.1, 0.99, torch.device("cpu"), step=7)
     assert "self=" not in str(info.value) and "step 7" in str(info.value)
+
+
+# --------------------------------------------------------------------------- momentum branch first
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny"])
+def test_keys_before_the_online_forward_change_nothing(backbone, monkeypatch):
+    """The hierarchy runs the momentum branch before the online one (lower peak memory); the
+    loss, gradients and BatchNorm running statistics are those of keys computed afterwards."""
+    from opera.supervisions.instance import InstanceSpace
+
+    first, last = build(backbone), build(backbone)
+    order = []
+    stem = "conv1" if backbone == "resnet_tiny" else "patch_embed"  # the backbone's first layer
+    getattr(first.spaces["self"].momentum_encoder, stem).register_forward_hook(lambda *a: order.append("momentum"))
+    getattr(first.backbone, stem).register_forward_hook(lambda *a: order.append("online"))
+    views, labels = batch(n=8)
+    o1 = first(views=views, labels=labels)
+    assert order[0] == "momentum" and "online" in order
+    monkeypatch.setattr(InstanceSpace, "prepare", lambda self, stage: None)  # keys computed inside forward
+    o2 = last(views=views, labels=labels)
+    assert torch.equal(o1.loss, o2.loss)
+    o1.loss.backward()
+    o2.loss.backward()
+    for (n, p1), (_, p2) in zip(first.named_parameters(), last.named_parameters()):
+        assert (p1.grad is None) == (p2.grad is None), n
+        if p1.grad is not None:
+            assert torch.equal(p1.grad, p2.grad), n
+    for (n, b1), (_, b2) in zip(first.named_buffers(), last.named_buffers()):
+        assert torch.equal(b1, b2), n

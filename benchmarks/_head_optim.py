@@ -1,0 +1,95 @@
+# The committed opera/engine/optim.py before issue 7 (git show d6eca17:opera/engine/optim.py), kept
+# verbatim so benchmarks/micro_update.py can time "opera before" against "opera now".
+"""Optimizers with per-parameter rules (no weight decay and no LARS adaptation on biases and
+norms, as MoCo-v3 and mmpretrain do), and the MoCo-v3 learning-rate and momentum schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as in MoCo-v3, vectorised with ``torch._foreach`` ops.
+
+    For a parameter group with ``lars=True``: ``g <- g + wd * p``; ``g <- g * eta |p| / |g|``
+    (1 where either norm is 0); ``buf <- momentum * buf + g``; ``p <- p - lr * buf``.
+    Groups with ``lars=False`` (biases, norms) skip weight decay and the trust ratio.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient, lars=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars"]:
+                if group["weight_decay"]:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                p_norm = torch._foreach_norm(params)
+                g_norm = torch._foreach_norm(grads)
+                ratios = []
+                for pn, gn in zip(p_norm, g_norm):
+                    trust = group["trust_coefficient"] * pn / gn
+                    ratios.append(torch.where((pn > 0) & (gn > 0), trust, torch.ones_like(pn)))
+                grads = torch._foreach_mul(grads, ratios)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                bufs.append(state["mu"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and biases/norms/1-d params (neither)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": no_decay, "weight_decay": 0.0, "lars": False},
+    ]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    for g in groups:
+        g.pop("lars")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lr_at(epoch: float, epochs: int, warmup_epochs: float, lr: float) -> float:
+    """MoCo-v3: linear warmup over ``warmup_epochs`` (per iteration), then half-cosine to 0."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-8)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+def ema_momentum_at(epoch: float, epochs: int, m: float, cosine: bool) -> float:
+    """MoCo-v3 ``--moco-m-cos``: m rises from ``m`` to 1 along a half cosine."""
+    if not cosine:
+        return m
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - m)

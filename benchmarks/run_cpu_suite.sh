@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every CPU figure of BENCHMARKS.md, in the order they were made; outputs in benchmarks/results/.
+#   bash benchmarks/run_cpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+R=benchmarks/results
+mkdir -p "$R"
+log() { echo "== $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg): $*" | tee -a "$R/suite.log"; }
+
+log compare
+python benchmarks/compare.py --repeats 2 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2.json" > "$R/compare_t2.txt" 2>&1
+
+for t in 2 1; do
+  log "ab threads $t"
+  python benchmarks/ab_step.py --threads $t --backbone resnet18 --img-size 64 --batch-size 64 --mlp-dim 1024 \
+      --variants official opera:channels_last=0 opera --rounds 6 --warmup 3 > "$R/ab_resnet18_t$t.txt" 2>&1
+  python benchmarks/ab_step.py --threads $t --backbone resnet50 --img-size 64 --batch-size 32 --mlp-dim 1024 \
+      --variants official opera:channels_last=0 opera --rounds 6 --warmup 3 > "$R/ab_resnet50_t$t.txt" 2>&1
+  python benchmarks/ab_step.py --threads $t --backbone vit_tiny --patch-size 8 --img-size 64 --batch-size 64 --mlp-dim 1024 \
+      --variants official opera:fuse_views=0 opera --rounds 6 --warmup 3 > "$R/ab_vit_tiny_t$t.txt" 2>&1
+done
+
+for t in 2 1; do
+  log "micro threads $t"
+  for b in resnet18 resnet50; do
+    python benchmarks/micro_update.py --backbone $b --threads $t --rounds 9 > "$R/micro_${b}_t$t.txt" 2>&1
+  done
+  python benchmarks/micro_update.py --backbone vit_tiny --patch-size 8 --threads $t --rounds 9 > "$R/micro_vit_tiny_t$t.txt" 2>&1
+done
+
+log data
+D=/tmp/opera-bench-jpegs
+[ -d "$D" ] || python -c "from opera.data.bench import make_jpeg_folder; make_jpeg_folder('$D', 128, (500, 375))"
+python -m opera.bench --data "$D" --img-size 224 --batch-size 32 --batches 4 --workers 0 --json > "$R/data_w0.json" 2>&1
+python -m opera.bench --data "$D" --img-size 224 --batch-size 32 --batches 4 --workers 2 --json > "$R/data_w2.json" 2>&1
+
+log "compile"
+timeout 1800 python benchmarks/ab_step.py --threads 1 --backbone vit_tiny --patch-size 8 --img-size 64 --batch-size 64 \
+    --mlp-dim 1024 --variants opera opera:compile=1 --rounds 5 --warmup 3 > "$R/ab_vit_tiny_compile_t1.txt" 2>&1
+log done

@@ -50,6 +50,7 @@ p.add_argument("--num-classes", type=int, default=1000)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--no-cudnn-benchmark", action="store_true")
+p.add_argument("--fuse-views", action="store_true", help="one batch of both views through the ViTs (exact; off by default)")
 a = p.parse_args()
 
 dev = torch.device("cuda")
@@ -71,7 +72,8 @@ rows = []
 for model_name in [m.strip() for m in a.models.split(",") if m.strip()]:
     torch.cuda.empty_cache()
     step, model, meta = make_step(model_name, a.img_size, a.batch_size, "self,full", threads=0, mlp_dim=a.mlp_dim,
-                                  num_classes=a.num_classes, device="cuda", amp="bf16")
+                                  num_classes=a.num_classes, device="cuda", amp="bf16",
+                                  fuse_views=a.fuse_views)
     for i in range(a.warmup):
         step(i)
     torch.cuda.synchronize()

@@ -41,7 +41,7 @@ def make_step(
     backbone: str = "resnet18", img_size: int = 64, batch_size: int = 64, hierarchy: str = "self,full", threads: int = 2,
     patch_size: int | None = None, mlp_dim: int = 4096, dim: int = 256, num_classes: int = 10,
     concat_views: bool = False, channels_last: bool | None = None, compile: bool = False, device: str = "cpu",
-    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = True,
+    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = False,
 ):
     """Build the model, optimizer and random views of one configuration.
 
@@ -115,7 +115,7 @@ def bench_step(
     device: str = "cpu",
     optimizer: str = "auto",
     amp: str = "auto",
-    fuse_views: bool = True,
+    fuse_views: bool = False,
 ) -> dict[str, Any]:
     """Time ``steps`` pretraining steps (after ``warmup``) in this process.
 
@@ -192,6 +192,7 @@ if typer is not None:
         dim: int = typer.Option(256, "--dim", help="Instance embedding width."),
         num_classes: int = typer.Option(10, "--num-classes", help="Classes of the class space."),
         concat_views: bool = typer.Option(False, "--concat-views", help="One forward for both views (changes BatchNorm statistics)."),
+        fuse_views: bool = typer.Option(False, "--fuse-views/--no-fuse-views", help="One batch of both views through a backbone without BatchNorm (exact)."),
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the hierarchy."),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
@@ -211,7 +212,7 @@ if typer is not None:
             result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,
                                 warmup=warmup, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
                                 num_classes=num_classes, concat_views=concat_views, channels_last=channels_last,
-                                compile=compile, device=device)
+                                compile=compile, device=device, fuse_views=fuse_views)
         print(json.dumps(result) if as_json else _format(result))
 
 

@@ -101,15 +101,17 @@ def couples_samples(module: nn.Module) -> bool:
 class SupervisionHierarchy(nn.Module):
     """A backbone and the task spaces stacked on it (``spaces``, a ModuleDict from the base up).
 
-    ``fuse_views`` (default on): when the backbone couples no samples (``couples_samples`` is
+    ``fuse_views`` (off by default): when the backbone couples no samples (``couples_samples`` is
     False, e.g. a ViT), its online and momentum copies run all views of a step as one
     concatenated batch - the same outputs as one view at a time, in fewer, larger matrix products.
     The heads (with BatchNorm) still see each view alone unless ``concat_views``. BatchNorm
     backbones always run per view unless ``concat_views`` (which changes their statistics).
+    Off by default because on the 2-core CPU box it raised peak RSS by ~10% for a speed-up that
+    only showed under heavy contention (BENCHMARKS.md); worth trying on a GPU.
     """
 
     def __init__(self, backbone: nn.Module, spaces: dict[str, TaskSpace], arrangement: str, concat_views: bool = False,
-                 fuse_views: bool = True):
+                 fuse_views: bool = False):
         super().__init__()
         self.backbone = backbone
         self.spaces = nn.ModuleDict(spaces)
@@ -129,7 +131,7 @@ class SupervisionHierarchy(nn.Module):
         arrangement: str | None = None,
         img_size: int = 224,
         concat_views: bool = False,
-        fuse_views: bool = True,
+        fuse_views: bool = False,
         backbone_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> "SupervisionHierarchy":
@@ -176,10 +178,6 @@ class SupervisionHierarchy(nn.Module):
         # one batch through the backbone (online here, momentum in the 'self' space) when exact
         stage.extras["fuse_backbone"] = fuse = len(views) > 1 and (self.concat_views or (
             self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
-        for space in self.spaces.values():  # targets first (the momentum keys of 'self'): lower peak memory
-            prepare = getattr(space, "prepare", None)
-            if prepare is not None:
-                prepare(stage)
         encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
         for space in self.spaces.values():
             encode = space.wrap_encoder(encode, stage, self.backbone)

@@ -46,7 +46,8 @@ class InstanceSpace(TaskSpace):
         self.options = options
         proj_layers = options.projector_layers or (3 if token_backbone else 2)
         self.projector = build_mlp(proj_layers, in_dim, options.mlp_dim, options.dim, last_bn=True)
-        self.predictor = build_mlp(options.predictor_layers, options.dim, options.mlp_dim, options.dim, last_bn=False)
+        # MoCo-v3: the ViT predictor ends in a BatchNorm without affine parameters, the ResNet one does not
+        self.predictor = build_mlp(options.predictor_layers, options.dim, options.mlp_dim, options.dim, last_bn=token_backbone)
         self.momentum_encoder = copy.deepcopy(backbone)
         self.momentum_projector = copy.deepcopy(self.projector)
         for module in (self.momentum_encoder, self.momentum_projector):
@@ -79,16 +80,6 @@ class InstanceSpace(TaskSpace):
             feats = [pooled_features(self.momentum_encoder, x) for x in views]
         return stage.apply(self.momentum_projector, feats)
 
-    def prepare(self, stage: Stage) -> None:
-        """Compute the keys before the online forward (the hierarchy calls this first).
-
-        The momentum branch needs nothing from the online one, so running it first gives the same
-        keys; but its transient activations then come and go before the online branch's saved
-        activations exist, instead of on top of them: a lower peak memory, the same arithmetic.
-        """
-        if len(stage.views) >= 2:
-            stage.extras["self/keys"] = self.keys(stage)
-
     def forward(self, stage: Stage) -> SpaceOutput:
         if len(stage.views) < 2:
             raise OperaError(
@@ -99,9 +90,7 @@ class InstanceSpace(TaskSpace):
         q = stage.apply(self.predictor, z)
         for rep, zi, qi in zip(stage.reps, z, q):
             rep["projector"], rep["predictor"] = zi, qi
-        k = stage.extras.pop("self/keys", None)
-        if k is None:
-            k = self.keys(stage)
+        k = self.keys(stage)
         t, gather = self.options.temperature, self.options.gather_distributed
         if len(q) == 2:  # symmetric: ctr(q1, k2) + ctr(q2, k1)
             ctr = info_nce(q[0], k[1], t, gather) + info_nce(q[1], k[0], t, gather)

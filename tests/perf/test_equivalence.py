@@ -9,8 +9,8 @@ to float32 round-off (1e-5 relative / 1e-6 absolute):
 * the ``torch._foreach_lerp_`` momentum update vs MoCo-v3's loop
   ``param_m.data = param_m.data * m + param_b.data * (1 - m)``;
 * fused AdamW vs the foreach implementation;
-* one concatenated forward of the views through a LayerNorm backbone (online and momentum) vs
-  one view at a time; BatchNorm backbones are never fused (per-view statistics);
+* the opt-in ``fuse_views``: one concatenated forward of the views through a LayerNorm backbone
+  (online and momentum) vs one view at a time; BatchNorm backbones are never fused;
 * channels_last CNNs vs contiguous NCHW;
 * the single-sync finiteness check still names the bad term;
 * the whole optimised ``train_step`` vs a plain reference step over several iterations.
@@ -217,7 +217,7 @@ def test_layernorm_backbone_is_fused_and_batchnorm_backbone_is_not():
 
 @pytest.mark.parametrize("spec", ["self,full", "self", "full"])
 def test_fused_views_through_a_layernorm_backbone_change_nothing(spec):
-    fused = build("vit_tiny", spec)
+    fused = build("vit_tiny", spec, fuse_views=True)
     plain = copy.deepcopy(fused)
     plain.fuse_views = False
     views, labels = batch()
@@ -237,7 +237,7 @@ def test_fused_views_through_a_layernorm_backbone_change_nothing(spec):
 
 
 def test_fused_momentum_keys_match_per_view_keys():
-    h = build("vit_tiny")
+    h = build("vit_tiny", fuse_views=True)
     sp = h.spaces["self"]
     views, _ = batch()
     from opera.supervisions.base import Stage
@@ -248,8 +248,12 @@ def test_fused_momentum_keys_match_per_view_keys():
         assert_close(a, b, "key")
 
 
+def test_fuse_views_is_off_by_default():
+    assert not build("vit_tiny").fuse_views
+
+
 def test_batchnorm_backbone_runs_per_view_even_with_fuse_views():
-    h = build("resnet_tiny")
+    h = build("resnet_tiny", fuse_views=True)
     assert h.fuse_views
     calls = []
     h.backbone.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -262,7 +266,7 @@ def test_batchnorm_backbone_runs_per_view_even_with_fuse_views():
 def test_views_of_different_sizes_are_not_fused():
     torch.manual_seed(0)
     h = SupervisionHierarchy.from_spec("self", backbone="vit_tiny", img_size=32, self={"mlp_dim": 64, "dim": 32},
-                                       backbone_options={"depth": 2, "dynamic_img_size": True})
+                                       fuse_views=True, backbone_options={"depth": 2, "dynamic_img_size": True})
     calls = []
     h.backbone.blocks.register_forward_hook(lambda *a: calls.append(1))
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
@@ -304,7 +308,7 @@ def test_optimised_train_step_matches_reference_step(backbone, optimizer):
     Reference: NCHW, one view at a time, loop LARS, loop EMA. (The ViT runs with SGD on both
     sides: Adam's normalised update turns round-off in near-zero gradients into lr-sized steps,
     so two Adam runs drift apart through later forwards; fused AdamW is tested on its own above.)"""
-    fast = prepare_model(build(backbone), "cpu")
+    fast = prepare_model(build(backbone, fuse_views=True), "cpu")
     ref = prepare_model(build(backbone), "cpu", channels_last=False)
     ref.fuse_views = False
     lr = 0.2 if optimizer == "lars" else 0.05
@@ -329,31 +333,3 @@ def test_single_sync_finiteness_check_still_names_the_bad_term():
     with pytest.raises(NonFiniteLoss, match=r"full=nan") as info:
         train_step(h, h, opt, views, labels, 0.1, 0.99, torch.device("cpu"), step=7)
     assert "self=" not in str(info.value) and "step 7" in str(info.value)
-
-
-# --------------------------------------------------------------------------- momentum branch first
-@pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny"])
-def test_keys_before_the_online_forward_change_nothing(backbone, monkeypatch):
-    """The hierarchy runs the momentum branch before the online one (lower peak memory); the
-    loss, gradients and BatchNorm running statistics are those of keys computed afterwards."""
-    from opera.supervisions.instance import InstanceSpace
-
-    first, last = build(backbone), build(backbone)
-    order = []
-    stem = "conv1" if backbone == "resnet_tiny" else "patch_embed"  # the backbone's first layer
-    getattr(first.spaces["self"].momentum_encoder, stem).register_forward_hook(lambda *a: order.append("momentum"))
-    getattr(first.backbone, stem).register_forward_hook(lambda *a: order.append("online"))
-    views, labels = batch(n=8)
-    o1 = first(views=views, labels=labels)
-    assert order[0] == "momentum" and "online" in order
-    monkeypatch.setattr(InstanceSpace, "prepare", lambda self, stage: None)  # keys computed inside forward
-    o2 = last(views=views, labels=labels)
-    assert torch.equal(o1.loss, o2.loss)
-    o1.loss.backward()
-    o2.loss.backward()
-    for (n, p1), (_, p2) in zip(first.named_parameters(), last.named_parameters()):
-        assert (p1.grad is None) == (p2.grad is None), n
-        if p1.grad is not None:
-            assert torch.equal(p1.grad, p2.grad), n
-    for (n, b1), (_, b2) in zip(first.named_buffers(), last.named_buffers()):
-        assert torch.equal(b1, b2), n

@@ -79,6 +79,15 @@ def main(argv=None) -> None:
             row[f"{impl}_peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in res[impl])
         row["speedup"] = row["opera_img_per_s"] / row["official_img_per_s"]
         row["rss_ratio"] = row["opera_peak_rss_mb"] / row["official_peak_rss_mb"]
+        roof = [r for r in res["opera"] if "gflop_per_step" in r]
+        if roof:  # the same arithmetic in both (tests/perf), so one FLOP count serves both
+            gflop = roof[0]["gflop_per_step"]
+            peak = statistics.median(r["compute_peak_gflop_per_s"] for r in roof)
+            row.update(gflop_per_step=gflop, compute_peak_gflop_per_s=peak)
+            for impl in ("official", "opera"):
+                row[f"{impl}_gflop_per_s"] = gflop * row[f"{impl}_img_per_s"] / batch
+                row[f"{impl}_fraction_of_peak"] = row[f"{impl}_gflop_per_s"] / peak
+            row["ceiling_speedup"] = 1.0 / row["official_fraction_of_peak"]
         table.append(row)
     if a.json:
         with open(a.json, "w") as f:
@@ -90,6 +99,16 @@ def main(argv=None) -> None:
     for r in table:
         print(f"| {r['config']} | {r['official_img_per_s']:.1f} | {r['opera_img_per_s']:.1f} | {r['speedup']:.2f}x | "
               f"{r['official_peak_rss_mb']:.0f} | {r['opera_peak_rss_mb']:.0f} |")
+    if all("gflop_per_step" in r for r in table):
+        print()
+        print("Roofline: FLOPs of one step (counted, the same in both) over the step time, against the best large fp32 matmul/convolution here (opera.bench.compute_peak_gflops)")
+        print("| config | GFLOP/step | peak GFLOP/s | official GFLOP/s (% of peak) | opera GFLOP/s (% of peak) | "
+              "highest speed-up any fp32 implementation could reach over official |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in table:
+            print(f"| {r['config']} | {r['gflop_per_step']:.1f} | {r['compute_peak_gflop_per_s']:.0f} | "
+                  f"{r['official_gflop_per_s']:.0f} ({100 * r['official_fraction_of_peak']:.0f}%) | "
+                  f"{r['opera_gflop_per_s']:.0f} ({100 * r['opera_fraction_of_peak']:.0f}%) | {r['ceiling_speedup']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def make_step(
     backbone: str = "resnet18", img_size: int = 64, batch_size: int = 64, hierarchy: str = "self,full", threads: int = 2,
     patch_size: int | None = None, mlp_dim: int = 4096, dim: int = 256, num_classes: int = 10,
     concat_views: bool = False, channels_last: bool | None = None, compile: bool = False, device: str = "cpu",
-    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = False,
+    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = False, per_view: bool = True,
 ):
     """Build the model, optimizer and random views of one configuration.
 
@@ -83,7 +83,7 @@ def make_step(
 
     def step(i: int):
         return train_step(runner, model, optim, views, labels, lr=optim.param_groups[0]["lr"], ema_momentum=0.99,
-                          device=dev, amp=amp, step=i)
+                          device=dev, amp=amp, step=i, per_view=per_view)
 
     meta = {
         "impl": "opera",
@@ -93,8 +93,52 @@ def make_step(
         "fuse_views": bool(fuse_views and not model.backbone_couples_samples),
         "channels_last": bool(getattr(model, "opera_channels_last", False)), "compile": compile,
         "optimizer": opt_name, "device": str(dev), "amp": amp, "threads": torch.get_num_threads(),
+        "per_view": bool(per_view and not concat_views),
     }
     return step, model, meta
+
+
+def count_step_flops(step_fn, i: int) -> int:
+    """FLOPs of one step (matmuls, convolutions, attention; forward and backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` while ``step_fn(i)`` runs (untimed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step_fn(i)
+    return int(counter.get_total_flops())
+
+
+def compute_peak_gflops(device: torch.device, repeats: int = 6) -> float:
+    """Measured throughput of the step's kind of arithmetic at its best, at the current thread
+    count: on the CPU the faster of a 2048^3 fp32 matmul (MKL) and a 3x3 fp32 convolution over
+    64x256x8x8 in channels_last (oneDNN; on AMD CPUs it beats MKL's matmul by ~35%); on CUDA a
+    bf16 8192^3 matmul. A step whose FLOPs run at this rate has nothing left to gain in this precision."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = None if cuda else torch.Generator().manual_seed(0)
+    size = 8192 if cuda else 2048
+
+    def best(fn, flops: float) -> float:
+        times = []
+        for r in range(repeats + 2):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if r >= 2:
+                times.append(time.perf_counter() - t0)
+        return flops / min(times) / 1e9
+
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
+    peak = best(lambda: a @ b, 2 * size**3)
+    if not cuda:
+        x = torch.randn(64, 256, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(256, 256, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
+        peak = max(peak, best(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 64 * 8 * 8 * 256 * 256 * 9))
+    return peak
 
 
 def bench_step(
@@ -116,18 +160,24 @@ def bench_step(
     optimizer: str = "auto",
     amp: str = "auto",
     fuse_views: bool = False,
+    per_view: bool = True,
+    roofline: bool = True,
 ) -> dict[str, Any]:
     """Time ``steps`` pretraining steps (after ``warmup``) in this process.
 
     ``channels_last=None`` follows ``opera.engine.step.prepare_model`` (on for CNN backbones).
     Returns the configuration and ``img_per_s`` (batch / median step time), ``s_per_step``
     (median), ``s_per_step_min``, ``peak_rss_mb`` (this process's peak so far) and, on CUDA,
-    ``peak_cuda_mb``.
+    ``peak_cuda_mb``. With ``roofline`` (after the timed steps, so it moves no figure above):
+    ``gflop_per_step`` (counted), ``gflop_per_s`` achieved, ``compute_peak_gflop_per_s``
+    (``compute_peak_gflops``: the best large matmul/convolution rate here, same threads) and
+    ``fraction_of_peak``: how far any implementation of the same arithmetic could still speed the
+    step up.
     """
     dev = torch.device(device)
     step_fn, model, meta = make_step(backbone, img_size, batch_size, hierarchy, threads, patch_size, mlp_dim, dim,
                                      num_classes, concat_views, channels_last, compile, device, optimizer, amp,
-                                     fuse_views)
+                                     fuse_views, per_view)
     if steps < 1 or warmup < 0:
         raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
 
@@ -157,6 +207,11 @@ def bench_step(
     }
     if dev.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    if roofline:
+        flops = count_step_flops(step_fn, warmup + steps)
+        peak = compute_peak_gflops(dev)
+        result.update(gflop_per_step=flops / 1e9, gflop_per_s=flops / 1e9 / med, compute_peak_gflop_per_s=peak,
+                      fraction_of_peak=flops / 1e9 / med / peak)
     return result
 
 
@@ -175,7 +230,10 @@ def _format(r: dict[str, Any]) -> str:
                 f"v2 {r['v2_img_per_s']:.1f} img/s, PIL {r['pil_img_per_s']:.1f} img/s per worker ({r['speedup']:.2f}x)")
     return (f"{r['backbone']} {r['img_size']}px batch {r['batch_size']} [{r['hierarchy']}] on {r['device']} "
             f"({r['threads']} threads): {r['img_per_s']:.1f} img/s, {r['s_per_step'] * 1e3:.0f} ms/step (median of "
-            f"{r['steps']}), peak RSS {r['peak_rss_mb']:.0f} MB")
+            f"{r['steps']}), peak RSS {r['peak_rss_mb']:.0f} MB"
+            + (f"; {r['gflop_per_step']:.1f} GFLOP/step at {r['gflop_per_s']:.0f} GFLOP/s = "
+               f"{100 * r['fraction_of_peak']:.0f}% of the {r['compute_peak_gflop_per_s']:.0f} of the best large matmul/conv here"
+               if "gflop_per_step" in r else ""))
 
 
 if typer is not None:
@@ -193,6 +251,8 @@ if typer is not None:
         num_classes: int = typer.Option(10, "--num-classes", help="Classes of the class space."),
         concat_views: bool = typer.Option(False, "--concat-views", help="One forward for both views (changes BatchNorm statistics)."),
         fuse_views: bool = typer.Option(False, "--fuse-views/--no-fuse-views", help="One batch of both views through a backbone without BatchNorm (exact)."),
+        roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Also count the step's FLOPs and measure a large matmul's throughput (after timing)."),
+        per_view: bool = typer.Option(True, "--per-view/--joint-views", help="Online forward+backward one view at a time (default; same gradients, less memory) or both at once."),
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the hierarchy."),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
@@ -212,7 +272,7 @@ if typer is not None:
             result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,
                                 warmup=warmup, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
                                 num_classes=num_classes, concat_views=concat_views, channels_last=channels_last,
-                                compile=compile, device=device, fuse_views=fuse_views)
+                                compile=compile, device=device, fuse_views=fuse_views, per_view=per_view, roofline=roofline)
         print(json.dumps(result) if as_json else _format(result))
 
 

@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     concat_views: bool = False  # one forward for both views (changes BatchNorm statistics)
+    per_view: bool = True  # online forward+backward one view at a time: same gradients, one view's activations alive
     sync_bn: bool = True  # SyncBatchNorm under DDP
     channels_last: bool = True  # CNNs on CUDA
     compile: bool = False  # torch.compile the hierarchy

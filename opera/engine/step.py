@@ -44,24 +44,55 @@ class NonFiniteLoss(OperaError):
 
 def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
                labels: torch.Tensor | None, lr: float, ema_momentum: float, device: torch.device, amp: str = "auto",
-               step: int = 0) -> HierarchyOutput:
-    """Forward both views, check the loss terms are finite, backward, step, momentum update.
+               step: int = 0, per_view: bool = True) -> HierarchyOutput:
+    """Forward, backward, check the loss terms are finite, optimizer step, momentum update.
 
     ``model`` is what is called (the hierarchy, or its DDP wrapper); ``hierarchy`` is the bare
     module whose momentum encoder is updated.
+
+    ``per_view`` (default): the online branch runs one view at a time - forward view 1, backward
+    its terms, then view 2 - so only one view's activations are alive, instead of all of them.
+    The gradients are those of the joint loss (it is a sum of per-view terms against detached
+    keys, masks and labels; ``tests/perf`` checks it), with peak memory down by up to the
+    activations of one view. Under DDP the first backward runs in ``no_sync`` and the last one
+    all-reduces the accumulated gradients, once. ``concat_views`` (views share BatchNorm
+    statistics) always runs jointly.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast_context(device, amp):
-        out = model(views=views, labels=labels)
-    # one host sync for all terms; the names are looked up only when something is wrong
+    n = len(views)
+    groups = [[i] for i in range(n)] if per_view and n > 1 and not getattr(hierarchy, "concat_views", False) else [None]
+    optimizer.zero_grad(set_to_none=True)
+    outs: list[HierarchyOutput] = []
+    for g, ids in enumerate(groups):
+        last = g == len(groups) - 1
+        sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with sync:
+            with autocast_context(device, amp):
+                out = (model(views=views, labels=labels) if ids is None and not outs else
+                       model(views=views, labels=labels, view_ids=ids, state=outs[-1].state if outs else None))
+            out.loss.backward()
+        out.state = None if last else out.state  # drop the step's keys and masks once the last view is done
+        outs.append(out)
+    out = outs[0] if len(outs) == 1 else _add_outputs(outs)
+    # one host sync for all terms; the names are looked up only when something is wrong. The step
+    # is not taken: the parameters stay those of the last good step.
     finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in out.losses.values()])).all()
     bad = [] if bool(finite) else [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
     if bad:
+        optimizer.zero_grad(set_to_none=True)
         terms = ", ".join(f"{n}={float(out.losses[n].detach())}" for n in bad)
         raise NonFiniteLoss(f"non-finite loss at step {step} ({terms}); the last good checkpoint is kept - lower optim.base_lr or check the data")
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
     optimizer.step()
     hierarchy.momentum_update(ema_momentum)
     return out
+
+
+def _add_outputs(outs: list[HierarchyOutput]) -> HierarchyOutput:
+    """The output of a whole step from those of a partition of its views (shares add up)."""
+    losses = {k: sum(o.losses[k].detach() for o in outs) for k in outs[0].losses}
+    logs: dict[str, torch.Tensor] = {}
+    for o in outs:
+        for k, v in o.logs.items():
+            logs[k] = logs[k] + v if k in logs else v
+    return HierarchyOutput(sum(o.loss.detach() for o in outs), losses, logs)

@@ -6,7 +6,11 @@ sum of the spaces' weighted losses (Eq. 9, Eq. 36); with the default weights and
 ``0.5 (ctr(q1,k2) + ctr(q2,k1)) + 0.5 CE(view1) + 0.5 CE(view2)`` (Eq. 34).
 
 The training loop needs nothing but ``out = hierarchy(views=[x1, x2], labels=y)``,
-``out.loss.backward()`` and ``hierarchy.momentum_update(m)``.
+``out.loss.backward()`` and ``hierarchy.momentum_update(m)``. Because every term of the loss
+depends on the online outputs of one view only (the keys, masks and labels it is compared with are
+detached), the step may instead run the online branch one view at a time and backpropagate each
+view's terms before the next view's forward (``view_ids=[i]``, ``state=out.state``): the same
+gradients, with the activations of one view alive instead of all (``opera.engine.step``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,28 @@ from opera.supervisions.base import SPACES, BuildContext, Stage, TaskSpace, make
 ARRANGEMENTS = ("A", "B", "C", "naive")
 
 
+class StepState:
+    """What one step computes once and shares between calls over subsets of its views (the
+    momentum keys, the MIM masks): pass ``out.state`` to the next call of the same step. A plain
+    class, not a dataclass or tuple, so DistributedDataParallel passes it through untouched."""
+
+    __slots__ = ("stage",)
+
+    def __init__(self, stage: Stage):
+        self.stage = stage
+
+
 @dataclass
 class HierarchyOutput:
     """``loss``: the scalar to backpropagate; ``losses``: the weighted term of each space;
-    ``logs``: detached values worth logging (per-space accuracies, unweighted terms)."""
+    ``logs``: detached values worth logging (per-space accuracies, unweighted terms). For a subset
+    of the views, each is that subset's share; the shares of a partition add up to the whole.
+    ``state``: the step's shared state, for a next call over other views of the same step."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: StepState | None = field(default=None, repr=False, compare=False)
 
 
 def parse_spec(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -173,29 +191,48 @@ class SupervisionHierarchy(nn.Module):
         return ",".join(self.spaces.keys())
 
     # ------------------------------------------------------------------ training step
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> HierarchyOutput:
-        stage = Stage(list(views), labels, [{} for _ in views], self.concat_views)
-        # one batch through the backbone (online here, momentum in the 'self' space) when exact
-        stage.extras["fuse_backbone"] = fuse = len(views) > 1 and (self.concat_views or (
-            self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
+    def forward(self, views: list[torch.Tensor] | None = None, labels: torch.Tensor | None = None, *,
+                view_ids: list[int] | None = None, state: StepState | None = None) -> HierarchyOutput:
+        """The loss of the online views ``view_ids`` (default: all) of one step.
+
+        ``views``/``labels`` start a step; ``state=out.state`` continues the same step with other
+        views (the momentum keys and masks are reused, not recomputed). Calling it for each part
+        of a partition of the views and adding the losses gives exactly the loss of one call over
+        all views (Eq. 9, 34, 36 are sums of per-view terms with detached targets).
+        """
+        if state is None:
+            if views is None:
+                raise OperaError("SupervisionHierarchy needs views=[x1, x2, ...] (or state=out.state to continue a step)")
+            stage = Stage(list(views), labels, [{} for _ in views], self.concat_views)
+            # one batch through the backbone (online here, momentum in the 'self' space) when exact
+            stage.extras["fuse_backbone"] = len(views) > 1 and (self.concat_views or (
+                self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
+        else:
+            stage = state.stage
+        n = len(stage.views)
+        ids = list(range(n)) if view_ids is None else [int(i) for i in view_ids]
+        if not ids or any(not 0 <= i < n for i in ids) or len(set(ids)) != len(ids):
+            raise OperaError(f"view_ids {view_ids!r} must be distinct view indices in 0..{n - 1}")
+        if self.concat_views and len(ids) != n:
+            raise OperaError("concat_views runs all views as one batch (shared BatchNorm statistics); it cannot run a subset of the views")
         encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
         for space in self.spaces.values():
             encode = space.wrap_encoder(encode, stage, self.backbone)
-        if fuse:
-            tokens = encode(torch.cat(stage.views, 0), list(range(len(views)))).chunk(len(views), 0)
+        if stage.extras["fuse_backbone"] and len(ids) > 1:
+            tokens = encode(torch.cat([stage.views[i] for i in ids], 0), ids).chunk(len(ids), 0)
         else:
-            tokens = [encode(x, [i]) for i, x in enumerate(stage.views)]
-        for rep, t in zip(stage.reps, tokens):
-            rep["tokens"] = t
-            rep["backbone"] = self.backbone.forward_head(t, pre_logits=True)
+            tokens = [encode(stage.views[i], [i]) for i in ids]
+        for i, t in zip(ids, tokens):
+            stage.reps[i]["tokens"] = t
+            stage.reps[i]["backbone"] = self.backbone.forward_head(t, pre_logits=True)
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, torch.Tensor] = {}
         for name, space in self.spaces.items():
-            out = space(stage)
+            out = space(stage, ids)
             losses[name] = out.loss
             logs.update(out.logs)
         loss = torch.stack(list(losses.values())).sum()
-        return HierarchyOutput(loss, losses, logs)
+        return HierarchyOutput(loss, losses, logs, StepState(stage))
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:

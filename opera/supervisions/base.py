@@ -38,8 +38,10 @@ class Stage:
     """One training step's data as it climbs the hierarchy.
 
     ``reps[i][name]`` is representation ``name`` of view ``i`` (``tokens``, ``backbone``,
-    ``projector``, ``predictor``, ...); ``apply`` runs a module on every view, separately
-    (BatchNorm statistics per view, MoCo-v3's default) or concatenated.
+    ``projector``, ``predictor``, ...); ``apply`` runs a module on the given views, separately
+    (BatchNorm statistics per view, MoCo-v3's default) or concatenated. ``extras`` holds what the
+    spaces compute once per step and share between calls over subsets of the views (the momentum
+    keys, the MIM masks), so a step may run its online views one at a time.
     """
 
     views: list[torch.Tensor]
@@ -53,8 +55,8 @@ class Stage:
             return list(module(torch.cat(xs, dim=0)).chunk(len(xs), dim=0))
         return [module(x) for x in xs]
 
-    def get(self, name: str) -> list[torch.Tensor]:
-        return [r[name] for r in self.reps]
+    def get(self, name: str, ids: list[int] | None = None) -> list[torch.Tensor]:
+        return [self.reps[i][name] for i in (range(len(self.reps)) if ids is None else ids)]
 
 
 @dataclass
@@ -80,7 +82,14 @@ class TaskSpace(nn.Module):
         """Change how the backbone sees the online views (only the ``mask`` space does)."""
         return encode
 
-    def forward(self, stage: Stage) -> SpaceOutput:  # pragma: no cover - abstract
+    def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:  # pragma: no cover - abstract
+        """The loss terms of the online views ``ids`` (all of them, or one subset of a partition).
+
+        Every space's loss is a sum over the online views of terms that depend on that view's
+        online outputs and on detached, step-wide targets (keys, masks, labels), so the terms of
+        the subsets of a partition add up to the loss of all views, and so do their ``logs``
+        (each is that subset's share: a mean over all views is written as sum / number of views).
+        """
         raise NotImplementedError
 
     def momentum_pairs(self, backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:

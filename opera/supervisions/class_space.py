@@ -63,13 +63,15 @@ class ClassSpace(TaskSpace):
         ctx.dims["class_logits"] = ctx.num_classes
         return space
 
-    def forward(self, stage: Stage) -> SpaceOutput:
+    def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
+        """Terms of views ``ids``: ``weight * CE(h(source_i), y)`` each (Eq. 9)."""
         if stage.labels is None:
             raise OperaError("the class space 'full' needs labels; pass labels=... or drop 'full' from the hierarchy")
-        logits = stage.apply(self.class_head, stage.get(self.source))
-        for rep, lg in zip(stage.reps, logits):
-            rep["class_logits"] = lg
+        logits = stage.apply(self.class_head, stage.get(self.source, ids))
+        for i, lg in zip(ids, logits):
+            stage.reps[i]["class_logits"] = lg
         ce = sum(class_cross_entropy(lg, stage.labels, self.options.label_smoothing) for lg in logits)
+        n = len(stage.views)
         with torch.no_grad():
-            acc = torch.stack([lg.argmax(1).eq(stage.labels).float().mean() for lg in logits]).mean()
-        return SpaceOutput(self.options.weight * ce, {"full/ce": ce.detach() / len(logits), "full/acc": acc})
+            acc = sum(lg.argmax(1).eq(stage.labels).float().mean() for lg in logits) / n
+        return SpaceOutput(self.options.weight * ce, {"full/ce": ce.detach() / n, "full/acc": acc})

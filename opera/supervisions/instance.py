@@ -67,37 +67,45 @@ class InstanceSpace(TaskSpace):
 
     @torch.no_grad()
     def keys(self, stage: Stage) -> list[torch.Tensor]:
-        """k_i = momentum_projector(momentum_encoder(x_i)) for the unmasked views.
+        """k_i = momentum_projector(momentum_encoder(x_i)) for the unmasked views, computed once
+        per step (cached in ``stage.extras["keys"]``) whichever subset of online views asks first.
 
         The momentum encoder runs the views as one batch where the hierarchy found that exact
         (``stage.extras["fuse_backbone"]``: a backbone without BatchNorm, or ``concat_views``);
         the projector follows ``stage.apply`` (per view unless ``concat_views``).
         """
+        if "keys" in stage.extras:
+            return stage.extras["keys"]
         views = stage.views
         if stage.extras.get("fuse_backbone") and len(views) > 1:
             feats = list(pooled_features(self.momentum_encoder, torch.cat(views, 0)).chunk(len(views), 0))
         else:
             feats = [pooled_features(self.momentum_encoder, x) for x in views]
-        return stage.apply(self.momentum_projector, feats)
+        stage.extras["keys"] = keys = stage.apply(self.momentum_projector, feats)
+        return keys
 
-    def forward(self, stage: Stage) -> SpaceOutput:
-        if len(stage.views) < 2:
+    def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
+        """Terms of views ``ids``: for two views view i contributes ctr(q_i, k_{1-i}), so all views
+        give ``ctr(q1, k2) + ctr(q2, k1)``; for n > 2 views, sum_{j != i} ctr(q_i, k_j) * 2 / (n (n - 1))."""
+        n = len(stage.views)
+        if n < 2:
             raise OperaError(
-                f"the instance space 'self' needs at least two views of each image, got {len(stage.views)}; "
+                f"the instance space 'self' needs at least two views of each image, got {n}; "
                 "pass views=[x1, x2] (two augmentations) or drop 'self' from the hierarchy"
             )
-        z = stage.apply(self.projector, stage.get("backbone"))
+        z = stage.apply(self.projector, stage.get("backbone", ids))
         q = stage.apply(self.predictor, z)
-        for rep, zi, qi in zip(stage.reps, z, q):
-            rep["projector"], rep["predictor"] = zi, qi
+        for i, zi, qi in zip(ids, z, q):
+            stage.reps[i]["projector"], stage.reps[i]["predictor"] = zi, qi
         k = self.keys(stage)
         t, gather = self.options.temperature, self.options.gather_distributed
-        if len(q) == 2:  # symmetric: ctr(q1, k2) + ctr(q2, k1)
-            ctr = info_nce(q[0], k[1], t, gather) + info_nce(q[1], k[0], t, gather)
-        else:  # every ordered pair of distinct views
-            pairs = [(i, j) for i in range(len(q)) for j in range(len(q)) if i != j]
-            ctr = sum(info_nce(q[i], k[j], t, gather) for i, j in pairs) * 2 / len(pairs)
-        with torch.no_grad():  # local top-1 of the positive key among this rank's keys
-            acc = (q[0] @ torch.nn.functional.normalize(k[-1], dim=1).T).argmax(1).eq(torch.arange(len(q[0]), device=q[0].device)).float().mean()
-        return SpaceOutput(self.options.weight * ctr, {"self/ctr": ctr.detach(), "self/acc": acc})
-
+        ctr = sum(info_nce(qi, k[j], t, gather) for i, qi in zip(ids, q) for j in range(n) if j != i)
+        if n > 2:
+            ctr = ctr * 2 / (n * (n - 1))
+        logs = {"self/ctr": ctr.detach()}
+        if 0 in ids:  # local top-1 of the positive key among this rank's keys (view 1 against the last view's keys)
+            with torch.no_grad():
+                q0 = q[ids.index(0)]
+                logs["self/acc"] = (q0 @ torch.nn.functional.normalize(k[-1], dim=1).T).argmax(1).eq(
+                    torch.arange(len(q0), device=q0.device)).float().mean()
+        return SpaceOutput(self.options.weight * ctr, logs)

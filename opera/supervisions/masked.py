@@ -79,13 +79,12 @@ class MaskedImageSpace(TaskSpace):
 
     def wrap_encoder(self, encode: Encoder, stage: Stage, backbone: nn.Module) -> Encoder:
         """Mask each online view's patch embeddings with ``mask_token`` before the blocks."""
-        masks: list[torch.Tensor] = []
-        stage.extras["mask"] = masks
+        masks: dict[int, torch.Tensor] = stage.extras.setdefault("mask", {})  # view id -> mask, once per step
 
         def masked_encode(x: torch.Tensor, view_ids: list[int]) -> torch.Tensor:
             tokens = backbone.patch_embed(x)
             m = random_patch_mask(tokens.shape[0], tokens.shape[1], self.options.ratio, x.device)
-            masks.extend(m.chunk(len(view_ids), dim=0))
+            masks.update(zip(view_ids, m.chunk(len(view_ids), dim=0)))
             w = m.unsqueeze(-1).to(tokens.dtype)
             tokens = tokens * (1 - w) + self.mask_token.to(tokens.dtype) * w
             tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(tokens)))
@@ -93,16 +92,18 @@ class MaskedImageSpace(TaskSpace):
 
         return masked_encode
 
-    def forward(self, stage: Stage) -> SpaceOutput:
+    def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
+        """Terms of views ``ids``: ``weight * L_mask(view_i) / n`` each, so all n views give
+        ``weight`` times the mean over views of Eq. 36's masked-patch loss."""
         masks = stage.extras["mask"]
         losses = []
-        for view, rep, mask in zip(stage.views, stage.reps, masks):
-            patch_tokens = rep["tokens"][:, self.num_prefix_tokens:]
+        for i in ids:
+            patch_tokens = stage.reps[i]["tokens"][:, self.num_prefix_tokens:]
             pred = self.decoder(patch_tokens)
-            target = patchify(view, self.patch)
+            target = patchify(stage.views[i], self.patch)
             if self.options.norm_pix:
                 mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
                 target = (target - mean) / (var + 1e-6).sqrt()
-            losses.append(masked_patch_loss(pred, target, mask))
-        mim = torch.stack(losses).mean()
+            losses.append(masked_patch_loss(pred, target, masks[i]))
+        mim = torch.stack(losses).sum() / len(stage.views)
         return SpaceOutput(self.options.weight * mim, {"mask/mse": mim.detach()})

@@ -79,12 +79,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     real = SupervisionHierarchy.forward
     calls = {"n": 0}
 
-    def poisoned(self, views, labels=None):
-        out = real(self, views=views, labels=labels)
-        calls["n"] += 1
+    def poisoned(self, views=None, labels=None, **kw):
+        out = real(self, views=views, labels=labels, **kw)
+        calls["n"] += kw.get("state") is None  # steps, not calls (a step runs one call per view)
         if calls["n"] == 5:
             bad = out.losses["full"] * float("nan")
-            return HierarchyOutput(out.losses["self"] + bad, {"self": out.losses["self"], "full": bad}, out.logs)
+            return HierarchyOutput(out.losses["self"] + bad, {"self": out.losses["self"], "full": bad}, out.logs, out.state)
         return out
 
     monkeypatch.setattr(SupervisionHierarchy, "forward", poisoned)

@@ -333,3 +333,167 @@ def test_single_sync_finiteness_check_still_names_the_bad_term():
     with pytest.raises(NonFiniteLoss, match=r"full=nan") as info:
         train_step(h, h, opt, views, labels, 0.1, 0.99, torch.device("cpu"), step=7)
     assert "self=" not in str(info.value) and "step 7" in str(info.value)
+
+
+# --------------------------------------------------------------------------- one view at a time
+def _three_views(n: int = 8, seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 32, 32, generator=g) for _ in range(3)], torch.randint(0, NUM_CLASSES, (n,), generator=g)
+
+
+@pytest.mark.parametrize("backbone,spec,arrangement,views", [
+    ("resnet_tiny", "self,full", "C", 2),
+    ("resnet_tiny", "self,full", "A", 2),
+    ("resnet_tiny", "self,full", "B", 2),
+    ("resnet_tiny", "self", None, 3),
+    ("resnet_tiny", "full", None, 2),
+    ("vit_tiny", "mask,self,full", "C", 2),
+    ("vit_tiny", "self,full", "naive", 3),
+])
+def test_per_view_backward_matches_joint_backward(backbone, spec, arrangement, views, monkeypatch):
+    """Eq. 34/36 are sums of per-view terms against detached keys, masks and labels, so running
+    the online branch one view at a time (forward, backward, next view) must give the joint
+    step's loss terms, logs, gradients, BatchNorm running statistics and updated parameters.
+    In float64, so that only the order of summation differs: to 1e-10 of each tensor's scale."""
+    monkeypatch.setattr(f"{__name__}.RTOL", 1e-10)
+    monkeypatch.setattr(f"{__name__}.ATOL", 1e-12)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _per_view_vs_joint(backbone, spec, arrangement, views)
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def _per_view_vs_joint(backbone, spec, arrangement, views):
+    per = build(backbone, spec, arrangement=arrangement)
+    joint = copy.deepcopy(per)
+    opt_per = build_optimizer(per, "sgd", lr=0.05, weight_decay=1e-4)
+    opt_joint = build_optimizer(joint, "sgd", lr=0.05, weight_decay=1e-4)
+    for step in range(2):
+        xs, labels = batch(n=8, seed=20 + step) if views == 2 else _three_views(seed=20 + step)
+        torch.manual_seed(step)  # the same MIM masks on both sides
+        out_per = train_step(per, per, opt_per, xs, labels, 0.05, 0.9, torch.device("cpu"), step=step, per_view=True)
+        torch.manual_seed(step)
+        out_joint = train_step(joint, joint, opt_joint, xs, labels, 0.05, 0.9, torch.device("cpu"), step=step, per_view=False)
+        assert out_per.losses.keys() == out_joint.losses.keys() == set(spec.split(","))
+        assert_close(out_per.loss, out_joint.loss, "loss")
+        for k in out_joint.losses:
+            assert_close(out_per.losses[k], out_joint.losses[k], f"loss term {k}")
+        assert out_per.logs.keys() == out_joint.logs.keys()
+        for k in out_joint.logs:
+            assert_close(out_per.logs[k], out_joint.logs[k], f"log {k}")
+        assert_same_grads(per, joint)
+        assert_same_params(per, joint)
+        for (n1, b1), (_, b2) in zip(per.named_buffers(), joint.named_buffers()):
+            assert_close(b1.float(), b2.float(), f"buffer {n1}")
+
+
+def test_per_view_terms_add_up_to_the_joint_loss_and_reuse_the_keys():
+    """The hierarchy API behind it: view 0 then view 1 (state passed on) add up to one call over
+    both; the momentum encoder runs once per step, not once per call."""
+    h = build("resnet_tiny", "self,full")
+    xs, labels = batch(n=8)
+    calls = {"n": 0}
+    hook = h.spaces["self"].momentum_projector.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    first = h(views=xs, labels=labels, view_ids=[0])
+    assert calls["n"] == 2  # the keys of both views, once
+    second = h(view_ids=[1], state=first.state)
+    assert calls["n"] == 2  # reused by the second call
+    whole = copy.deepcopy(h)(views=xs, labels=labels)
+    hook.remove()
+    assert_close(first.loss + second.loss, whole.loss, "sum of per-view losses")
+    for k in whole.losses:
+        assert_close(first.losses[k] + second.losses[k], whole.losses[k], k)
+
+
+def test_bad_view_ids_and_concat_views_subsets_are_one_line_errors():
+    from opera.errors import OperaError
+
+    h = build("resnet_tiny", "self,full")
+    xs, labels = batch(n=4)
+    for ids in ([2], [0, 0], []):
+        with pytest.raises(OperaError, match="view_ids"):
+            h(views=xs, labels=labels, view_ids=ids)
+    with pytest.raises(OperaError, match="views="):
+        h(labels=labels)
+    hc = build("resnet_tiny", "self,full", concat_views=True)
+    with pytest.raises(OperaError, match="concat_views"):
+        hc(views=xs, labels=labels, view_ids=[0])
+
+
+def _peak_saved_bytes(run) -> int:
+    """Peak bytes of tensors that autograd holds for backward (saved for the graph) while ``run``
+    executes: the activation memory of a training step, counted exactly, not timed."""
+    import weakref
+
+    live = {"now": 0, "peak": 0}
+
+    class Handle:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        h = Handle(t)
+        size = t.numel() * t.element_size()
+        live["now"] += size
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(h, lambda: live.__setitem__("now", live["now"] - size))
+        return h
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
+        run()
+    return live["peak"]
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny"])
+def test_per_view_backward_keeps_one_views_activations(backbone):
+    """The point of per-view backward: the saved activations alive at once are those of one view
+    (plus the small heads), not of both - close to half the joint step's."""
+    per, joint = build(backbone), build(backbone)
+    xs, labels = batch(n=16)
+    opts = [build_optimizer(m, "sgd", lr=0.01, weight_decay=0.0) for m in (per, joint)]
+    peak_per = _peak_saved_bytes(lambda: train_step(per, per, opts[0], xs, labels, 0.01, 0.9, torch.device("cpu"), per_view=True))
+    peak_joint = _peak_saved_bytes(lambda: train_step(joint, joint, opts[1], xs, labels, 0.01, 0.9, torch.device("cpu"), per_view=False))
+    assert peak_joint > 0
+    assert peak_per < 0.6 * peak_joint, (peak_per, peak_joint)
+    assert peak_per > 0.4 * peak_joint, (peak_per, peak_joint)  # and not because something was skipped
+
+
+# --------------------------------------------------------------------------- the arithmetic itself
+@pytest.mark.parametrize("backbone,patch", [("resnet_tiny", None), ("vit_tiny", 8)])
+def test_opera_step_does_the_official_steps_arithmetic(backbone, patch):
+    """The roofline argument of BENCHMARKS.md rests on this: opera's step (per view or joint)
+    performs exactly the FLOPs of the official MoCo-v3/OPERA step (``benchmarks/official_step.py``),
+    counted by ``FlopCounterMode`` - no work skipped, and nothing added but the logged instance
+    accuracy (one B x dim x B product of q1 with the keys)."""
+    import sys
+    from pathlib import Path
+
+    from opera.bench import count_step_flops, make_step
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        from official_step import make_official_step
+    finally:
+        sys.path.pop(0)
+    cfg = dict(backbone=backbone, img_size=32, batch_size=8, threads=1, patch_size=patch, mlp_dim=64, dim=32, num_classes=5)
+    official = count_step_flops(make_official_step(**cfg)[0], 0)
+    per_view = count_step_flops(make_step(**cfg, per_view=True)[0], 0)
+    joint = count_step_flops(make_step(**cfg, per_view=False)[0], 0)
+    assert official > 0
+    batch, dim = cfg["batch_size"], cfg["dim"]
+    assert per_view == joint, (per_view, joint)
+    assert per_view - official == 2 * batch * dim * batch, (per_view, official)
+
+
+def test_bench_reports_the_roofline_consistently():
+    from opera.bench import bench_step
+
+    r = bench_step(backbone="resnet_tiny", img_size=32, batch_size=8, threads=1, mlp_dim=64, steps=2, warmup=1)
+    assert r["per_view"] is True and r["gflop_per_step"] > 0 and r["compute_peak_gflop_per_s"] > 0
+    assert r["gflop_per_s"] == pytest.approx(r["gflop_per_step"] / r["s_per_step"])
+    assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_s"] / r["compute_peak_gflop_per_s"])
+    r2 = bench_step(backbone="resnet_tiny", img_size=32, batch_size=8, threads=1, mlp_dim=64, steps=1, warmup=0,
+                    per_view=False, roofline=False)
+    assert r2["per_view"] is False and "gflop_per_step" not in r2

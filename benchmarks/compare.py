@@ -83,7 +83,9 @@ def main(argv=None) -> None:
         if roof:  # the same arithmetic in both (tests/perf), so one FLOP count serves both
             gflop = roof[0]["gflop_per_step"]
             peak = statistics.median(r["compute_peak_gflop_per_s"] for r in roof)
-            row.update(gflop_per_step=gflop, compute_peak_gflop_per_s=peak)
+            row.update(gflop_per_step=gflop, compute_peak_gflop_per_s=peak,
+                       matmul_peak_gflop_per_s=statistics.median(r["matmul_peak_gflop_per_s"] for r in roof),
+                       conv_peak_gflop_per_s=statistics.median(r.get("conv_peak_gflop_per_s", 0.0) for r in roof))
             for impl in ("official", "opera"):
                 row[f"{impl}_gflop_per_s"] = gflop * row[f"{impl}_img_per_s"] / batch
                 row[f"{impl}_fraction_of_peak"] = row[f"{impl}_gflop_per_s"] / peak
@@ -101,12 +103,13 @@ def main(argv=None) -> None:
               f"{r['official_peak_rss_mb']:.0f} | {r['opera_peak_rss_mb']:.0f} |")
     if all("gflop_per_step" in r for r in table):
         print()
-        print("Roofline: FLOPs of one step (counted, the same in both) over the step time, against the best large fp32 matmul/convolution here (opera.bench.compute_peak_gflops)")
-        print("| config | GFLOP/step | peak GFLOP/s | official GFLOP/s (% of peak) | opera GFLOP/s (% of peak) | "
+        print("Roofline: FLOPs of one step (counted; the same arithmetic in both, tests/perf) over the step time, against the best large fp32 matmul/convolution here (opera.bench.compute_peak_gflops)")
+        print("| config | GFLOP/step | matmul / conv GFLOP/s | peak used | official GFLOP/s (% of peak) | opera GFLOP/s (% of peak) | "
               "highest speed-up any fp32 implementation could reach over official |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for r in table:
-            print(f"| {r['config']} | {r['gflop_per_step']:.1f} | {r['compute_peak_gflop_per_s']:.0f} | "
+            print(f"| {r['config']} | {r['gflop_per_step']:.1f} | {r['matmul_peak_gflop_per_s']:.0f} / "
+                  f"{r['conv_peak_gflop_per_s']:.0f} | {r['compute_peak_gflop_per_s']:.0f} | "
                   f"{r['official_gflop_per_s']:.0f} ({100 * r['official_fraction_of_peak']:.0f}%) | "
                   f"{r['opera_gflop_per_s']:.0f} ({100 * r['opera_fraction_of_peak']:.0f}%) | {r['ceiling_speedup']:.2f}x |")
 

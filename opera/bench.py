@@ -108,11 +108,13 @@ def count_step_flops(step_fn, i: int) -> int:
     return int(counter.get_total_flops())
 
 
-def compute_peak_gflops(device: torch.device, repeats: int = 6) -> float:
-    """Measured throughput of the step's kind of arithmetic at its best, at the current thread
-    count: on the CPU the faster of a 2048^3 fp32 matmul (MKL) and a 3x3 fp32 convolution over
-    64x256x8x8 in channels_last (oneDNN; on AMD CPUs it beats MKL's matmul by ~35%); on CUDA a
-    bf16 8192^3 matmul. A step whose FLOPs run at this rate has nothing left to gain in this precision."""
+def compute_peak_gflops(device: torch.device, repeats: int = 6) -> dict[str, float]:
+    """Measured throughput of the step's kinds of arithmetic at their best, at the current thread
+    count: ``matmul``, a 2048^3 fp32 matmul on the CPU (MKL: the ViT's linear layers and the
+    heads run through it) or a bf16 8192^3 one on CUDA; on the CPU also ``conv``, a 3x3 fp32
+    convolution over 64x256x8x8 in channels_last (oneDNN: the ResNets' convolutions; on this AMD
+    CPU ~35% above MKL's matmul). A step whose FLOPs ran at these rates would have nothing left
+    to gain in this precision."""
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = None if cuda else torch.Generator().manual_seed(0)
@@ -133,12 +135,12 @@ def compute_peak_gflops(device: torch.device, repeats: int = 6) -> float:
 
     a = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
     b = torch.randn(size, size, dtype=dtype, device=device, generator=gen)
-    peak = best(lambda: a @ b, 2 * size**3)
+    peaks = {"matmul": best(lambda: a @ b, 2 * size**3)}
     if not cuda:
         x = torch.randn(64, 256, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
         w = torch.randn(256, 256, 3, 3, generator=gen).contiguous(memory_format=torch.channels_last)
-        peak = max(peak, best(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 64 * 8 * 8 * 256 * 256 * 9))
-    return peak
+        peaks["conv"] = best(lambda: torch.nn.functional.conv2d(x, w, padding=1), 2 * 64 * 8 * 8 * 256 * 256 * 9)
+    return peaks
 
 
 def bench_step(
@@ -169,10 +171,10 @@ def bench_step(
     Returns the configuration and ``img_per_s`` (batch / median step time), ``s_per_step``
     (median), ``s_per_step_min``, ``peak_rss_mb`` (this process's peak so far) and, on CUDA,
     ``peak_cuda_mb``. With ``roofline`` (after the timed steps, so it moves no figure above):
-    ``gflop_per_step`` (counted), ``gflop_per_s`` achieved, ``compute_peak_gflop_per_s``
-    (``compute_peak_gflops``: the best large matmul/convolution rate here, same threads) and
-    ``fraction_of_peak``: how far any implementation of the same arithmetic could still speed the
-    step up.
+    ``gflop_per_step`` (counted), ``gflop_per_s`` achieved, ``matmul_peak_gflop_per_s`` and
+    (CPU) ``conv_peak_gflop_per_s`` (``compute_peak_gflops``, same threads),
+    ``compute_peak_gflop_per_s`` (the larger) and ``fraction_of_peak`` against it: a bound on how
+    much any implementation of the same arithmetic could still speed the step up.
     """
     dev = torch.device(device)
     step_fn, model, meta = make_step(backbone, img_size, batch_size, hierarchy, threads, patch_size, mlp_dim, dim,
@@ -209,9 +211,11 @@ def bench_step(
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     if roofline:
         flops = count_step_flops(step_fn, warmup + steps)
-        peak = compute_peak_gflops(dev)
-        result.update(gflop_per_step=flops / 1e9, gflop_per_s=flops / 1e9 / med, compute_peak_gflop_per_s=peak,
-                      fraction_of_peak=flops / 1e9 / med / peak)
+        peaks = compute_peak_gflops(dev)
+        peak = max(peaks.values())
+        result.update(gflop_per_step=flops / 1e9, gflop_per_s=flops / 1e9 / med,
+                      **{f"{k}_peak_gflop_per_s": v for k, v in peaks.items()},
+                      compute_peak_gflop_per_s=peak, fraction_of_peak=flops / 1e9 / med / peak)
     return result
 
 
@@ -232,7 +236,8 @@ def _format(r: dict[str, Any]) -> str:
             f"({r['threads']} threads): {r['img_per_s']:.1f} img/s, {r['s_per_step'] * 1e3:.0f} ms/step (median of "
             f"{r['steps']}), peak RSS {r['peak_rss_mb']:.0f} MB"
             + (f"; {r['gflop_per_step']:.1f} GFLOP/step at {r['gflop_per_s']:.0f} GFLOP/s = "
-               f"{100 * r['fraction_of_peak']:.0f}% of the {r['compute_peak_gflop_per_s']:.0f} of the best large matmul/conv here"
+               f"{100 * r['fraction_of_peak']:.0f}% of {r['compute_peak_gflop_per_s']:.0f} (best of a large matmul, "
+               f"{r['matmul_peak_gflop_per_s']:.0f}, and conv, {r.get('conv_peak_gflop_per_s', float('nan')):.0f}, here)"
                if "gflop_per_step" in r else ""))
 
 
@@ -256,6 +261,7 @@ if typer is not None:
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the hierarchy."),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+        amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | off."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
         data: Optional[str] = typer.Option(None, "--data", help="Benchmark the data pipeline on the images in DIR instead."),
         workers: int = typer.Option(0, "--workers", help="DataLoader workers for --data (0: one thread in this process)."),
@@ -272,7 +278,7 @@ if typer is not None:
             result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,
                                 warmup=warmup, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
                                 num_classes=num_classes, concat_views=concat_views, channels_last=channels_last,
-                                compile=compile, device=device, fuse_views=fuse_views, per_view=per_view, roofline=roofline)
+                                compile=compile, device=device, fuse_views=fuse_views, per_view=per_view, roofline=roofline, amp=amp)
         print(json.dumps(result) if as_json else _format(result))
 
 

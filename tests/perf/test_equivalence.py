@@ -491,7 +491,8 @@ def test_bench_reports_the_roofline_consistently():
     from opera.bench import bench_step
 
     r = bench_step(backbone="resnet_tiny", img_size=32, batch_size=8, threads=1, mlp_dim=64, steps=2, warmup=1)
-    assert r["per_view"] is True and r["gflop_per_step"] > 0 and r["compute_peak_gflop_per_s"] > 0
+    assert r["per_view"] is True and r["gflop_per_step"] > 0 and r["matmul_peak_gflop_per_s"] > 0
+    assert r["compute_peak_gflop_per_s"] == max(r["matmul_peak_gflop_per_s"], r["conv_peak_gflop_per_s"])
     assert r["gflop_per_s"] == pytest.approx(r["gflop_per_step"] / r["s_per_step"])
     assert r["fraction_of_peak"] == pytest.approx(r["gflop_per_s"] / r["compute_peak_gflop_per_s"])
     r2 = bench_step(backbone="resnet_tiny", img_size=32, batch_size=8, threads=1, mlp_dim=64, steps=1, warmup=0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def run_one(impl: str, backbone: str, img_size: int, batch_size: int, patch_size
     if patch_size:
         cmd += ["--patch-size", str(patch_size)]
     if impl == "opera":
-        cmd += a.opera_args
+        cmd += shlex.split(a.opera_args)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--only", nargs="*", default=None, help="config names (substring match) to run")
     p.add_argument("--json", default=None, help="also write every run to this file")
-    p.add_argument("--opera-args", nargs="*", default=[], help="extra options for opera bench, e.g. --no-fuse-views")
+    p.add_argument("--opera-args", default="", help='extra options for opera bench, one string: --opera-args="--joint-views --no-roofline"')
     a = p.parse_args(argv)
     configs = [c for c in CONFIGS if not a.only or any(o in c[0] for o in a.only)]
     runs: list[dict] = []

@@ -154,6 +154,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+#: keys that take one of a few words; YAML reads a bare ``off`` as false, which means "off" here
+CHOICES: dict[str, tuple[str, ...]] = {"train.amp": ("auto", "bf16", "off")}
+
+
+def _choice(key: str, value: Any) -> Any:
+    if key not in CHOICES:
+        return value
+    if value is False and "off" in CHOICES[key]:
+        value = "off"
+    if value not in CHOICES[key]:
+        raise OperaError(f"config key {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    return value
+
+
 def set_value(cfg: PretrainConfig, key: str, value: Any) -> None:
     """Set dotted ``key`` (``train.epochs``, ``full.layers``) to ``value``, type-checked."""
     parts = key.split(".")
@@ -169,7 +183,7 @@ def set_value(cfg: PretrainConfig, key: str, value: Any) -> None:
     hints = typing.get_type_hints(type(section))
     if parts[1] not in hints:
         raise OperaError(f"unknown config key {key!r}{suggest(key, valid_keys())}; valid keys in {parts[0]}: {', '.join(f'{parts[0]}.{k}' for k in hints)}")
-    setattr(section, parts[1], _coerce(value, hints[parts[1]], key))
+    setattr(section, parts[1], _coerce(_choice(key, value), hints[parts[1]], key))
 
 
 def config_from_dict(data: dict[str, Any], base: PretrainConfig | None = None) -> PretrainConfig:

@@ -51,6 +51,24 @@ python benchmarks/ab_step.py --threads 2 --backbone resnet18 --img-size 64 --bat
 
 log "compare final"
 python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2_final.json" > "$R/compare_t2_final.txt" 2>&1
-python benchmarks/compare.py --only vit --repeats 3 --steps 8 --warmup 3 --threads 2 --opera-args=--fuse-views \
+python benchmarks/compare.py --only vit --repeats 3 --steps 8 --warmup 3 --threads 2 --opera-args="--fuse-views" \
     --json "$R/compare_t2_vit_fuse.json" > "$R/compare_t2_vit_fuse.txt" 2>&1
+log done
+
+# session 2: per-view backward (default), its joint counterpart, the roofline, bf16 autocast on the CPU
+log "session 2: compare per view / joint"
+python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2_perview.json" > "$R/compare_t2_perview.txt" 2>&1
+python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --opera-args="--joint-views --no-roofline" \
+    --json "$R/compare_t2_joint.json" > "$R/compare_t2_joint.txt" 2>&1
+log "session 2: ab per view and bf16"
+for c in "resnet18 --batch-size 64" "resnet50 --batch-size 32" "vit_tiny --patch-size 8 --batch-size 64"; do
+  n=${c%% *}
+  python benchmarks/ab_step.py --threads 2 --backbone $c --img-size 64 --mlp-dim 1024 \
+      --variants official opera:per_view=0 opera --rounds 6 --warmup 3 > "$R/ab_${n}_t2_perview.txt" 2>&1
+  python benchmarks/ab_step.py --threads 2 --backbone $c --img-size 64 --mlp-dim 1024 \
+      --variants official opera opera:amp=bf16 --rounds 5 --warmup 3 > "$R/ab_${n}_t2_bf16.txt" 2>&1
+done
+log "session 2: peaks"
+python -c "import torch; torch.set_num_threads(2); from opera.bench import compute_peak_gflops
+for i in range(3): print({k: round(v, 1) for k, v in compute_peak_gflops(torch.device('cpu')).items()})" > "$R/peaks_t2.txt" 2>&1
 log done

@@ -1,0 +1,46 @@
+"""``benchmarks/gpu.sh`` can only be timed on a GPU, and device time is scarce: its Python
+(``benchmarks/gpu_bench.py``) is run here on the CPU with tiny models, so a GPU session never
+spends its minutes on a broken script. Nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--models", "resnet_tiny,vit_tiny",
+           "--img-size", "32", "--batch-size", "4", "--mlp-dim", "32", "--num-classes", "5", "--steps", "1", "--warmup", "1",
+           "--peak-tflops", "2.0", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert "| model | batch/view |" in proc.stdout
+    return rows
+
+
+def test_gpu_benchmark_script_runs_its_code_paths_on_the_cpu():
+    per_view = _run()
+    joint = _run("--joint-views")
+    assert [r["model"] for r in per_view] == ["resnet_tiny", "vit_tiny"]
+    for r, j in zip(per_view, joint):
+        assert r["per_view"] is True and j["per_view"] is False
+        assert r["optimizer"] == ("lars" if r["model"] == "resnet_tiny" else "adamw")
+        assert r["tflop_per_step"] > 0
+        assert r["tflop_per_step"] == pytest.approx(j["tflop_per_step"], rel=1e-12)  # same arithmetic either way
+        assert r["achieved_tflops"] == pytest.approx(r["tflop_per_step"] * 1e3 / r["ms_per_step"])
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 2.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_sh_without_a_gpu_says_so_in_one_line():
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 3
+    assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr

@@ -17,7 +17,7 @@ def test_readme_example_trains_a_step(capsys):
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     out, hierarchy = namespace["out"], namespace["hierarchy"]
     assert set(out.losses) == {"self", "full"}
-    assert out.loss.ndim == 0 and float(out.loss) > 0
+    assert out.loss.ndim == 0 and out.loss.item() > 0
     assert hierarchy.spaces["full"].class_head[-1].out_features == 10
     assert "'self'" in capsys.readouterr().out
 

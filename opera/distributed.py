@@ -52,6 +52,19 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def ranks_where(flag: torch.Tensor | bool) -> list[int]:
+    """The ranks on which ``flag`` is true (every rank calls it; one small all-reduce).
+    Without a process group: ``[0]`` or ``[]``."""
+    local = bool(flag)
+    if not is_initialized() or get_world_size() == 1:
+        return [0] if local else []
+    device = flag.device if isinstance(flag, torch.Tensor) and dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.zeros(get_world_size(), device=device)
+    flags[get_rank()] = float(local)
+    dist.all_reduce(flags)
+    return [i for i, v in enumerate(flags.tolist()) if v > 0]
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks (for logging; no gradient)."""
     if not is_initialized() or get_world_size() == 1:

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from opera import distributed
 from opera.errors import OperaError
 from opera.hierarchy import HierarchyOutput
 
@@ -76,13 +77,17 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         outs.append(out)
     out = outs[0] if len(outs) == 1 else _add_outputs(outs)
     # one host sync for all terms; the names are looked up only when something is wrong. The step
-    # is not taken: the parameters stay those of the last good step.
+    # is not taken: the parameters stay those of the last good step. Under DDP every rank learns
+    # whether any rank failed (one tiny all-reduce), so all of them stop together: otherwise the
+    # others would step with the all-reduced NaN gradients, may checkpoint them, then hang.
     finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in out.losses.values()])).all()
-    bad = [] if bool(finite) else [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
-    if bad:
+    bad_ranks = distributed.ranks_where(~finite)
+    if bad_ranks:
         optimizer.zero_grad(set_to_none=True)
-        terms = ", ".join(f"{n}={float(out.losses[n].detach())}" for n in bad)
-        raise NonFiniteLoss(f"non-finite loss at step {step} ({terms}); the last good checkpoint is kept - lower optim.base_lr or check the data")
+        bad = [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
+        where = f" on rank{'s' if len(bad_ranks) > 1 else ''} {', '.join(map(str, bad_ranks))}" if distributed.get_world_size() > 1 else ""
+        terms = f" ({', '.join(f'{n}={float(out.losses[n].detach())}' for n in bad)})" if bad else ""
+        raise NonFiniteLoss(f"non-finite loss at step {step}{where}{terms}; the last good checkpoint is kept - lower optim.base_lr or check the data")
     optimizer.step()
     hierarchy.momentum_update(ema_momentum)
     return out

@@ -225,3 +225,45 @@ def test_run_pretrain_two_processes_rank0_writes_and_both_resume(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["global_step"] == 9 and state["epoch"] == 1
     assert (out / "backbone.safetensors").is_file()
+
+
+# ------------------------------------------------------------------- a NaN on one rank stops every rank
+def nan_on_rank1_worker() -> dict:
+    """Two DDP ranks; at step 1 rank 1's class loss is NaN (its class head's last weight is poisoned
+    on that rank only; rank 0's losses stay finite). Every rank must stop with NonFiniteLoss naming
+    rank 1, and none may take the step (whose all-reduced gradients are NaN everywhere): before,
+    rank 0 stepped with them, could checkpoint NaN weights, then hung in the next collective."""
+    from opera.engine.step import NonFiniteLoss, train_step
+
+    env = distributed.init("cpu", timeout_min=2)
+    try:
+        hierarchy = distributed.convert_sync_batchnorm(build())
+        model = torch.nn.parallel.DistributedDataParallel(hierarchy)
+        optimizer = torch.optim.SGD([p for p in hierarchy.parameters() if p.requires_grad], lr=0.1)
+        per = BATCH // env.world_size
+        for step in range(2):
+            views, labels = make_batch(step)
+            views = [v[env.rank * per:(env.rank + 1) * per] for v in views]
+            labels = labels[env.rank * per:(env.rank + 1) * per]
+            if step == 1 and env.rank == 1:  # after DDP's broadcast: this rank's logits only
+                with torch.no_grad():
+                    hierarchy.spaces["full"].class_head[-1].weight.fill_(float("nan"))
+            before = {n: p.detach().clone() for n, p in hierarchy.named_parameters() if "class_head" not in n or env.rank == 0}
+            try:
+                train_step(model, hierarchy, optimizer, views, labels, lr=0.1, ema_momentum=0.9,
+                           device=torch.device("cpu"), amp="off", step=step)
+            except NonFiniteLoss as exc:
+                unchanged = all(torch.equal(before[n], p.detach()) for n, p in hierarchy.named_parameters() if n in before)
+                return {"rank": env.rank, "stopped_at": step, "message": str(exc), "unchanged": unchanged}
+        return {"rank": env.rank, "stopped_at": None}
+    finally:
+        distributed.shutdown()
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank_before_the_step():
+    ranks = launch_local(nan_on_rank1_worker, (), nproc=2, timeout=TIMEOUT_S)
+    for r in ranks:
+        assert r["stopped_at"] == 1, r
+        assert "step 1 on rank 1" in r["message"] and "\n" not in r["message"], r["message"]
+        assert r["unchanged"], f"rank {r['rank']} changed its parameters with NaN gradients"
+    assert "=nan" in ranks[1]["message"]  # the failing rank names its bad terms

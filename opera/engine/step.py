@@ -69,9 +69,9 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         last = g == len(groups) - 1
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync:
+            part = {} if ids is None else {"view_ids": ids, "state": outs[-1].state if outs else None}
             with autocast_context(device, amp):
-                out = (model(views=views, labels=labels) if ids is None and not outs else
-                       model(views=views, labels=labels, view_ids=ids, state=outs[-1].state if outs else None))
+                out = model(views=views, labels=labels, **part)
             out.loss.backward()
         out.state = None if last else out.state  # drop the step's keys and masks once the last view is done
         outs.append(out)

@@ -14,15 +14,6 @@ from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on the shared 2-core machine can stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     "name,kwargs,width,forward_size",
     [

@@ -24,16 +24,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on the shared 2-core machine, 2 OpenMP threads competing with other
-    processes can make a 1-second loop take a minute (spin-waiting); one thread never does."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fixed_batch(n: int = 16, size: int = 32):
     """16 smooth images (so masked patches are predictable from their neighbours) and two fixed views:
     noise-perturbed copies, the second one mirrored."""

@@ -12,15 +12,6 @@ from opera.hierarchy import ARRANGEMENTS, SupervisionHierarchy, parse_spec
 SMALL = {"self": {"mlp_dim": 64, "dim": 32}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on the shared 2-core machine can stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(spec, backbone="resnet_tiny", **kw):
     options = {k: v for k, v in SMALL.items() if k in str(spec)}
     options.update(kw.pop("options", {}))

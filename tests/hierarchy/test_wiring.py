@@ -15,15 +15,6 @@ SELF = {"mlp_dim": 64, "dim": 32}
 VIT = {"depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on the shared 2-core machine can stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(spec: str = "self,full", arrangement: str | None = "C", backbone: str = "resnet_tiny", **kw):
     options = {}
     if "self" in spec:

@@ -35,15 +35,6 @@ RTOL, ATOL = 1e-5, 1e-6
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: 2 OpenMP threads on the shared 2-core machine can stall for seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(backbone: str = "resnet_tiny", spec: str = "self,full", **kw) -> SupervisionHierarchy:
     torch.manual_seed(0)
     options = {"self": {"mlp_dim": 64, "dim": 32}} if "self" in spec else {}
@@ -84,31 +75,22 @@ def assert_same_grads(m1: nn.Module, m2: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- references
-class LoopLARS(torch.optim.Optimizer):
-    """MoCo-v3's ``moco/optimizer.py`` LARS: one parameter at a time, ``p.ndim > 1`` adapted."""
+def _benchmarks_module(name: str):
+    """Import ``benchmarks/<name>.py`` (not a package): the official step the benchmarks race."""
+    import importlib
+    import sys
+    from pathlib import Path
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                dp = p.grad
-                if dp is None:
-                    continue
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+
+#: MoCo-v3's ``moco/optimizer.py`` LARS (one parameter at a time, ``p.ndim > 1`` adapted), as
+#: re-implemented for the official baseline of ``benchmarks/``
+LoopLARS = _benchmarks_module("official_step").LARS
 
 
 @torch.no_grad()
@@ -467,16 +449,9 @@ def test_opera_step_does_the_official_steps_arithmetic(backbone, patch):
     performs exactly the FLOPs of the official MoCo-v3/OPERA step (``benchmarks/official_step.py``),
     counted by ``FlopCounterMode`` - no work skipped, and nothing added but the logged instance
     accuracy (one B x dim x B product of q1 with the keys)."""
-    import sys
-    from pathlib import Path
-
     from opera.bench import count_step_flops, make_step
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        from official_step import make_official_step
-    finally:
-        sys.path.pop(0)
+    make_official_step = _benchmarks_module("official_step").make_official_step
     cfg = dict(backbone=backbone, img_size=32, batch_size=8, threads=1, patch_size=patch, mlp_dim=64, dim=32, num_classes=5)
     official = count_step_flops(make_official_step(**cfg)[0], 0)
     per_view = count_step_flops(make_step(**cfg, per_view=True)[0], 0)

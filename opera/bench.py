@@ -54,8 +54,12 @@ def make_step(
     from opera.engine.step import prepare_model, train_step
     from opera.hierarchy import SupervisionHierarchy, parse_spec
 
+    from opera.configs.schema import CHOICES
+
     if batch_size < 2:
         raise OperaError("bench needs --batch-size >= 2 (BatchNorm)")
+    if amp not in CHOICES["train.amp"]:
+        raise OperaError(f"--amp must be one of {', '.join(CHOICES['train.amp'])}, got {amp!r}")
     if threads > 0:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -143,29 +147,9 @@ def compute_peak_gflops(device: torch.device, repeats: int = 6) -> dict[str, flo
     return peaks
 
 
-def bench_step(
-    backbone: str = "resnet18",
-    img_size: int = 64,
-    batch_size: int = 64,
-    hierarchy: str = "self,full",
-    steps: int = 20,
-    warmup: int = 3,
-    threads: int = 2,
-    patch_size: int | None = None,
-    mlp_dim: int = 4096,
-    dim: int = 256,
-    num_classes: int = 10,
-    concat_views: bool = False,
-    channels_last: bool | None = None,
-    compile: bool = False,
-    device: str = "cpu",
-    optimizer: str = "auto",
-    amp: str = "auto",
-    fuse_views: bool = False,
-    per_view: bool = True,
-    roofline: bool = True,
-) -> dict[str, Any]:
-    """Time ``steps`` pretraining steps (after ``warmup``) in this process.
+def bench_step(steps: int = 20, warmup: int = 3, roofline: bool = True, **config: Any) -> dict[str, Any]:
+    """Time ``steps`` pretraining steps (after ``warmup``) in this process; ``config`` is passed,
+    by keyword, to ``make_step`` (backbone, img_size, batch_size, hierarchy, threads, ...).
 
     ``channels_last=None`` follows ``opera.engine.step.prepare_model`` (on for CNN backbones).
     Returns the configuration and ``img_per_s`` (batch / median step time), ``s_per_step``
@@ -176,12 +160,10 @@ def bench_step(
     ``compute_peak_gflop_per_s`` (the larger) and ``fraction_of_peak`` against it: a bound on how
     much any implementation of the same arithmetic could still speed the step up.
     """
-    dev = torch.device(device)
-    step_fn, model, meta = make_step(backbone, img_size, batch_size, hierarchy, threads, patch_size, mlp_dim, dim,
-                                     num_classes, concat_views, channels_last, compile, device, optimizer, amp,
-                                     fuse_views, per_view)
     if steps < 1 or warmup < 0:
         raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
+    step_fn, model, meta = make_step(**config)
+    dev, batch_size = torch.device(meta["device"]), meta["batch_size"]
 
     def sync() -> None:
         if dev.type == "cuda":

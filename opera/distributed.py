@@ -53,14 +53,13 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def ranks_where(flag: torch.Tensor | bool) -> list[int]:
-    """The ranks on which ``flag`` is true (every rank calls it; one small all-reduce).
-    Without a process group: ``[0]`` or ``[]``."""
-    local = bool(flag)
+    """The ranks on which ``flag`` is true (every rank calls it; one small all-reduce and one host
+    sync, on the flag's device under NCCL). Without a process group: ``[0]`` or ``[]``."""
     if not is_initialized() or get_world_size() == 1:
-        return [0] if local else []
-    device = flag.device if isinstance(flag, torch.Tensor) and dist.get_backend() == "nccl" else torch.device("cpu")
-    flags = torch.zeros(get_world_size(), device=device)
-    flags[get_rank()] = float(local)
+        return [0] if bool(flag) else []
+    flag = torch.as_tensor(flag)
+    flags = torch.zeros(get_world_size(), device=flag.device if dist.get_backend() == "nccl" else torch.device("cpu"))
+    flags[get_rank()] = flag.to(flags.device, flags.dtype)
     dist.all_reduce(flags)
     return [i for i, v in enumerate(flags.tolist()) if v > 0]
 

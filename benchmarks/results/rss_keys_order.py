@@ -7,5 +7,5 @@ import sys, resource
 import opera.supervisions.instance as inst
 if sys.argv[1]=='last': inst.InstanceSpace.prepare=lambda self, stage: None
 from opera.bench import bench_step
-r=bench_step('vit_tiny',64,64,steps=8,warmup=3,threads=2,patch_size=8,mlp_dim=1024,fuse_views=sys.argv[2]=='1')
+r=bench_step(backbone='vit_tiny',img_size=64,batch_size=64,steps=8,warmup=3,threads=2,patch_size=8,mlp_dim=1024,fuse_views=sys.argv[2]=='1')
 print(sys.argv[1:], round(r['peak_rss_mb']), round(r['img_per_s'],1))

@@ -44,10 +44,9 @@ class LARS(torch.optim.Optimizer):
                                     torch.ones_like(p_norm))
                 torch._foreach_mul_(grads, trust.unbind(0))
             states = [self.state[p] for p in params]
-            fresh = [i for i, st in enumerate(states) if "mu" not in st]
-            if fresh:  # first step: buf = momentum * 0 + g
-                for i in fresh:
-                    states[i]["mu"] = torch.zeros_like(params[i])
+            for p, st in zip(params, states):  # first step: buf = momentum * 0 + g
+                if "mu" not in st:
+                    st["mu"] = torch.zeros_like(p)
             bufs = [st["mu"] for st in states]
             if group["lars"]:
                 # the scratch copy becomes the new buffer: g' + momentum * buf

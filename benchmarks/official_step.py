@@ -103,7 +103,7 @@ class OfficialOPERA(nn.Module):
     """MoCo-v3 (``MoCo_ResNet`` / ``MoCo_ViT``) plus OPERA's class head after the predictor."""
 
     def __init__(self, backbone: nn.Module, dim: int = 256, mlp_dim: int = 4096, T: float = 0.2,
-                 num_classes: int = 10, class_hidden: int = 256, self_weight: float = 0.5, full_weight: float = 0.5):
+                 num_classes: int = 10, class_hidden: int | None = None, self_weight: float = 0.5, full_weight: float = 0.5):
         super().__init__()
         self.T = T
         self.self_weight, self.full_weight = self_weight, full_weight
@@ -116,8 +116,9 @@ class OfficialOPERA(nn.Module):
             param_m.requires_grad = False  # not updated by gradient
         # MoCo_ResNet: _build_mlp(2, dim, mlp_dim, dim, False); MoCo_ViT: _build_mlp(2, dim, mlp_dim, dim)
         self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=vit)
-        # OPERA: an extra MLP block (FC-BN-ReLU-FC, hidden 256) after the predictor
-        self.class_head = build_mlp(2, dim, class_hidden, num_classes, last_bn=False)
+        # OPERA: an extra MLP block (FC-BN-ReLU-FC) after the predictor, _build_mlp(2, dim, dim, C):
+        # hidden = the instance width dim (256 in the paper)
+        self.class_head = build_mlp(2, dim, class_hidden or dim, num_classes, last_bn=False)
 
     @torch.no_grad()
     def _update_momentum_encoder(self, m: float) -> None:

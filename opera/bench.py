@@ -51,7 +51,7 @@ def make_step(
     """
     from opera.backbones import is_token_backbone
     from opera.engine.optim import build_optimizer
-    from opera.engine.step import prepare_model, train_step
+    from opera.engine.step import make_grad_scaler, prepare_model, train_step
     from opera.hierarchy import SupervisionHierarchy, parse_spec
 
     from opera.configs.schema import CHOICES
@@ -85,9 +85,11 @@ def make_step(
     views = [torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev) for _ in range(2)]
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev) if "full" in spaces else None
 
+    scaler = make_grad_scaler(dev, amp)
+
     def step(i: int):
         return train_step(runner, model, optim, views, labels, lr=optim.param_groups[0]["lr"], ema_momentum=0.99,
-                          device=dev, amp=amp, step=i, per_view=per_view)
+                          device=dev, amp=amp, step=i, per_view=per_view, scaler=scaler)
 
     meta = {
         "impl": "opera",
@@ -243,7 +245,7 @@ if typer is not None:
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the hierarchy."),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
-        amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | off."),
+        amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | fp16 (autocast + GradScaler) | off."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
         data: Optional[str] = typer.Option(None, "--data", help="Benchmark the data pipeline on the images in DIR instead."),
         workers: int = typer.Option(0, "--workers", help="DataLoader workers for --data (0: one thread in this process)."),

@@ -32,6 +32,10 @@ app.add_typer(configs_app, name="configs")
 console = Console(soft_wrap=True)
 
 
+DEFAULT_RECIPE = "cpu_digits"
+DEFAULT_VIT_RECIPE = "cpu_digits_vit"
+
+
 def default_output(hierarchy: str, backbone: str, data: str) -> Path:
     """A deterministic default, so rerunning the same command resumes the same run."""
     safe = lambda s: "".join(c if c.isalnum() or c in "-_" else "-" for c in s).strip("-")  # noqa: E731
@@ -42,9 +46,22 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
                           backbone: Optional[str], data: Optional[str], epochs: Optional[int],
                           batch_size: Optional[int], seed: Optional[int], device: Optional[str],
                           workers: Optional[int], img_size: Optional[int], overrides: list[str]):
-    """Defaults <- recipe <- named options <- ``--set`` overrides."""
+    """Defaults <- recipe <- named options <- ``--set`` overrides.
+
+    Without ``--config``, the CPU recipe is ``cpu_digits`` (ResNet), or ``cpu_digits_vit`` when the
+    hierarchy has ``mask`` (masked image modeling needs a token backbone) and no ``--backbone``
+    is named; a CNN named with ``mask`` keeps its one-line error.
+    """
     from opera.configs import apply_overrides, load_config
 
+    if config is None:
+        config = DEFAULT_RECIPE
+        from opera.hierarchy import parse_spec
+
+        if hierarchy is not None and backbone is None and "mask" in parse_spec(hierarchy):
+            config = DEFAULT_VIT_RECIPE
+            console.print(f"--hierarchy {hierarchy} has 'mask', which needs a ViT: using the ViT CPU recipe "
+                          f"{DEFAULT_VIT_RECIPE} (pass --config or --backbone to choose another)", markup=False, highlight=False)
     cfg = load_config(config)
     named = {"hierarchy": hierarchy, "arrangement": arrangement, "backbone.name": backbone, "data.spec": data,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
@@ -71,7 +88,7 @@ def pretrain(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Pretraining epochs."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size over all processes."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Crop size of the two views."),
-    config: str = typer.Option("cpu_digits", "--config", "-c", help="A recipe name (opera configs list) or a YAML path; the named options below override it."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A recipe name (opera configs list) or a YAML path; the named options below override it. Default: cpu_digits (cpu_digits_vit for a hierarchy with mask)."),
     overrides: list[str] = typer.Option([], "--set", help="Override any config key, repeatable: --set full.layers=3 --set optim.base_lr=0.3"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory. Rerunning into it resumes from its last.pt. Default: runs/<hierarchy>_<backbone>_<data>."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from this last.pt (or run directory) instead of OUTPUT/last.pt."),

@@ -39,6 +39,7 @@ STUDY_FILE = "study.json"
 CELL_FILE = "cell.json"
 CELLS = "cells"
 RECIPES = Path(__file__).parent / "recipes"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # .../opera
 DEFAULT_RECIPE = "ablate_digits"  # opera/ablate/recipes/ablate_digits.yaml
 EVALS = ("linear", "knn")
 KINDS = ("arrangements", "hierarchy", "sweep")
@@ -265,10 +266,14 @@ def recipe_file(config: str | None) -> Path:
 
 
 def _source_name(config: str | None) -> str:
-    """How report.md names the base recipe: its name, or the YAML path as given."""
-    path = recipe_file(config)
+    """How report.md names the base recipe: a shipped recipe by its name and its path inside the
+    package (``ablate_digits (opera/ablate/recipes/ablate_digits.yaml)``), a YAML file as given on
+    the command line - never an absolute path of the machine that ran the study."""
+    path = recipe_file(config).resolve()
     name = config or DEFAULT_RECIPE
-    return f"{name} ({path})" if Path(name).suffix not in (".yaml", ".yml") else str(path)
+    if Path(name).suffix in (".yaml", ".yml") or not path.is_relative_to(PACKAGE_ROOT):
+        return name
+    return f"{name} ({path.relative_to(PACKAGE_ROOT.parent).as_posix()})"
 
 
 def base_config(config: str | None, overrides: list[str]):

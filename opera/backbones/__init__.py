@@ -12,6 +12,7 @@ from opera.backbones.factory import (
     create_backbone,
     feature_dim,
     get_spec,
+    guard_image_size,
     is_token_backbone,
     pooled_features,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "create_backbone",
     "feature_dim",
     "get_spec",
+    "guard_image_size",
     "is_token_backbone",
     "pooled_features",
 ]

@@ -49,20 +49,26 @@ def _resnet_tiny(img_size: int = 32, **kw: Any):
     return "resnet18", {"layers": (1, 1, 1, 1), "channels": (32, 64, 128, 256), "zero_init_last": True, **kw}, None
 
 
-def _vit(timm_name: str, default_patch: int, default_stop_grad: bool):
+def _vit(timm_name: str, default_patch: int, default_stop_grad: bool, **arch: Any):
+    """A MoCo-v3 ViT on timm's ``timm_name``; ``arch`` overrides timm's architecture (and is kept in
+    the spec's ``timm_kwargs``, so the exported weights rebuild the same network)."""
+
     def build(img_size: int = 224, patch_size: int | None = None, stop_grad_patch_embed: bool | None = None, **kw: Any):
         patch = patch_size or default_patch
         if img_size % patch:
             raise OperaError(f"image size {img_size} is not a multiple of the patch size {patch}; choose --patch-size dividing {img_size}")
         stop_grad = default_stop_grad if stop_grad_patch_embed is None else stop_grad_patch_embed
-        kwargs = {"img_size": img_size, "patch_size": patch, **kw}
+        kwargs = {"img_size": img_size, "patch_size": patch, **arch, **kw}
         return timm_name, kwargs, lambda m: mocov3_vit_init(m, stop_grad_patch_embed=stop_grad)
 
     return build
 
 
 BACKBONES.register("vit_tiny")(_vit("vit_tiny_patch16_224", default_patch=0, default_stop_grad=False))
-BACKBONES.register("deit_small")(_vit("vit_small_patch16_224", default_patch=16, default_stop_grad=True))
+# MoCo-v3's ``vits.vit_small`` (the paper's DeiT-S): embed 384, depth 12, **12 heads** (head dim 32),
+# mlp_ratio 4, qkv_bias, LayerNorm eps 1e-6. timm's vit_small_patch16_224 has the same parameter
+# shapes but 6 heads (head dim 64), so the head count is set explicitly: same tensors, other attention.
+BACKBONES.register("deit_small")(_vit("vit_small_patch16_224", default_patch=16, default_stop_grad=True, num_heads=12))
 BACKBONES.register("deit_base")(_vit("vit_base_patch16_224", default_patch=16, default_stop_grad=True))
 
 
@@ -102,8 +108,31 @@ def create_backbone(name: str, img_size: int = 224, **options: Any) -> nn.Module
         raise OperaError(f"backbone {name!r} does not accept these options {sorted(options)}: {exc}") from None
     if post_init is not None:
         post_init(model)
+    guard_image_size(model, name)
     model.opera_spec = BackboneSpec(name, timm_name, {k: v for k, v in kwargs.items()})
     return model
+
+
+def guard_image_size(model: nn.Module, name: str) -> None:
+    """A one-line error, instead of timm's AssertionError, when a fixed-size ViT gets another size
+    (a no-op for other models)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not isinstance(model, VisionTransformer):
+        return
+    if not getattr(embed, "strict_img_size", True) or getattr(embed, "dynamic_img_size", False) or embed.img_size is None:
+        return
+    want = tuple(embed.img_size)
+
+    def check(_module: nn.Module, args: tuple) -> None:
+        got = tuple(args[0].shape[-2:])
+        if got != want:
+            raise OperaError(
+                f"backbone {name!r} was built for {want[0]}x{want[1]} images but got {got[0]}x{got[1]}; "
+                f"build it for {got[0]} (--img-size {got[0]}, or backbone.img_size={got[0]} in a config) "
+                f"or feed {want[0]}x{want[1]} images"
+            )
+
+    embed.register_forward_pre_hook(check)
 
 
 def get_spec(backbone: nn.Module) -> BackboneSpec | None:

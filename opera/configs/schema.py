@@ -40,6 +40,7 @@ class OptimConfig:
     name: str = "auto"  # auto: LARS for CNNs, AdamW for ViTs; or lars | adamw | sgd
     base_lr: float = 0.6  # lr = base_lr * global_batch / 256
     weight_decay: float = 1e-6
+    exclude_1d_decay: bool = False  # AdamW/SGD: no decay on biases and norms (off: main_moco.py decays every parameter; LARS always exempts them)
     momentum: float = 0.9  # LARS / SGD momentum
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     warmup_epochs: float = 1.0  # linear warmup per iteration, then cosine to 0
@@ -53,7 +54,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch over all processes
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 (autocast + GradScaler, as main_moco.py) | off
     concat_views: bool = False  # one forward for both views (changes BatchNorm statistics)
     per_view: bool = True  # online forward+backward one view at a time: same gradients, one view's activations alive
     sync_bn: bool = True  # SyncBatchNorm under DDP
@@ -155,7 +156,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 #: keys that take one of a few words; YAML reads a bare ``off`` as false, which means "off" here
-CHOICES: dict[str, tuple[str, ...]] = {"train.amp": ("auto", "bf16", "off")}
+CHOICES: dict[str, tuple[str, ...]] = {"train.amp": ("auto", "bf16", "fp16", "off")}
 
 
 def _choice(key: str, value: Any) -> Any:

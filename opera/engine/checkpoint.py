@@ -132,7 +132,8 @@ def load_backbone(path: str | Path, expect: str | None = None) -> nn.Module:
     missing, unexpected = backbone.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise OperaError(f"{file} does not match backbone {spec['name']!r} (missing {len(missing)}, unexpected {len(unexpected)} keys); the file is damaged or from another model")
-    from opera.backbones import BackboneSpec
+    from opera.backbones import BackboneSpec, guard_image_size
 
+    guard_image_size(backbone, spec["name"])
     backbone.opera_spec = BackboneSpec(spec["name"], spec["timm_name"], spec["timm_kwargs"])
     return backbone

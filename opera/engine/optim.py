@@ -1,5 +1,13 @@
-"""Optimizers with per-parameter rules (no weight decay and no LARS adaptation on biases and
-norms, as MoCo-v3 and mmpretrain do), and the MoCo-v3 learning-rate and momentum schedules."""
+"""The optimizers of MoCo-v3's ``main_moco.py`` and its learning-rate and momentum schedules.
+
+Weight decay follows the official code, optimizer by optimizer:
+
+* LARS skips weight decay and the trust ratio on 1-D parameters (biases, norm affines): its
+  ``step`` tests ``p.ndim > 1``.
+* AdamW (and SGD) decay *every* parameter: ``torch.optim.AdamW(model.parameters(), lr,
+  weight_decay=wd)``. ``exclude_1d=True`` (``optim.exclude_1d_decay``) is the common variant
+  that exempts biases and norms from decay, as an option of its own name, never the default.
+"""
 
 from __future__ import annotations
 
@@ -75,12 +83,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+                    betas: tuple[float, float] = (0.9, 0.999), exclude_1d: bool = False) -> torch.optim.Optimizer:
+    """``name`` in lars | adamw | sgd over the trainable parameters of ``model``.
+
+    LARS always exempts 1-D parameters (the official LARS does); AdamW and SGD decay every
+    parameter as ``main_moco.py`` does, unless ``exclude_1d`` (then 1-D parameters get no decay).
+    """
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
-    for g in groups:
-        g.pop("lars")
+        return LARS(param_groups(model, weight_decay), lr=lr, momentum=momentum)
+    if exclude_1d:
+        groups = param_groups(model, weight_decay)
+        for g in groups:
+            g.pop("lars")
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
     if name == "adamw":
         # the fused kernel (CPU and CUDA): one pass per parameter instead of a dozen foreach ops
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)

@@ -24,7 +24,7 @@ from opera.configs import PretrainConfig, config_to_dict
 from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state, save_state
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
-from opera.engine.step import train_step
+from opera.engine.step import make_grad_scaler, train_step
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy
 
@@ -144,7 +144,9 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     want = identity(cfg, hierarchy, num_classes)
     opt_name = resolve_optimizer_name(cfg, hierarchy)
     lr = cfg.optim.base_lr * batch / 256
-    optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas)
+    optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas,
+                                exclude_1d=cfg.optim.exclude_1d_decay)
+    scaler = make_grad_scaler(device, cfg.train.amp)
 
     state = RunState()
     source = Path(resume) if resume else output / LAST
@@ -157,6 +159,8 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
         check_resumable(ckpt, want, source)
         hierarchy.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         state = RunState(int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"]))
         if main:
             print(f"resuming from {source} at epoch {state.epoch + 1}, step {state.global_step}", flush=True)
@@ -186,6 +190,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                 "model": hierarchy.state_dict(), "optimizer": optimizer.state_dict(),
                 "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
                 "identity": want, "config": resolved, "backbone_spec": get_spec(hierarchy.backbone).to_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
             }, path)
 
     result: dict[str, Any] = {}
@@ -209,7 +214,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                 step_lr = lr_at(epoch_f, epochs, cfg.optim.warmup_epochs, lr)
                 m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
                 out = train_step(model, hierarchy, optimizer, views, labels, step_lr, m, device, cfg.train.amp, state.global_step,
-                                 per_view=cfg.train.per_view)
+                                 per_view=cfg.train.per_view, scaler=scaler)
                 state.global_step += 1
                 state.step_in_epoch += 1
                 terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}

@@ -13,12 +13,26 @@ from opera.hierarchy import HierarchyOutput
 
 
 def autocast_context(device: torch.device, amp: str):
-    """bf16 autocast on CUDA when ``amp`` is ``bf16`` (or ``auto``); a no-op otherwise."""
+    """bf16 autocast on CUDA when ``amp`` is ``bf16`` (or ``auto``), fp16 autocast when ``amp`` is
+    ``fp16`` (MoCo-v3's ``torch.cuda.amp.autocast``, for GPUs without fast bf16 such as V100s);
+    ``bf16``/``fp16`` also run on the CPU; a no-op otherwise."""
     if device.type == "cuda" and amp in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and amp == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
+    if amp == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def make_grad_scaler(device: torch.device, amp: str) -> "torch.amp.GradScaler | None":
+    """MoCo-v3's ``GradScaler`` for fp16 autocast (its state belongs in the checkpoint); None otherwise."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+#: under fp16, a run whose loss stays non-finite until the GradScaler's scale falls below this
+#: diverged (it is not an overflow the scaler can absorb): it stops like an fp32 run.
+MIN_LOSS_SCALE = 2.0 ** -16
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str, channels_last: bool | None = None) -> torch.nn.Module:
@@ -45,8 +59,13 @@ class NonFiniteLoss(OperaError):
 
 def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
                labels: torch.Tensor | None, lr: float, ema_momentum: float, device: torch.device, amp: str = "auto",
-               step: int = 0, per_view: bool = True) -> HierarchyOutput:
-    """Forward, backward, check the loss terms are finite, optimizer step, momentum update.
+               step: int = 0, per_view: bool = True, scaler: "torch.amp.GradScaler | None" = None) -> HierarchyOutput:
+    """Momentum update, forward, backward, check the loss terms are finite, optimizer step.
+
+    The momentum update comes first, with this step's ``ema_momentum``, as in MoCo-v3
+    (``builder.forward`` calls ``_update_momentum_encoder(m)`` before computing the keys): the
+    keys of step t come from the momentum encoder updated towards the online weights that step t
+    starts from, with m_t of the schedule.
 
     ``model`` is what is called (the hierarchy, or its DDP wrapper); ``hierarchy`` is the bare
     module whose momentum encoder is updated.
@@ -58,7 +77,13 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
     activations of one view. Under DDP the first backward runs in ``no_sync`` and the last one
     all-reduces the accumulated gradients, once. ``concat_views`` (views share BatchNorm
     statistics) always runs jointly.
+
+    ``scaler`` (fp16): the losses are scaled before each backward and ``scaler.step`` skips the
+    optimizer step when a gradient overflowed, lowering the scale, as MoCo-v3's GradScaler does; a
+    non-finite loss is such a skipped step, not an error, unless the scale has collapsed below
+    ``MIN_LOSS_SCALE``.
     """
+    hierarchy.momentum_update(ema_momentum)
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(views)
@@ -72,7 +97,7 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
             part = {} if ids is None else {"view_ids": ids, "state": outs[-1].state if outs else None}
             with autocast_context(device, amp):
                 out = model(views=views, labels=labels, **part)
-            out.loss.backward()
+            (out.loss if scaler is None else scaler.scale(out.loss)).backward()
         out.state = None if last else out.state  # drop the step's keys and masks once the last view is done
         outs.append(out)
     out = outs[0] if len(outs) == 1 else _add_outputs(outs)
@@ -82,6 +107,11 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
     # others would step with the all-reduced NaN gradients, may checkpoint them, then hang.
     finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in out.losses.values()])).all()
     bad_ranks = distributed.ranks_where(~finite)
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the (all-reduced) gradients hold an inf or NaN
+        scaler.update()
+        if not bad_ranks or scaler.get_scale() >= MIN_LOSS_SCALE:
+            return out
     if bad_ranks:
         optimizer.zero_grad(set_to_none=True)
         bad = [name for name, value in out.losses.items() if not math.isfinite(float(value.detach()))]
@@ -89,7 +119,6 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         terms = f" ({', '.join(f'{n}={float(out.losses[n].detach())}' for n in bad)})" if bad else ""
         raise NonFiniteLoss(f"non-finite loss at step {step}{where}{terms}; the last good checkpoint is kept - lower optim.base_lr or check the data")
     optimizer.step()
-    hierarchy.momentum_update(ema_momentum)
     return out
 
 

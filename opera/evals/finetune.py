@@ -191,6 +191,9 @@ def build_classifier(loaded: LoadedBackbone, num_classes: int, drop_path: float 
         model = timm.create_model(spec["timm_name"], pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as exc:
         raise OperaError(f"backbone {spec.get('name')!r} does not accept drop_path_rate ({exc}); pass --drop-path 0") from None
+    from opera.backbones import guard_image_size
+
+    guard_image_size(model, str(spec.get("name")))
     classifier = model.get_classifier()
     cname = next(n for n, m in model.named_modules() if m is classifier)
     head = {f"{cname}.{n}" for n, _ in classifier.named_parameters()}

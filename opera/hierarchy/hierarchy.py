@@ -272,5 +272,8 @@ class SupervisionHierarchy(nn.Module):
             "arrangement": self.arrangement,
             "backbone": spec.to_dict() if spec else type(self.backbone).__name__,
             "concat_views": self.concat_views,
+            # what each space derived from the backbone and the spaces below it (tau, widths, depths)
+            "derived": {name: {k[len("resolved_"):]: v for k, v in vars(space).items() if k.startswith("resolved_")}
+                        for name, space in self.spaces.items()},
             "parameters": sum(p.numel() for _, p in self.trainable_parameters()),
         }

@@ -1,7 +1,8 @@
 """The class space ``full``: Y^full = h(Y^self) (Eq. 8) and the softmax loss on it (Eq. 9, 34).
 
-``h`` is an MLP (default ``Linear -> BN -> ReLU -> Linear``, hidden 256, output = the number of
-classes of the data). Where it attaches is the arrangement of Fig. 4:
+``h`` is an MLP (default ``Linear -> BN -> ReLU -> Linear``, output = the number of classes of the
+data). Its hidden width defaults to the instance embedding width ``self.dim``, as the official
+class head ``_build_mlp(2, dim, dim, num_classes)`` (256 without a ``self`` space). Where it attaches is the arrangement of Fig. 4:
 
 * ``C`` (OPERA): on the predictor output q, so h follows g and Y^full = h(Y^self);
 * ``B``: on the projector output, beside the predictor;
@@ -31,7 +32,7 @@ class ClassOptions:
     """Options of the class space (paper Fig. 6: layers, Fig. 8: hidden width)."""
 
     layers: int = 2
-    hidden: int = 256
+    hidden: int | None = None  # None: the instance embedding width self.dim (official), 256 without 'self'
     weight: float = 0.5  # the official loss: 0.5 CE(view1) + 0.5 CE(view2)
     label_smoothing: float = 0.0
 
@@ -44,12 +45,14 @@ class ClassSpace(TaskSpace):
     level = 2
     Options = ClassOptions
 
-    def __init__(self, source: str, in_dim: int, num_classes: int, options: ClassOptions, naive: bool):
+    def __init__(self, source: str, in_dim: int, num_classes: int, options: ClassOptions, naive: bool,
+                 instance_dim: int = 256):
         super().__init__()
         self.options = options
         self.source = source
         layers = 1 if naive else options.layers
-        self.class_head = build_mlp(layers, in_dim, options.hidden, num_classes, last_bn=False)
+        self.resolved_hidden = int(options.hidden or instance_dim)
+        self.class_head = build_mlp(layers, in_dim, self.resolved_hidden, num_classes, last_bn=False)
 
     @classmethod
     def build(cls, ctx: BuildContext, options: ClassOptions) -> "ClassSpace":
@@ -59,7 +62,9 @@ class ClassSpace(TaskSpace):
                 "pass num_classes=K or use a labelled dataset"
             )
         source = ARRANGEMENT_SOURCE[ctx.arrangement]
-        space = cls(source, ctx.dims[source], ctx.num_classes, options, naive=ctx.arrangement == "naive")
+        instance_dim = ctx.dims.get("predictor", 256)  # the instance embedding width (self.dim)
+        space = cls(source, ctx.dims[source], ctx.num_classes, options, naive=ctx.arrangement == "naive",
+                    instance_dim=instance_dim)
         ctx.dims["class_logits"] = ctx.num_classes
         return space
 

@@ -28,7 +28,7 @@ class InstanceOptions:
     mlp_dim: int = 4096  # hidden width of projector and predictor
     projector_layers: int | None = None  # None: 2 for CNNs, 3 for ViTs (MoCo-v3)
     predictor_layers: int = 2
-    temperature: float = 0.2  # tau; MoCo-v3 uses 1.0 for ResNet-50, 0.2 for ViTs
+    temperature: float | None = None  # tau; None: MoCo-v3's 1.0 for CNNs (ResNet-50), 0.2 for ViTs
     weight: float = 0.5  # the official loss: 0.5 (ctr(q1,k2) + ctr(q2,k1))
     gather_distributed: bool = True  # negatives from every rank, as MoCo-v3
 
@@ -54,6 +54,7 @@ class InstanceSpace(TaskSpace):
             for p in module.parameters():
                 p.requires_grad = False
         self.resolved_projector_layers = proj_layers
+        self.resolved_temperature = options.temperature if options.temperature is not None else (0.2 if token_backbone else 1.0)
 
     @classmethod
     def build(cls, ctx: BuildContext, options: InstanceOptions) -> "InstanceSpace":
@@ -98,7 +99,7 @@ class InstanceSpace(TaskSpace):
         for i, zi, qi in zip(ids, z, q):
             stage.reps[i]["projector"], stage.reps[i]["predictor"] = zi, qi
         k = self.keys(stage)
-        t, gather = self.options.temperature, self.options.gather_distributed
+        t, gather = self.resolved_temperature, self.options.gather_distributed
         ctr = sum(info_nce(qi, k[j], t, gather) for i, qi in zip(ids, q) for j in range(n) if j != i)
         if n > 2:
             ctr = ctr * 2 / (n * (n - 1))

@@ -38,7 +38,7 @@ def fixed_batch(n: int = 16, size: int = 32):
 def test_one_batch_overfits(spec, arrangement, backbone):
     options = {}
     if "self" in spec:
-        options["self"] = {"mlp_dim": 128, "dim": 32}
+        options["self"] = {"mlp_dim": 128, "dim": 32, "temperature": 0.2}  # tau fixed: the CNN default is 1.0
     if "full" in spec:
         options["full"] = {"hidden": 64}
     h = SupervisionHierarchy.from_spec(

@@ -185,7 +185,7 @@ def opera_loss_by_hand(h: SupervisionHierarchy, xs, y, concat: bool, arrangement
     qs = apply(sp.predictor, zs)
     with torch.no_grad():
         ks = apply(sp.momentum_projector, apply(sp.momentum_encoder, xs))
-    t = sp.options.temperature
+    t = sp.resolved_temperature
     j_self = 0.5 * (ctr(qs[0], ks[1], t) + ctr(qs[1], ks[0], t))
     source = {"A": ys, "B": zs, "C": qs, "naive": qs}[arrangement or h.arrangement]
     logits = apply(fs.class_head, source)

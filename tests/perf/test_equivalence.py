@@ -103,13 +103,14 @@ def loop_momentum_update(h: SupervisionHierarchy, m: float) -> None:
 
 
 def reference_step(h: SupervisionHierarchy, opt: torch.optim.Optimizer, views, labels, lr: float, m: float):
+    """MoCo-v3's order: the momentum update with this step's m, then forward, backward, step."""
     for g in opt.param_groups:
         g["lr"] = lr
+    loop_momentum_update(h, m)
     out = h(views=views, labels=labels)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     opt.step()
-    loop_momentum_update(h, m)
     return out
 
 
@@ -162,8 +163,7 @@ def test_fused_adamw_matches_foreach():
     params_ref = [nn.Parameter(p.detach().clone()) for p in params_fused]
     o1 = build_optimizer(nn.ParameterList(params_fused), "adamw", lr=1e-2, weight_decay=0.05)
     assert o1.defaults.get("fused")
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in param_groups(nn.ParameterList(params_ref), 0.05)]
-    o2 = torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+    o2 = torch.optim.AdamW(params_ref, lr=1e-2, weight_decay=0.05, foreach=True)  # main_moco.py's AdamW
     g = torch.Generator().manual_seed(5)
     for _ in range(4):
         for a, b in zip(params_fused, params_ref):

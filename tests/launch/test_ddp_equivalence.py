@@ -248,7 +248,9 @@ def nan_on_rank1_worker() -> dict:
             if step == 1 and env.rank == 1:  # after DDP's broadcast: this rank's logits only
                 with torch.no_grad():
                     hierarchy.spaces["full"].class_head[-1].weight.fill_(float("nan"))
-            before = {n: p.detach().clone() for n, p in hierarchy.named_parameters() if "class_head" not in n or env.rank == 0}
+            # the trainable parameters (the momentum encoder's EMA runs first, with finite weights, as in MoCo-v3)
+            before = {n: p.detach().clone() for n, p in hierarchy.named_parameters()
+                      if p.requires_grad and ("class_head" not in n or env.rank == 0)}
             try:
                 train_step(model, hierarchy, optimizer, views, labels, lr=0.1, ema_momentum=0.9,
                            device=torch.device("cpu"), amp="off", step=step)

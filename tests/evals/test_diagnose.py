@@ -26,6 +26,9 @@ def test_pair_groups_and_ordering():
     assert m["different_class"] == pytest.approx((4 * c_diff + 2 * c_cross) / 8)
     assert (m["view_pairs"], m["same_class_pairs"], m["different_class_pairs"]) == (4, 4, 8)
     assert m["gap_view_same"] == pytest.approx(1.0 - c_same) and m["ordering_holds"]
+    assert m["gap_same_different"] == pytest.approx(c_same - (4 * c_diff + 2 * c_cross) / 8)
+    assert m["same_class_std"] == pytest.approx(0.0, abs=1e-6) and m["view_std"] == pytest.approx(0.0, abs=1e-6)
+    assert m["different_class_std"] == pytest.approx(float(groups["different_class"].std()))
     # two views farther apart than two images of a class: the ordering is violated
     m = summarize(pair_similarities(z1, torch.tensor([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0], [0.9, 0.1]]), labels))
     assert not m["ordering_holds"]

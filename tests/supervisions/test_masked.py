@@ -80,3 +80,37 @@ def test_patchify_is_row_major_like_the_vit_tokens():
     assert p.shape == (2, 4, 48)
     torch.testing.assert_close(p[1, 1].reshape(4, 4, 3).permute(2, 0, 1), x[1, :, 0:4, 4:8])  # top right
     torch.testing.assert_close(p[0, 2].reshape(4, 4, 3).permute(2, 0, 1), x[0, :, 4:8, 0:4])  # bottom left
+
+
+def test_mask_loss_is_eq36_on_the_masked_patches_of_each_view():
+    """J^mask (Eq. 36) written out: the linear decoder's prediction of MAE's per-patch normalised
+    pixels (mean 0, unbiased var 1 per patch), squared error averaged over the masked patches of
+    each view, then the mean over the views, times the weight. The masks are the ones the
+    encoder drew for each view (view 1's first half of the batch is view 1's)."""
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_tiny", img_size=IMG, patch_size=PATCH).eval()
+    space = MaskedImageSpace(backbone, MaskOptions(ratio=0.5, weight=0.7))
+    assert space.options.norm_pix and abs(float(space.mask_token.detach().std()) - 0.02) < 0.005  # SimMIM/MAE init
+    views = [torch.randn(3, 3, IMG, IMG), torch.randn(3, 3, IMG, IMG)]
+    stage = Stage(views, None, [{}, {}])
+    encode = space.wrap_encoder(None, stage, backbone)
+    with torch.no_grad():
+        tokens = encode(torch.cat(views), [0, 1])  # both views in one batch: masks split by view
+        for i in range(2):
+            stage.reps[i]["tokens"] = tokens[3 * i:3 * (i + 1)]
+        loss = space(stage, [0, 1]).loss
+    masks = stage.extras["mask"]
+    assert masks[0].shape == masks[1].shape == (3, 16) and not torch.equal(masks[0], masks[1])
+
+    def view_loss(i):
+        pred = space.decoder(stage.reps[i]["tokens"][:, backbone.num_prefix_tokens:])
+        x = views[i]
+        target = torch.stack([x[b, :, r:r + PATCH, c:c + PATCH].permute(1, 2, 0).reshape(-1)
+                              for b in range(3) for r in range(0, IMG, PATCH) for c in range(0, IMG, PATCH)]).view(3, 16, -1)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        err = ((pred - target) ** 2).mean(-1)
+        return err[masks[i]].mean()
+
+    with torch.no_grad():
+        want = 0.7 * (view_loss(0) + view_loss(1)) / 2
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)

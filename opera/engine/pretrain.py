@@ -194,7 +194,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
             }, path)
 
     result: dict[str, Any] = {}
-    t_last = time.time()
+    t_last, logged_at = time.time(), state.global_step  # time and step of the previous log row
     try:
         while state.epoch < epochs:
             train_set.set_epoch(state.epoch)
@@ -224,10 +224,11 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                 count += 1
                 if state.global_step % cfg.train.log_every == 0 or state.step_in_epoch == n_steps:
                     dt = time.time() - t_last
-                    t_last = time.time()
+                    t_last, images = time.time(), batch * (state.global_step - logged_at)
+                    logged_at = state.global_step
                     row = {k: float(distributed.all_reduce_mean(v.float())) for k, v in row_now.items()}
                     logger.log({"epoch": epoch_f, "lr": step_lr, "ema_momentum": m,
-                                "img_per_s": batch * min(cfg.train.log_every, count) / max(dt, 1e-9), **row}, state.global_step)
+                                "img_per_s": images / max(dt, 1e-9), **row}, state.global_step)
                     progress.update(state.global_step, state.epoch + 1, {k: v for k, v in row.items() if k.startswith("loss")})
                 if cfg.train.save_every_steps and state.global_step % cfg.train.save_every_steps == 0 and state.step_in_epoch < n_steps:
                     checkpoint(output / LAST)

@@ -6,6 +6,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from opera.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ClassicPILPretrainTransform,
     EvalTransform,
     PretrainTransform,
@@ -27,8 +29,36 @@ def test_two_views_shape_dtype_and_differ():
     for v in (v1, v2):
         assert v.shape == (3, 32, 32) and v.dtype == torch.float32 and torch.isfinite(v).all()
     assert not torch.allclose(v1, v2)
-    # normalized: roughly zero-centred, not in [0, 1]
-    assert v1.min() < 0
+
+
+MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def test_pretrain_views_end_with_normalize_by_imagenet_mean_and_std():
+    """The same seed through the default transform and through one normalising with mean 0 and
+    std 1 gives the same augmented image: the default's output is exactly (image - mean) / std."""
+    img = _img()
+    torch.manual_seed(5)
+    default = PretrainTransform(32)(img)
+    torch.manual_seed(5)
+    raw = PretrainTransform(32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(img)
+    for d, r in zip(default, raw):
+        assert 0.0 <= r.min() and r.max() <= 1.0  # the unnormalised view is in [0, 1]
+        torch.testing.assert_close(d, (r - MEAN) / STD, atol=1e-6, rtol=0)
+
+
+def test_eval_transform_normalizes_with_the_pretraining_mean_and_std():
+    """A uniform gray 128 image: EvalTransform gives (128/255 - mean) / std with the very mean
+    and std that PretrainTransform uses, so evaluations see the pixels pretraining saw."""
+    pre, ev = PretrainTransform(32), EvalTransform(32)
+    assert (pre.mean, pre.std) == (ev.mean, ev.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    gray = torch.full((3, 40, 56), 128, dtype=torch.uint8)
+    out = ev(gray)
+    assert out.shape == (3, 32, 32)
+    pre_mean, pre_std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    torch.testing.assert_close(out * pre_std + pre_mean, torch.full((3, 32, 32), 128 / 255), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]),
+                               atol=1e-6, rtol=0)
 
 
 def test_views_accept_channels_last_and_pil():
@@ -133,11 +163,19 @@ def test_fast_blur_matches_torchvision(k, sigma):
     torch.testing.assert_close(gaussian_blur_fast(x, k, sigma), ref, atol=1e-4, rtol=0)
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_reports_images_per_second_of_each_pipeline(tmp_path, monkeypatch):
+    """A clock on which each PIL batch takes 1 s and each v2 batch 2 s: 4 images in 2 batches are
+    2 img/s (PIL) and 1 img/s (v2), speedup 0.5."""
+    import itertools
+    from types import SimpleNamespace
+
+    from opera.data import bench
     from opera.data.bench import bench_pipeline, make_jpeg_folder
 
     make_jpeg_folder(str(tmp_path), 4, (40, 30), classes=2)
     assert len(build_dataset(str(tmp_path), "train")) + len(build_dataset(str(tmp_path), "val")) == 4
-    r = bench_pipeline(str(tmp_path), img_size=24, batches=1, batch_size=4, workers=0)
-    assert r["v2_img_per_s"] > 0 and r["pil_img_per_s"] > 0
-    assert r["speedup"] == pytest.approx(r["v2_img_per_s"] / r["pil_img_per_s"])
+    # readings per batch: PIL start, PIL end (+1 s), v2 start, v2 end (+2 s)
+    clock = itertools.accumulate(itertools.cycle([1.0, 0.0, 2.0, 0.0]), initial=0.0)
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    r = bench_pipeline(str(tmp_path), img_size=24, batches=2, batch_size=2, workers=0)
+    assert (r["pil_img_per_s"], r["v2_img_per_s"], r["speedup"], r["images"]) == (2.0, 1.0, 0.5, 4)

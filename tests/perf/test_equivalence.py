@@ -157,13 +157,16 @@ def test_foreach_lars_matches_moco_v3_loop(weight_decay, channels_last):
                 assert torch.equal(p.grad, before)
 
 
-def test_fused_adamw_matches_foreach():
-    """The same gradients into both (no forward between steps, so round-off does not feed back)."""
+def test_fused_adamw_matches_main_moco_adamw():
+    """build_optimizer's fused AdamW against main_moco.py's ``AdamW(model.parameters(), lr, wd)`` run
+    by torch's per-parameter loop (``foreach=False``), not built by the code under test. The same
+    gradients into both (no forward between steps, so round-off does not feed back)."""
     params_fused = _lars_params()
     params_ref = [nn.Parameter(p.detach().clone()) for p in params_fused]
     o1 = build_optimizer(nn.ParameterList(params_fused), "adamw", lr=1e-2, weight_decay=0.05)
     assert o1.defaults.get("fused")
-    o2 = torch.optim.AdamW(params_ref, lr=1e-2, weight_decay=0.05, foreach=True)  # main_moco.py's AdamW
+    # main_moco.py's AdamW (every parameter decayed), run by torch's single-tensor loop
+    o2 = torch.optim.AdamW(params_ref, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, foreach=False)
     g = torch.Generator().manual_seed(5)
     for _ in range(4):
         for a, b in zip(params_fused, params_ref):

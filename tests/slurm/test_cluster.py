@@ -164,9 +164,8 @@ def test_interrupted_job_is_requeued_and_resumes_from_its_state(slurm_cluster, t
     assert starts[0]["step"] == 0 and starts[0]["restart_count"] == 0
     assert starts[1]["step"] >= 4, "the requeued job started from scratch instead of resuming"
     assert starts[1]["restart_count"] == 1 and starts[1]["job_id"] == starts[0]["job_id"] == job.job_id
-    latency = starts[1]["time"] - interrupted_at
-    print(f"\nrequeue latency: {latency:.1f}s")
-    assert latency < 60
+    # how long the requeue took is printed, not asserted: a timing belongs in a benchmark
+    print(f"\nrequeue latency: {starts[1]['time'] - interrupted_at:.1f}s")
 
 
 @pytest.mark.slurm

@@ -157,7 +157,9 @@ def main() -> None:
     from opera.engine.rundir import Stopped
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130, returned here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except Stopped as exc:  # SIGINT/SIGTERM: last.pt holds the step named; not an error of the user's
         Console(stderr=True, soft_wrap=True).print(escape(str(exc)), markup=True, highlight=False)
         sys.exit(exc.exit_code)

@@ -350,7 +350,8 @@ class Stopped(OperaError):
     """The run stopped on SIGINT/SIGTERM after writing ``last.pt`` at ``step``."""
 
     def __init__(self, step: int, signum: int):
-        super().__init__(f"stopped at step {step} ({signal.Signals(signum).name}); rerun the same command to resume")
+        super().__init__(f"stopped at step {step}; rerun the same command to resume "
+                         f"({signal.Signals(signum).name}; last.pt holds that step)")
         self.exit_code = 128 + signum
         self.step = step
 
@@ -386,6 +387,8 @@ class GracefulStop:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             self.__exit__()
+            print(f"{signal.Signals(signum).name} again: aborting at once; the last checkpoint written is intact, rerun "
+                  "the same command to resume from it", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: finishing the current step, then writing last.pt "

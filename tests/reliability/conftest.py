@@ -43,24 +43,32 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 
 @pytest.fixture
-def opera_main(capsys):
-    """``opera ARGS`` in this process: (exit code, stdout, stderr)."""
+def opera_main(capsys, monkeypatch):
+    """``opera ARGS`` in this process, through the console entry point: (exit code, stdout, stderr)."""
     from opera.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
-        saved = sys.argv
-        sys.argv = ["opera", *args]
-        code = 0
-        try:
+        monkeypatch.setattr(sys, "argv", ["opera", *args])
+        with _exit_code() as code:
             main()
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.argv = saved
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        streams = capsys.readouterr()
+        return code[0], streams.out, streams.err
 
     return run
+
+
+class _exit_code:
+    """Context manager holding ``[exit code]``: 0 when the body returns, SystemExit's code otherwise."""
+
+    def __enter__(self) -> list[int]:
+        self.code = [0]
+        return self.code
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is SystemExit:
+            self.code[0] = exc.code if isinstance(exc.code, int) else 1
+            return True
+        return False
 
 
 @pytest.fixture

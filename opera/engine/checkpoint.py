@@ -150,6 +150,14 @@ def _torch_reason(exc: BaseException) -> str:
     return text.split(". ")[0][:160]
 
 
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its advice around it."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    return " ".join(text.strip().split("\n\n")[0].split())[:160] or type(exc).__name__
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     """Load a training state with ``weights_only=True``; a bad file is a one-line error.
 
@@ -162,12 +170,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise CheckpointUnreadable(f"cannot load checkpoint {path}: {_torch_reason(exc)}; it is corrupt - pass "
-                                       "another checkpoint", f"corrupt: {_torch_reason(exc)}") from None
+        detail = _unpickler_detail(exc)
+        if not any(word in detail.lower() for word in ("global", "reduce", "class", "function", "build")):
+            raise CheckpointUnreadable(f"cannot load checkpoint {path}: it is corrupt or not a torch file ({detail}); "
+                                       "pass another checkpoint", f"corrupt: {detail}") from None
+        what = next((w.rstrip(".,") for w in detail.split() if "." in w.strip(".")), "")
         raise CheckpointUnreadable(
-            f"checkpoint {path} holds pickled Python objects (code), not only tensors; opera loads checkpoints as "
-            "tensors only and will not execute it - pass a checkpoint written by opera",
+            f"checkpoint {path} holds pickled Python objects (code{': ' + what if what else ''}), not only tensors; "
+            "opera loads checkpoints as tensors only and will not execute it - pass a checkpoint written by opera",
             "it holds pickled code, not only tensors") from None
     except Exception as exc:  # truncated, corrupt, empty, not a torch file
         reason = _torch_reason(exc)

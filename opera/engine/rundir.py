@@ -16,10 +16,14 @@ that call it, ``opera run linear`` / ``finetune``):
   newest readable of ``last.prev.pt`` and ``epoch_NNNN.pt``, with one line naming what was skipped.
 * :class:`GracefulStop` - SIGINT / SIGTERM finish the current step; the loop then writes
   ``last.pt`` at that step and raises :class:`Stopped`. A second signal aborts at once.
+* :func:`owns_output` - the same lock for the evaluations that train (linear, finetune), which keep
+  no checkpoint: a signal stops them at once with one line, and the lock is released.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import signal
@@ -28,7 +32,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -408,5 +412,62 @@ class GracefulStop:
         return int(flag.item()) or None
 
 
+# ----------------------------------------------------------------------- evaluations that train
+@contextlib.contextmanager
+def _signals_stop_at_once(what: str) -> Iterator[None]:
+    """SIGINT/SIGTERM (if still at their defaults) -> one line, then ``KeyboardInterrupt``."""
+
+    def handle(signum: int, frame: Any) -> None:
+        print(f"{signal.Signals(signum).name} received: stopping the {what}; it keeps no checkpoint, rerun the same "
+              "command to run it again", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in GracefulStop.SIGNALS:
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def owned_output(output: str | Path, what: str) -> Iterator[RunLock]:
+    """Hold ``output``'s lock while ``what`` writes into it; a folder made only for the lock is
+    removed again if nothing was written (a run that fails on its inputs leaves no folder)."""
+    output = Path(output)
+    made = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OperaError(f"cannot create --output {output}: {exc.strerror or exc}; pass a writable folder") from None
+    lock = RunLock(output)
+    try:
+        with lock, _signals_stop_at_once(what):
+            yield lock
+    finally:
+        if made and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+
+
+def owns_output(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate ``fn(cfg, ...)`` so that it runs holding ``cfg.output`` (see :func:`owned_output`)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            if not str(getattr(cfg, "output", "") or ""):
+                return fn(cfg, *args, **kwargs)  # the protocol's own one-line error for a missing --output
+            with owned_output(cfg.output, what):
+                return fn(cfg, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
 __all__ = ["LOCK", "RESUMABLE_CHANGES", "GracefulStop", "Holder", "NoLock", "RunLock", "Stopped",
-           "check_config_drift", "config_drift", "find_checkpoint", "own_run_dir"]
+           "check_config_drift", "config_drift", "find_checkpoint", "own_run_dir", "owned_output", "owns_output"]

@@ -28,6 +28,24 @@ def opera_argv(output: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "opera", *TINY, "--output", str(output), *more]
 
 
+HOLD = ("import sys, time; from opera.engine.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+@pytest.fixture
+def holder_process(tmp_path):
+    """A real second process that owns ``tmp_path/run`` until killed."""
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "held"
+    yield run, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
     """A finished tiny run: last.pt (step 9), last.prev.pt (step 8), epoch_0001.pt (step 9)."""

@@ -81,11 +81,22 @@ def test_pickled_object_checkpoint_is_refused_without_unsafe_advice(tmp_path, op
         msg = str(exc)
     else:
         raise AssertionError("a pickled object was loaded")
-    assert "holds pickled Python objects (code)" in msg and "will not execute it" in msg
-    assert "weights_only" not in msg and "False" not in msg
+    assert "holds pickled Python objects (code: " in msg and "Gadget" in msg and "will not execute it" in msg
+    assert "weights_only" not in msg and "False" not in msg and "safe_globals" not in msg
     code, _, err = opera_main(*tiny, "--output", str(tmp_path / "new"), "--resume", str(bad))
     line = one_line(err)
     assert code == 2 and "will not execute it" in line and "weights_only" not in line
+
+
+def test_garbage_is_corrupt_not_code(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"garbage")
+    try:
+        load_state(bad)
+    except OperaError as exc:
+        assert "corrupt" in str(exc) and "pickled" not in str(exc)
+    else:
+        raise AssertionError("garbage was loaded")
 
 
 def test_pickled_last_is_skipped_naming_why(run_copy, opera_main, tiny):

@@ -17,24 +17,6 @@ import pytest
 from opera.engine.rundir import LOCK, Holder, RunLock
 from opera.errors import OperaError
 
-HOLD = ("import sys, time; from opera.engine.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
-        "print('held', flush=True); time.sleep(600)")
-
-
-@pytest.fixture
-def holder_process(tmp_path):
-    """A real second process that owns ``tmp_path/run`` until killed."""
-    run = tmp_path / "run"
-    run.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout.readline().strip() == "held"
-    yield run, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 def write_lock(run, **fields) -> None:
     holder = Holder.me().__dict__ | fields
     (run / LOCK).write_text(json.dumps(holder))

@@ -44,6 +44,9 @@ class CheckpointUnreadable(OperaError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):
+        return CheckpointUnreadable, (str(self), self.reason)
+
 
 class DiskFull(OperaError):
     """No room (disk full, quota, file size limit) to write a file; nothing was replaced."""

@@ -181,7 +181,8 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
     if ckpt is not None:
         check_resumable(ckpt, want, source)
         unused = set(cfg.spaces) - set(parse_spec(cfg.hierarchy))
-        for line in check_config_drift(ckpt.get("config"), config_to_dict(cfg), source, ignore_sections=unused):
+        for line in check_config_drift(ckpt.get("config"), config_to_dict(cfg), source, ignore_sections=unused,
+                                       defaults=config_to_dict(PretrainConfig())):
             if main:
                 print(line, flush=True)
         hierarchy.load_state_dict(ckpt["model"])

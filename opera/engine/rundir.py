@@ -283,9 +283,22 @@ def config_drift(old: dict[str, Any], new: dict[str, Any], ignore_sections: Iter
     for key in sorted(set(a) | set(b)):
         if _norm(a.get(key)) == _norm(b.get(key)):
             continue
-        change = f"{key} {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+        show = lambda tree: repr(tree[key]) if key in tree else "(unset)"  # noqa: E731
+        change = f"{key} {show(a)} -> {show(b)}"
         (allowed if key in RESUMABLE_CHANGES else refused).append(change)
     return refused, allowed
+
+
+def _drop(tree: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """A copy of ``tree`` without the dotted ``keys``."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = _drop(out[head], [rest])
+        else:
+            out.pop(head, None)
+    return out
 
 
 def _norm(value: Any) -> Any:
@@ -293,11 +306,18 @@ def _norm(value: Any) -> Any:
 
 
 def check_config_drift(old: dict[str, Any] | None, new: dict[str, Any], source: Path,
-                       ignore_sections: Iterable[str] = ()) -> list[str]:
+                       ignore_sections: Iterable[str] = (), defaults: dict[str, Any] | None = None) -> list[str]:
     """Refuse (one line, every changed key) to resume ``source`` with another configuration;
-    return the allowed changes as lines to print."""
+    return the allowed changes as lines to print.
+
+    A key that ``old`` lacks (the checkpoint predates the option) is no change while the new value
+    is the option's default in ``defaults`` (the behaviour the older code had).
+    """
     if not old:
         return []
+    if defaults:
+        have, dflt = flatten(old), flatten(defaults)
+        new = _drop(new, [k for k, v in flatten(new).items() if k not in have and k in dflt and _norm(dflt[k]) == _norm(v)])
     refused, allowed = config_drift(old, new, ignore_sections)
     if refused:
         raise OperaError(
@@ -357,7 +377,10 @@ class Stopped(OperaError):
         super().__init__(f"stopped at step {step}; rerun the same command to resume "
                          f"({signal.Signals(signum).name}; last.pt holds that step)")
         self.exit_code = 128 + signum
-        self.step = step
+        self.step, self.signum = step, signum
+
+    def __reduce__(self):  # crosses process pools (ablation cells with --jobs) intact
+        return Stopped, (self.step, self.signum)
 
 
 class GracefulStop:

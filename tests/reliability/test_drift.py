@@ -4,7 +4,13 @@ documented keys (RESUMABLE_CHANGES) may change, each said in one line (issue 12)
 from __future__ import annotations
 
 from opera.engine.checkpoint import LAST, load_state
-from opera.engine.rundir import RESUMABLE_CHANGES, config_drift
+import pickle
+
+import pytest
+
+from opera.engine.checkpoint import CheckpointUnreadable
+from opera.engine.rundir import RESUMABLE_CHANGES, Stopped, check_config_drift, config_drift
+from opera.errors import OperaError
 
 
 def test_changed_batch_and_lr_are_refused_listing_each_key(run_copy, opera_main, tiny, one_line):
@@ -36,3 +42,18 @@ def test_drift_ignores_derived_values_and_unused_spaces():
     assert config_drift(old, new, ignore_sections={"mask"}) == ([], ["train.epochs 1 -> 3"])
     assert config_drift(old, new) == (["mask.ratio 0.5 -> 0.7"], ["train.epochs 1 -> 3"])
     assert set(RESUMABLE_CHANGES) >= {"train.epochs", "data.workers", "train.log_every"}
+
+
+def test_an_option_newer_than_the_checkpoint_is_no_drift_at_its_default(tmp_path):
+    old = {"train": {"epochs": 1}}  # written before train.new_option existed
+    defaults = {"train": {"epochs": 20, "new_option": False}}
+    assert check_config_drift(old, {"train": {"epochs": 1, "new_option": False}}, tmp_path, defaults=defaults) == []
+    with pytest.raises(OperaError, match=r"train.new_option \(unset\) -> True"):
+        check_config_drift(old, {"train": {"epochs": 1, "new_option": True}}, tmp_path, defaults=defaults)
+
+
+def test_errors_cross_process_pools_intact():
+    stopped = pickle.loads(pickle.dumps(Stopped(17, 15)))
+    assert stopped.exit_code == 143 and str(stopped).startswith("stopped at step 17; rerun the same command")
+    bad = pickle.loads(pickle.dumps(CheckpointUnreadable("cannot load x", "truncated")))
+    assert bad.reason == "truncated" and str(bad) == "cannot load x"

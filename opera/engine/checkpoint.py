@@ -161,17 +161,19 @@ def _unpickler_detail(exc: BaseException) -> str:
     return " ".join(text.strip().split("\n\n")[0].split())[:160] or type(exc).__name__
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
+def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a training state with ``weights_only=True``; a bad file is a one-line error.
 
     A file holding pickled objects is refused without running them (and without torch's advice
-    to load it unsafely); a truncated or corrupt one names torch's reason.
+    to load it unsafely); a truncated or corrupt one names torch's reason. ``mmap``: map the
+    tensors instead of reading them (cheap, to look at a checkpoint's step; a truncated file
+    still fails, its zip directory being at the end).
     """
     path = Path(path)
     if not path.is_file():
         raise OperaError(f"checkpoint {path} does not exist; pass a run directory with {LAST} or a .pt file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(exc)
         if not any(word in detail.lower() for word in ("global", "reduce", "class", "function", "build")):

@@ -347,7 +347,7 @@ def find_checkpoint(folder: Path, rename_unreadable: bool = True) -> tuple[Path 
     best: tuple[int, Path] | None = None
     for path in candidates:
         try:
-            state = load_state(path)
+            state = load_state(path, mmap=path.name != LAST)  # the others: only their step, tensors mapped
         except OperaError as exc:  # unreadable, or renamed aside by rank 0 meanwhile
             skipped.append((path, getattr(exc, "reason", "it vanished while being read")))
             continue

@@ -3,8 +3,8 @@
 Four pieces, each used by every training entry point (``opera run pretrain``, the ablation cells
 that call it, ``opera run linear`` / ``finetune``):
 
-* :class:`RunLock` - one writer per run directory. ``OUTPUT/.opera.lock`` is created with
-  ``O_CREAT | O_EXCL`` (atomic on local filesystems and NFSv3+) and holds the owner (host, pid,
+* :class:`RunLock` - one writer per run directory. ``OUTPUT/.opera.lock`` is created complete by a
+  hard link (atomic, failing if it exists, on local filesystems and NFS) and holds the owner (host, pid,
   process start, SLURM job id, start time) and a heartbeat that a thread refreshes every
   ``OPERA_LOCK_HEARTBEAT_S`` seconds. A second run refuses in one line naming the holder. A lock
   is *stale*, and taken over with one line saying so, when its process is gone (same host: the
@@ -172,15 +172,31 @@ class RunLock:
         raise OperaError(f"could not acquire {self.path}: other processes keep taking it; choose another --output")
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
+        """Write our owner file in full, then hard-link it to the lock name: the link is atomic and
+        fails if the name exists (the NFS-safe way), so no reader ever sees a half-written lock.
+        Where hard links are not supported, ``O_CREAT | O_EXCL`` instead."""
+        tmp = self.path.with_name(f"{LOCK}.{self.me.token}.tmp")
+        with open(tmp, "w") as f:
             f.write(json.dumps(self.me.__dict__))
             f.flush()
             os.fsync(f.fileno())
-        return True
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some FUSE and object-store mounts)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self.me.__dict__))
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _take_over(self, stale: Holder) -> bool:
         """Move the stale lock aside (one rename wins), check it was the one we judged, create ours."""

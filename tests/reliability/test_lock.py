@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from opera.engine.rundir import LOCK, Holder, RunLock
 from opera.errors import OperaError
+
 
 def write_lock(run, **fields) -> None:
     holder = Holder.me().__dict__ | fields

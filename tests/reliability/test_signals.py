@@ -63,8 +63,8 @@ def test_sigterm_stops_after_the_step_with_last_pt_at_that_step(tmp_path, child)
 def test_second_ctrl_c_aborts_at_once(tmp_path, child):
     opera_argv, env = child
     out = tmp_path / "run"
-    proc = start(opera_argv(out, *LONG), env)
-    wait_for_step(proc, out, 1)
+    proc = start(opera_argv(out, *LONG, "--batch-size", "256"), env)  # long steps: the second signal lands mid-step
+    wait_for_step(proc, out, 1)  # step 2 has just begun
     proc.send_signal(signal.SIGINT)
     first = ""
     while not first.strip():  # the handler ran (its line): the step is still finishing

@@ -68,12 +68,13 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
     return 0
 
 
-def _no_room(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT/EFBIG error behind ``exc`` (torch wraps the write's OSError), if any."""
+def _cause(exc: BaseException | None, kind: type, errnos: tuple[int, ...] = ()) -> BaseException | None:
+    """The ``kind`` exception (with one of ``errnos``, if given) behind ``exc``: torch wraps what a
+    Python file's write raised (ENOSPC, or a KeyboardInterrupt from a signal handler) in a RuntimeError."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(exc, kind) and (not errnos or getattr(exc, "errno", None) in errnos):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
@@ -125,7 +126,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None], need: int | Non
         finally:
             os.close(dir_fd)
     except Exception as exc:
-        full = _no_room(exc)
+        if _cause(exc, KeyboardInterrupt) is not None:  # a second Ctrl-C inside torch.save's writes
+            raise KeyboardInterrupt from None
+        full = _cause(exc, OSError, (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
         if full is None:
             raise
         if os.path.exists(tmp):

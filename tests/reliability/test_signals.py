@@ -4,13 +4,18 @@ Real processes, real signals."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-from opera.engine.checkpoint import LAST, load_state
+import pytest
+import torch
+
+from opera.engine.checkpoint import LAST, atomic_write, load_state, save_state
 
 LONG = ["--epochs", "60"]  # 540 steps: the signal always arrives mid-run
 
@@ -78,3 +83,25 @@ def test_second_ctrl_c_aborts_at_once(tmp_path, child):
     assert not list(out.glob(".last.pt.*.tmp"))  # an aborted write leaves no temporary file
     if (out / LAST).exists():
         load_state(out / LAST)  # and whatever last.pt there is, is intact
+
+
+def test_ctrl_c_inside_torch_save_is_an_interrupt_not_an_error(tmp_path):
+    """torch wraps what a Python file's write raises in a RuntimeError; a second Ctrl-C landing
+    in a checkpoint write must still abort as KeyboardInterrupt, leaving the previous file."""
+    save_state({"global_step": 1}, tmp_path / LAST)
+
+    def write(tmp: str) -> None:
+        class Interrupted(io.FileIO):
+            def write(self, b):  # the signal handler raising in the middle of the file's writes
+                if self.tell() > 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the real SIGINT is handled here, by Python's default handler
+                return super().write(b)
+
+        with Interrupted(tmp, "w") as f:
+            torch.save({"global_step": 2, "w": torch.randn(1 << 16)}, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / LAST, write)
+    assert int(load_state(tmp_path / LAST)["global_step"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]

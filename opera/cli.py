@@ -4,7 +4,9 @@
     opera run pretrain --hierarchy mask,self,full --backbone vit_tiny
     opera configs list | opera configs show NAME
 
-Every ``OperaError`` is printed as one line (``error: ...``) with exit code 2, no traceback.
+Every ``OperaError`` is printed as one line (``error: ...``) with exit code 2, no traceback; a run
+stopped by SIGINT/SIGTERM prints ``stopped at step N ...; rerun the same command to resume`` and
+exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -169,8 +171,15 @@ def _click_exception_types() -> tuple[type, ...]:
 
 def main() -> None:
     """Console entry point: one line per user error, exit code 2."""
+    from opera.engine.rundir import Stopped
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130, returned here
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Stopped as exc:  # SIGINT/SIGTERM: last.pt holds the step named; not an error of the user's
+        Console(stderr=True, soft_wrap=True).print(escape(str(exc)), markup=True, highlight=False)
+        sys.exit(exc.exit_code)
     except OperaError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
         sys.exit(exc.exit_code)

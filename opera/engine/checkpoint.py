@@ -2,6 +2,10 @@
 
 * Every file is written atomically: to a temporary file in the same folder, flushed and fsynced,
   then renamed over the target - a run killed mid-write leaves the previous checkpoint intact.
+  ``last.pt`` is also rotated: the one it replaces stays beside it as ``last.prev.pt`` (a hard
+  link, so no copy), so even a filesystem that loses the new file's data keeps one intact state.
+* A full disk or quota (``ENOSPC``, ``EDQUOT``, ``EFBIG``) while writing is one line naming the
+  file and the bytes it needs; the temporary file is removed and the previous file is untouched.
 * Training states (``last.pt``, ``epoch_NNNN.pt``) hold only tensors and plain Python values and
   are loaded with ``torch.load(weights_only=True)``: no pickled code ever runs.
 * The backbone alone goes to ``backbone.safetensors`` with its build spec in the metadata, so it
@@ -10,8 +14,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,18 +26,89 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
 from torch import nn
 
 from opera.errors import OperaError
 
 LAST = "last.pt"
+PREV = "last.prev.pt"  # the last.pt that the newest one replaced
 BACKBONE = "backbone.safetensors"
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` over ``path`` (same filesystem)."""
+class CheckpointUnreadable(OperaError):
+    """A checkpoint that cannot be loaded; ``reason`` says why in a few words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return CheckpointUnreadable, (str(self), self.reason)
+
+
+class DiskFull(OperaError):
+    """No room (disk full, quota, file size limit) to write a file; nothing was replaced."""
+
+
+def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the tensor storages in ``obj`` (nested dicts/lists), each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v, seen) for v in obj)
+    return 0
+
+
+def _cause(exc: BaseException | None, kind: type, errnos: tuple[int, ...] = ()) -> BaseException | None:
+    """The ``kind`` exception (with one of ``errnos``, if given) behind ``exc``: torch wraps what a
+    Python file's write raised (ENOSPC, or a KeyboardInterrupt from a signal handler) in a RuntimeError."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kind) and (not errnos or getattr(exc, "errno", None) in errnos):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _disk_full(path: Path, exc: OSError, need: int | None) -> DiskFull:
+    free = shutil.disk_usage(path.parent).free
+    size = f"it needs about {need:,} bytes" if need else "it did not fit"
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    return DiskFull(f"cannot write {path}: {exc.strerror or 'no space left'} ({size}, {free:,} bytes free on that "
+                    f"filesystem); {kept}; free space or raise the quota, then rerun the same command to resume")
+
+
+def _rotate(path: Path, keep: Path) -> None:
+    """Make ``keep`` the file now at ``path`` (a hard link; a rename where links are not supported)."""
+    if not path.exists():
+        return
+    tmp = keep.with_name(f".{keep.name}.{os.getpid()}.tmp")
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, keep)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.replace(path, keep)  # a moment with no `path`; the reader then falls back to `keep`
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], need: int | None = None,
+                 keep_previous: str | None = None) -> Path:
+    """Call ``write(tmp_path)``, fsync the file, then rename it over ``path`` (same filesystem).
+
+    ``keep_previous``: a file name for the file ``path`` replaces (``last.prev.pt``). ``need``: the
+    expected size, for the message when the disk is full. A failed write leaves ``path`` as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -39,12 +117,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if keep_previous:
+            _rotate(path, path.with_name(keep_previous))
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    except Exception as exc:
+        if _cause(exc, KeyboardInterrupt) is not None:  # a second Ctrl-C inside torch.save's writes
+            raise KeyboardInterrupt from None
+        full = _cause(exc, OSError, (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+        if full is None:
+            raise
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise _disk_full(path, full, need) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -52,22 +141,59 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Atomically save a training state (tensors and plain values only)."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Atomically save a training state (tensors and plain values only); ``last.pt`` rotates."""
+    path = Path(path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a Python file: the OSError of a failed write reaches us (ENOSPC, ...)
+            torch.save(state, f)
+
+    return atomic_write(path, write, need=_nbytes(state) + (1 << 16), keep_previous=PREV if path.name == LAST else None)
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Load a training state with ``weights_only=True``; a bad file is a one-line error."""
+def _torch_reason(exc: BaseException) -> str:
+    """torch's own first sentence (its advice dropped)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split(". ")[0][:160]
+
+
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's weights-only unpickler objected to, without its advice around it."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    return " ".join(text.strip().split("\n\n")[0].split())[:160] or type(exc).__name__
+
+
+def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a training state with ``weights_only=True``; a bad file is a one-line error.
+
+    A file holding pickled objects is refused without running them (and without torch's advice
+    to load it unsafely); a truncated or corrupt one names torch's reason. ``mmap``: map the
+    tensors instead of reading them (cheap, to look at a checkpoint's step; a truncated file
+    still fails, its zip directory being at the end).
+    """
     path = Path(path)
     if not path.is_file():
         raise OperaError(f"checkpoint {path} does not exist; pass a run directory with {LAST} or a .pt file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or holding pickled objects
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OperaError(f"cannot load checkpoint {path}: {first[:200]}; it is corrupt or not an opera checkpoint") from None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(exc)
+        if not any(word in detail.lower() for word in ("global", "reduce", "class", "function", "build")):
+            raise CheckpointUnreadable(f"cannot load checkpoint {path}: it is corrupt or not a torch file ({detail}); "
+                                       "pass another checkpoint", f"corrupt: {detail}") from None
+        what = next((w.rstrip(".,") for w in detail.split() if "." in w.strip(".")), "")
+        raise CheckpointUnreadable(
+            f"checkpoint {path} holds pickled Python objects (code{': ' + what if what else ''}), not only tensors; "
+            "opera loads checkpoints as tensors only and will not execute it - pass a checkpoint written by opera",
+            "it holds pickled code, not only tensors") from None
+    except Exception as exc:  # truncated, corrupt, empty, not a torch file
+        reason = _torch_reason(exc)
+        raise CheckpointUnreadable(f"cannot load checkpoint {path}: it is truncated or corrupt ({reason}); pass "
+                                   "another checkpoint", f"truncated or corrupt: {reason}") from None
     if not isinstance(state, dict):
-        raise OperaError(f"checkpoint {path} is not an opera training state; pass a file written by 'opera run pretrain'")
+        raise CheckpointUnreadable(f"checkpoint {path} is not an opera training state; pass a file written by "
+                                   "'opera run pretrain'", "not an opera training state")
     return state
 
 
@@ -78,7 +204,7 @@ def export_backbone(backbone: nn.Module, path: str | Path, extra: dict[str, Any]
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=meta)), need=_nbytes(tensors) + (1 << 16))
 
 
 def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -22,11 +22,12 @@ from opera import distributed
 from opera.backbones import get_spec, is_token_backbone
 from opera.configs import PretrainConfig, config_to_dict
 from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state, save_state
+from opera.engine.rundir import GracefulStop, NoLock, RunLock, Stopped, check_config_drift, find_checkpoint, own_run_dir
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
 from opera.engine.step import make_grad_scaler, train_step
 from opera.errors import OperaError
-from opera.hierarchy import SupervisionHierarchy
+from opera.hierarchy import SupervisionHierarchy, parse_spec
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -111,15 +112,44 @@ class RunState:
 
 
 def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = None) -> dict[str, Any]:
-    """Pretrain with ``cfg`` into ``output``; continue from ``output/last.pt`` (or ``resume``)."""
+    """Pretrain with ``cfg`` into ``output``; continue from its newest intact checkpoint (or ``resume``).
+
+    Rank 0 owns ``output`` for the whole run (:class:`~opera.engine.rundir.RunLock`); SIGINT and
+    SIGTERM stop after the current step with ``last.pt`` written at that step (docs/reliability.md).
+    """
+    output = Path(output)
+    main = distributed.detect_env()[0] == 0
+    if main:
+        check_output_dir(output)
+    with own_run_dir(output, main) as owner, GracefulStop() as stop:
+        return _pretrain(cfg, output, resume, owner, stop)
+
+
+def resume_source(output: Path, resume: str | None, main: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, state) to resume from: ``resume`` (a file, or a run directory searched like
+    ``output``), else the newest intact checkpoint of ``output``; (None, None) for a fresh run."""
+    if resume:
+        source = Path(resume)
+        if not source.exists():
+            raise OperaError(f"--resume {source} does not exist; pass the last.pt of an opera run or its directory")
+        if source.is_file():
+            return source, load_state(source)
+        path, state, note = find_checkpoint(source, rename_unreadable=main)
+        if path is None:
+            raise OperaError(f"--resume {source} holds no checkpoint ({LAST}, epoch_NNNN.pt); pass a run directory or a .pt file")
+    else:
+        path, state, note = find_checkpoint(output, rename_unreadable=main)
+    if note and main:
+        print(note, flush=True)
+    return path, state
+
+
+def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock, stop: GracefulStop) -> dict[str, Any]:
     from opera.data import PretrainTransform, SeededDataset, build_dataset, build_loader, steps_per_epoch
 
-    output = Path(output)
     env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, main = env.rank, env.world_size, env.rank == 0
     device = resolve_device(cfg.train.device, env.local_rank)
-    if main:
-        check_output_dir(output)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_step(cfg.train.seed, rank, 0)
@@ -149,14 +179,14 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     scaler = make_grad_scaler(device, cfg.train.amp)
 
     state = RunState()
-    source = Path(resume) if resume else output / LAST
-    if resume and not source.is_file():
-        raise OperaError(f"--resume {source} does not exist; pass the last.pt of an opera run or its directory")
-    if source.is_dir():
-        source = source / LAST
-    if source.is_file():
-        ckpt = load_state(source)
+    source, ckpt = resume_source(output, resume, main)
+    if ckpt is not None:
         check_resumable(ckpt, want, source)
+        unused = set(cfg.spaces) - set(parse_spec(cfg.hierarchy))
+        for line in check_config_drift(ckpt.get("config"), config_to_dict(cfg), source, ignore_sections=unused,
+                                       defaults=config_to_dict(PretrainConfig())):
+            if main:
+                print(line, flush=True)
         hierarchy.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -185,6 +215,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     progress = ProgressDisplay(main, total_steps, state.global_step)
 
     def checkpoint(path: Path) -> None:
+        owner.check_owner()
         if main:
             save_state({
                 "model": hierarchy.state_dict(), "optimizer": optimizer.state_dict(),
@@ -230,6 +261,10 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                     logger.log({"epoch": epoch_f, "lr": step_lr, "ema_momentum": m,
                                 "img_per_s": images / max(dt, 1e-9), **row}, state.global_step)
                     progress.update(state.global_step, state.epoch + 1, {k: v for k, v in row.items() if k.startswith("loss")})
+                signum = stop.requested(world)
+                if signum:
+                    checkpoint(output / LAST)
+                    raise Stopped(state.global_step, signum)
                 if cfg.train.save_every_steps and state.global_step % cfg.train.save_every_steps == 0 and state.step_in_epoch < n_steps:
                     checkpoint(output / LAST)
                 if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from opera.engine.optim import lr_at
+from opera.engine.rundir import owns_output
 from opera.errors import OperaError, suggest
 from opera.evals.common import (
     EvalConfig,
@@ -236,6 +237,7 @@ def _autocast(device: torch.device, amp: str):
 
 
 # ----------------------------------------------------------------------------- the protocol
+@owns_output("fine-tuning")
 def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, protocol: str = "finetune") -> dict:
     """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict."""
     from timm.data import Mixup

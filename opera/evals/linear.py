@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera.engine.optim import lr_at
+from opera.engine.rundir import owns_output
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
@@ -170,6 +171,7 @@ def train_linear_head(train_feats: torch.Tensor | None, train_labels: torch.Tens
     return head, metrics
 
 
+@owns_output("linear evaluation")
 def run_linear(cfg: LinearConfig, loaded=None) -> dict:
     """Linear evaluation of ``cfg.checkpoint`` on ``cfg.data``; returns the results dict."""
     from opera.backbones import pooled_features

@@ -1,0 +1,107 @@
+"""SIGTERM / SIGINT finish the current step, write last.pt at that step and exit non-zero with one
+line; a second Ctrl-C aborts at once; a second run started meanwhile is refused (issue 12).
+Real processes, real signals."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from opera.engine.checkpoint import LAST, atomic_write, load_state, save_state
+
+LONG = ["--epochs", "60"]  # 540 steps: the signal always arrives mid-run
+
+
+def logged_step(output: Path) -> int:
+    path = output / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return max((r.get("step", 0) for r in rows), default=0)
+
+
+def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, output: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while logged_step(output) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    assert logged_step(output) >= step
+
+
+def test_sigterm_stops_after_the_step_with_last_pt_at_that_step(tmp_path, child):
+    opera_argv, env = child
+    out = tmp_path / "run"
+    proc = start(opera_argv(out, *LONG), env)
+    wait_for_step(proc, out, 2)
+    second = subprocess.run(opera_argv(out, *LONG), env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and f"in use by pid {proc.pid}" in second.stderr  # two runs, one directory
+
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    last = [line for line in stderr.strip().splitlines() if line.strip()][-1]
+    step = int(last.split("stopped at step ")[1].split(";")[0])
+    assert last == f"stopped at step {step}; rerun the same command to resume (SIGTERM; last.pt holds that step)"
+    assert "Traceback" not in stderr
+    assert int(load_state(out / LAST)["global_step"]) == step == logged_step(out)  # the step that was running finished
+    assert 2 <= step < 540
+
+    again = subprocess.run(opera_argv(out, *LONG, "--set", f"train.max_steps={step + 1}"), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"step {step}" in again.stdout and "resuming from" in again.stdout
+    assert int(load_state(out / LAST)["global_step"]) == step + 1
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path, child):
+    opera_argv, env = child
+    out = tmp_path / "run"
+    proc = start(opera_argv(out, *LONG, "--batch-size", "256"), env)  # long steps: the second signal lands mid-step
+    wait_for_step(proc, out, 1)  # step 2 has just begun
+    proc.send_signal(signal.SIGINT)
+    first = ""
+    while not first.strip():  # the handler ran (its line): the step is still finishing
+        first = proc.stderr.readline()
+    assert "SIGINT received: finishing the current step" in first
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "SIGINT again: aborting at once" in stderr
+    assert "stopped at step" not in stderr and "Traceback" not in stderr
+    assert not list(out.glob(".last.pt.*.tmp"))  # an aborted write leaves no temporary file
+    if (out / LAST).exists():
+        load_state(out / LAST)  # and whatever last.pt there is, is intact
+
+
+def test_ctrl_c_inside_torch_save_is_an_interrupt_not_an_error(tmp_path):
+    """torch wraps what a Python file's write raises in a RuntimeError; a second Ctrl-C landing
+    in a checkpoint write must still abort as KeyboardInterrupt, leaving the previous file."""
+    save_state({"global_step": 1}, tmp_path / LAST)
+
+    def write(tmp: str) -> None:
+        class Interrupted(io.FileIO):
+            def write(self, b):  # the signal handler raising in the middle of the file's writes
+                if self.tell() > 0:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the real SIGINT is handled here, by Python's default handler
+                return super().write(b)
+
+        with Interrupted(tmp, "w") as f:
+            torch.save({"global_step": 2, "w": torch.randn(1 << 16)}, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / LAST, write)
+    assert int(load_state(tmp_path / LAST)["global_step"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]

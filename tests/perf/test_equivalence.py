@@ -117,10 +117,11 @@ def reference_step(h: SupervisionHierarchy, opt: torch.optim.Optimizer, views, l
 # --------------------------------------------------------------------------- optimizers
 def _lars_params(channels_last: bool = False):
     g = torch.Generator().manual_seed(3)
-    shapes = [(8, 4, 3, 3), (16, 8), (8,), (8,), (3, 5), (4, 4, 1, 1)]
+    shapes = [(8, 4, 3, 3), (16, 8), (8,), (8,), (3, 5), (4, 4, 1, 1), (6, 2)]
     params = [nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
     with torch.no_grad():
         params[4].zero_()  # |p| = 0: trust ratio 1
+        params[6].mul_(0.01)  # 0 < |p| < 1: still a trust ratio eta |p| / |g|
     if channels_last:
         params = [nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last)) if p.ndim == 4 else p for p in params]
     return params

@@ -47,6 +47,7 @@ class SceneConfig:
     max_overlap: float = 0.3  # IoU above which a new digit's box is redrawn (up to 20 tries)
     stroke_threshold: float = 0.35  # fraction of full intensity that counts as a stroke
     min_visible: float = 0.3  # drop an occluded digit keeping less than this fraction of its strokes
+    texture: float = 1.0  # background contrast: 1 gives backgrounds in 0..~0.5, 0 a black one
 
     def check(self) -> None:
         lo, hi = self.scale
@@ -109,7 +110,7 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
 def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, cfg: SceneConfig) -> dict:
     """One scene (see the module docstring); ``labels`` are already 1..K."""
     size = cfg.canvas
-    img = _texture(rng, size)
+    img = _texture(rng, size) * cfg.texture
     owner = np.full((size, size), -1, np.int64)  # which instance owns each stroke pixel
     placed: list[tuple[int, int, int, int]] = []
     full_area: list[int] = []

@@ -102,7 +102,11 @@ def dense_target(cfg: TransferConfig, run_config: dict | None) -> str:
         parse_scenes_spec(spec)
         return spec
     target, pre = digits_target(cfg, run_config)
-    return target.replace("digits", "digit_scenes", 1) if pre else "digit_scenes"
+    if not pre:
+        return "digit_scenes"
+    from opera.data.specs import format_classes
+
+    return f"digit_scenes:{format_classes(parse_data(target).classes)}"
 
 
 def run_dense_transfer(cfg: TransferConfig) -> dict:

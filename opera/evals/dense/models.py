@@ -168,6 +168,22 @@ class FCNHead(nn.Module):
         return self.classifier(y)
 
 
+class LinearHead(nn.Module):
+    """A dense linear probe (DINOv2's linear segmentation head, all levels): every map upsampled
+    to stride 4, concatenated, BatchNorm, one 1x1 convolution. With ``freeze_backbone`` it
+    measures the frozen features, not what a deep head can learn on top of them."""
+
+    def __init__(self, in_channels: list[int], num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(sum(in_channels))
+        self.classifier = nn.Conv2d(sum(in_channels), num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        x = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1)
+        return self.classifier(self.bn(x))
+
+
 class Segmenter(nn.Module):
     """Backbone + decode head (+ an auxiliary FCN head on the stride-16 map, as mmseg's
     UperNet configs use with weight 0.4). ``forward`` gives logits at the input size."""
@@ -181,14 +197,16 @@ class Segmenter(nn.Module):
             self.decode_head: nn.Module = UperNetHead(ch, channels, num_classes)
         elif head == "fcn":
             self.decode_head = FCNHead(ch[-1], channels, num_classes)
+        elif head == "linear":
+            self.decode_head = LinearHead(ch, num_classes)
         else:
-            raise OperaError(f"unknown segmentation head {head!r}; valid: upernet, fcn")
+            raise OperaError(f"unknown segmentation head {head!r}; valid: upernet, fcn, linear")
         self.head = head
         self.aux_head = FCNHead(ch[2], aux_channels, num_classes, num_convs=1, concat_input=False) if aux_channels else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         feats = self.backbone(x)
-        logits = self.decode_head(feats if self.head == "upernet" else feats[-1])
+        logits = self.decode_head(feats[-1] if self.head == "fcn" else feats)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         aux = None
         if self.aux_head is not None and self.training:

@@ -70,7 +70,7 @@ class DenseConfig(EvalConfig):
     save_every: int = 0  # iterations between dense_last.pt writes (0: none)
     eval_batch_size: int = 8
     # segmentation
-    head: str = "upernet"  # upernet | fcn
+    head: str = "upernet"  # upernet | fcn | linear
     channels: int = 512
     aux_channels: int = 256  # 0: no auxiliary FCN head
     aux_weight: float = 0.4
@@ -102,6 +102,7 @@ class DenseConfig(EvalConfig):
     scene_train: int = 600
     scene_val: int = 200
     scene_seed: int = 0
+    scene_texture: float = 1.0  # background contrast of the scenes (0: black, as the digits)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -156,7 +157,7 @@ def _validate(cfg: DenseConfig) -> None:
     choose("--suite", cfg.task, TASKS)
     choose("optimizer", cfg.optimizer, ("sgd", "adamw"))
     choose("schedule", cfg.schedule, ("poly", "step", "cosine"))
-    choose("head", cfg.head, ("upernet", "fcn"))
+    choose("head", cfg.head, ("upernet", "fcn", "linear"))
     for name in ("iters", "batch_size", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise OperaError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -170,7 +171,8 @@ def scene_config(cfg: DenseConfig):
     from opera.data.digit_scenes import SceneConfig
 
     return SceneConfig(canvas=cfg.scene_canvas, min_digits=cfg.scene_digits[0], max_digits=cfg.scene_digits[1],
-                       scale=tuple(cfg.scene_scale), train_scenes=cfg.scene_train, val_scenes=cfg.scene_val, seed=cfg.scene_seed)
+                       scale=tuple(cfg.scene_scale), train_scenes=cfg.scene_train, val_scenes=cfg.scene_val, seed=cfg.scene_seed,
+                       texture=cfg.scene_texture)
 
 
 # ----------------------------------------------------------------------------- schedule and optimizer
@@ -181,7 +183,7 @@ def lr_factor(cfg: DenseConfig, it: int) -> float:
         f = (1 - it / cfg.iters) ** cfg.poly_power
         f = f * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr
     elif cfg.schedule == "step":
-        f = cfg.lr_gamma ** sum(it >= s * cfg.iters for s in cfg.lr_steps)
+        f = cfg.lr_gamma ** sum(it >= round(s * cfg.iters) for s in cfg.lr_steps)
     else:
         f = 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
     if it < cfg.warmup_iters:
@@ -329,11 +331,11 @@ def train(cfg: DenseConfig, model: nn.Module, dataset, device: torch.device, run
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
-        final = {"loss": float(loss), **{f"loss/{k}": float(v) for k, v in losses.items()}}
+        final = {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in losses.items()}}
         if it % 20 == 0 or it + 1 == cfg.iters:
             for k, v in final.items():
                 run.log(f"{cfg.task}/{k}", v, it)
-            print(f"iter {it + 1}/{cfg.iters} loss={float(loss):.4f} lr={opt.param_groups[0]['lr']:.3g} [{time.time() - t0:.0f}s]", flush=True)
+            print(f"iter {it + 1}/{cfg.iters} loss={final['loss']:.4f} lr={opt.param_groups[0]['lr']:.3g} [{time.time() - t0:.0f}s]", flush=True)
         if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iters:
             save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "iter": it + 1}, last)
         if it + 1 >= cfg.iters:

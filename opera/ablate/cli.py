@@ -47,7 +47,8 @@ TRANSFER_HELP = ("Held-out data spec for the transfer evaluations: auto (the dig
 CONFIG_HELP = "Base recipe: ablate_digits (default, opera/ablate/recipes), ablate_digits_vit, any 'opera configs list' name, or a YAML path."
 SET_HELP = "Override any config key of every variant, repeatable: --set train.epochs=5."
 OUTPUT_HELP = "Study directory (rerunning into it resumes: finished cells are not rerun). Default: runs/ablate/<study>."
-EVALS_HELP = "Evaluations of every cell, in-domain and on --transfer: linear (frozen linear probe) and/or knn."
+EVALS_HELP = ("Evaluations of every cell: linear (frozen linear probe) and/or knn, in-domain and on --transfer; "
+              "segmentation and/or detection: fine-tuned on the digit scenes of the --transfer classes (mIoU, box/mask AP).")
 EVAL_SET_HELP = "Evaluation option, repeatable: --eval-set linear.epochs=30 --eval-set knn.k=10."
 JOBS_HELP = "Cells run at once on this machine (spawned processes, logs in <cell>/log.txt). Default: 2 on >= 2 cores."
 THREADS_HELP = "torch threads per cell. Default: cores / jobs (1 with 2 jobs on 2 cores: no spinning threads on a shared CPU)."

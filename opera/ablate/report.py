@@ -35,6 +35,9 @@ LABELS = {
     "knn/top1": "kNN top-1",
     "transfer_linear/top1": "transfer linear top-1",
     "transfer_knn/top1": "transfer kNN top-1",
+    "segmentation/miou": "segmentation mIoU",
+    "detection/box_ap": "detection box AP",
+    "detection/mask_ap": "detection mask AP",
 }
 
 

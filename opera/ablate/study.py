@@ -17,6 +17,12 @@ Evaluations (``--evals linear,knn``): each runs *in-domain* (on the pretraining 
 classifier on its train split, accuracy on its val split) and, when the study has a transfer data
 spec, on the *held-out classes* (``transfer_linear``, ``transfer_knn``). The default study data
 is ``digits:0-6`` with transfer to ``digits:7-9`` (classes never seen during pretraining).
+
+Dense evaluations (``--evals linear,knn,segmentation``; also ``detection``) fine-tune the cell's
+backbone on the digit scenes (:mod:`opera.evals.dense`, recipes ``digits_segmentation`` /
+``digits_detection``) of the held-out classes (``digit_scenes:7-9``; the pretraining classes
+when the study has no digits transfer spec) and report ``segmentation/miou`` or
+``detection/box_ap`` and ``detection/mask_ap``: Fig. 4 (right)'s dense side of the arrangements.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ CELLS = "cells"
 RECIPES = Path(__file__).parent / "recipes"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # .../opera
 DEFAULT_RECIPE = "ablate_digits"  # opera/ablate/recipes/ablate_digits.yaml
-EVALS = ("linear", "knn")
+EVALS = ("linear", "knn", "segmentation", "detection")
+DENSE_EVALS = ("segmentation", "detection")
 KINDS = ("arrangements", "hierarchy", "sweep")
 RUN_PLACE = (("train", "device"), ("data", "workers"))  # may differ between the runs of one study
 
@@ -208,11 +215,12 @@ class Study:
                          f"its variants: {', '.join(v.name for v in self.variants)}")
 
     def eval_plan(self) -> list[tuple[str, str, str]]:
-        """``(name, protocol, data)`` of every evaluation of a cell, in order."""
-        plan = [(e, e, self.data) for e in self.evals]
+        """``(name, protocol, data)`` of every evaluation of a cell, in order (dense ones once,
+        on :func:`dense_data`)."""
+        plan = [(e, e, self.data) for e in self.evals if e not in DENSE_EVALS]
         if self.transfer:
-            plan += [(f"transfer_{e}", e, self.transfer) for e in self.evals]
-        return plan
+            plan += [(f"transfer_{e}", e, self.transfer) for e in self.evals if e not in DENSE_EVALS]
+        return plan + [(e, e, dense_data(self.data, self.transfer)) for e in self.evals if e in DENSE_EVALS]
 
     def cells(self) -> list[tuple[Variant, int]]:
         """Every (variant, seed), seed-major: one seed of every variant finishes first."""
@@ -307,6 +315,20 @@ def default_transfer(data: str) -> str | None:
     return f"digits:{format_classes(rest)}" if rest else None
 
 
+def dense_data(data: str, transfer: str | None) -> str:
+    """The digit scenes of the transfer classes (``digits:7-9`` -> ``digit_scenes:7-9``), else of
+    the pretraining classes; a study on other data has no dense evaluation here."""
+    from opera.data import parse_data_spec
+    from opera.data.specs import format_classes
+
+    for spec in (transfer, data):
+        if spec and parse_data_spec(spec).name == "digits":
+            classes = parse_data_spec(spec).classes
+            return f"digit_scenes:{format_classes(classes)}" if classes else "digit_scenes"
+    raise OperaError(f"dense evaluations in a study run on the digit scenes and need digits data, got --data {data!r}; "
+                     "drop segmentation/detection from --evals or run opera run transfer --suite segmentation --root ... per checkpoint")
+
+
 def _eval_config_class(protocol: str):
     if protocol == "linear":
         from opera.evals.linear import LinearConfig
@@ -316,11 +338,15 @@ def _eval_config_class(protocol: str):
         from opera.evals.knn import KNNConfig
 
         return KNNConfig
+    if protocol in DENSE_EVALS:
+        from opera.evals.dense import DenseConfig
+
+        return DenseConfig
     raise OperaError(f"unknown evaluation {protocol!r}{suggest(protocol, EVALS)}; valid: {', '.join(EVALS)}")
 
 
 #: set by the study for every evaluation (not user options)
-_EVAL_OWNED = ("checkpoint", "data", "output", "seed", "device")
+_EVAL_OWNED = ("checkpoint", "data", "output", "seed", "device", "task")
 
 
 def parse_eval_options(items: list[str], evals: list[str]) -> dict[str, dict[str, Any]]:
@@ -426,6 +452,8 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
         transfer = None
     if transfer is not None:
         parse_data_spec(transfer)
+    if any(e in DENSE_EVALS for e in evals):
+        dense_data(cfg.data.spec, transfer)
     base = _json_roundtrip(config_to_dict(cfg))
     study = Study(kind=kind, command=command, variants=variants, seeds=[cfg.train.seed + i for i in range(seeds)],
                   evals=evals, base=base, transfer=transfer, eval_options=parse_eval_options(list(eval_options or []), evals),
@@ -481,6 +509,11 @@ def read_cell(path: Path) -> dict[str, Any] | None:
 def _eval_config(study: Study, protocol: str, data: str, checkpoint: Path, output: Path, seed: int, device: str):
     cls = _eval_config_class(protocol)
     opts = {"tensorboard": False, **study.eval_options.get(protocol, {})}
+    if protocol in DENSE_EVALS:
+        from opera.evals.dense import dense_config
+
+        return dense_config(protocol, opts.pop("recipe", None), checkpoint=str(checkpoint), data=data, output=str(output),
+                            seed=seed, device=device, **opts)
     return cls(checkpoint=str(checkpoint), data=data, output=str(output), seed=seed, device=device, **opts)
 
 
@@ -495,9 +528,23 @@ def _run_eval(study: Study, protocol: str, data: str, checkpoint: Path, output: 
             from opera.evals.linear import run_linear
 
             return run_linear(ecfg)
+        if protocol in DENSE_EVALS:
+            from opera.evals.dense import run_dense
+
+            return run_dense(ecfg)
         from opera.evals.knn import run_knn
 
         return run_knn(ecfg)
+
+
+#: the scalars a cell keeps of each evaluation's results.json metrics: key there -> key in cell.json
+CELL_METRICS = {"top1": "top1", "top5": "top5", "mIoU": "miou", "box_AP": "box_ap", "mask_AP": "mask_ap"}
+
+
+def cell_metrics(name: str, metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"<eval>/top1": ..}`` (classification) or ``{"segmentation/miou": ..}`` (dense)."""
+    return {f"{name}/{short}": float(metrics[k]) for k, short in CELL_METRICS.items()
+            if isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)}
 
 
 def _final_losses(metrics_file: Path) -> dict[str, float]:
@@ -563,10 +610,8 @@ def run_cell(study_dir: str | Path, variant: str, seed: int, nproc: int = 1) -> 
             res = _run_eval(study, protocol, data, pre_dir, edir, seed, device)
             top1 = (res.get("metrics") or {}).get("top1")
             print(f"eval {name} on {data}: top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else f"eval {name} done", flush=True)
-        for k in ("top1", "top5"):
-            val = (res.get("metrics") or {}).get(k)
-            if isinstance(val, (int, float)):
-                metrics[f"{name}/{k}"] = float(val)
+        for key, value in cell_metrics(name, res.get("metrics") or {}).items():
+            metrics[key] = value
         evals[name] = str(res_file.relative_to(cdir))
     losses = _final_losses(pre_dir / "metrics.jsonl")
     record = {
@@ -608,7 +653,7 @@ def run_cell_logged(study_dir: str, variant: str, seed: int) -> dict[str, Any]:
 def _summary(rec: dict[str, Any]) -> str:
     from opera.ablate.report import label
 
-    parts = [f"{label(k)} {v:.1f}" for k, v in rec.get("metrics", {}).items() if k.endswith("/top1")]
+    parts = [f"{label(k)} {v:.1f}" for k, v in rec.get("metrics", {}).items() if k.endswith(("/top1", "/miou", "/box_ap", "/mask_ap"))]
     return f"{', '.join(parts)} [{float(rec.get('cell_s', 0)) / 60:.1f} min]"
 
 

@@ -123,14 +123,15 @@ def finetune(
 
 def transfer(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
-    suite: str = typer.Option("digits", "--suite", help="classification: CIFAR-10/100, Flowers-102, Pets from --root (fine-tuning, 100 epochs; Table 3). digits: linear, k-NN and fine-tuning on digits classes held out from pretraining."),
-    root: Optional[str] = typer.Option(None, "--root", help="classification: folder holding cifar-10-batches-py/, cifar-100-python/, flowers-102/, oxford-iiit-pet/ (never downloaded)."),
+    suite: str = typer.Option("digits", "--suite", help="classification: CIFAR-10/100, Flowers-102, Pets from --root (fine-tuning, 100 epochs; Table 3). digits: linear, k-NN and fine-tuning on digits classes held out from pretraining. segmentation: UperNet/FCN mIoU on ADE20K (--root) or the digit scenes (Table 4). detection: Mask R-CNN R50-FPN box/mask AP on COCO (--root) or the digit scenes (Table 5)."),
+    root: Optional[str] = typer.Option(None, "--root", help="classification: folder holding cifar-10-batches-py/, cifar-100-python/, flowers-102/, oxford-iiit-pet/. segmentation: folder holding ADEChallengeData2016/. detection: COCO folder with annotations/instances_{train,val}2017.json, train2017/, val2017/. Never downloaded."),
     datasets: Optional[str] = typer.Option(None, "--datasets", help="classification: comma-separated subset of cifar10,cifar100,flowers102,pets."),
-    target: Optional[str] = typer.Option(None, "--target", help="digits: held-out data spec. Default: the digits classes absent from the run's pretraining data, else digits:5-9."),
+    target: Optional[str] = typer.Option(None, "--target", help="digits: held-out data spec. Default: the digits classes absent from the run's pretraining data, else digits:5-9. segmentation/detection without --root: digit_scenes:5-9 (default: those held-out classes, else all ten)."),
     protocols: str = typer.Option("linear,knn,finetune", "--protocols", help="digits: comma-separated protocols."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json (and one subfolder per dataset/protocol)."),
-    recipe: str = typer.Option("auto", "--recipe", help="Fine-tuning recipe; auto: transfer (classification) or digits."),
+    recipe: str = typer.Option("auto", "--recipe", help="Fine-tuning recipe; auto: transfer (classification) or digits. Dense suites: ade20k_upernet_160k, ade20k_fcn_160k, coco_maskrcnn_r50_fpn_1x, digits_segmentation, digits_detection or a YAML path (auto: the paper's for --root, digits_* for the scenes)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the recipe's fine-tuning epochs."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="segmentation/detection: override the recipe's iterations."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the recipe's fine-tuning batch size."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
     img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
@@ -138,12 +139,12 @@ def transfer(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
 ) -> None:
-    """Transfer to other classification datasets (Table 3), or to held-out digits classes."""
+    """Transfer to other classification datasets (Table 3), to held-out digits classes, or to dense tasks (Tables 4-5)."""
     from opera.evals.transfer import TransferConfig, run_transfer
 
     run_transfer(TransferConfig(checkpoint=checkpoint, suite=suite, root=root, datasets=datasets, target=target,
                                 protocols=protocols, output=str(output or _default_output(f"transfer_{suite}", checkpoint)),
-                                recipe=recipe, epochs=epochs, batch_size=batch_size, backbone=backbone,
+                                recipe=recipe, epochs=epochs, iters=iters, batch_size=batch_size, backbone=backbone,
                                 img_size=img_size, seed=seed, device=device, workers=workers))
 
 

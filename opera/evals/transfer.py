@@ -9,8 +9,16 @@
   ``digits:0-4``) is evaluated by linear probe, k-NN and fine-tuning on the held-out classes
   (``--target``, default: the digits classes absent from pretraining, else ``digits:5-9``).
 
+* ``--suite segmentation`` / ``--suite detection``: dense transfer (§4.3, Tables 4-5; see
+  :mod:`opera.evals.dense`): UperNet/FCN mIoU on ADE20K (``--root`` holding
+  ``ADEChallengeData2016/``) or Mask R-CNN R50-FPN box/mask AP on COCO (``--root`` holding
+  ``annotations/instances_*2017.json``, ``train2017/``, ``val2017/``); without ``--root`` the
+  embedded digit scenes (``--target digit_scenes:5-9``; default: the digits classes absent from
+  pretraining, else all ten). ``--recipe`` picks a dense recipe (default: the paper's for real
+  data, ``digits_segmentation`` / ``digits_detection`` for the scenes).
+
 Each dataset / protocol writes its own ``results.json`` under ``OUTPUT/<name>/``; the suite's
-``OUTPUT/results.json`` collects their top-1 accuracies.
+``OUTPUT/results.json`` collects their top-1 accuracies (mIoU / AP for the dense suites).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from typing import Any
 from opera.errors import OperaError
 from opera.evals.common import EvalConfig, EvalRun, choose, load_eval_backbone, parse_data
 
-SUITES = ("classification", "digits")
+SUITES = ("classification", "digits", "segmentation", "detection")
+DENSE_SUITES = ("segmentation", "detection")
 CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
 DIGITS_PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -32,7 +41,8 @@ class TransferConfig(EvalConfig):
     data: str = ""  # unused: the suite names the data (recorded per dataset)
     root: str | None = None  # classification: folder holding the torchvision datasets
     datasets: str | None = None  # classification: comma-separated subset of cifar10,cifar100,flowers102,pets
-    target: str | None = None  # digits: held-out data spec
+    target: str | None = None  # digits: held-out data spec; dense: the digit scenes spec
+    iters: int | None = None  # dense: overrides the recipe's iterations
     protocols: str = "linear,knn,finetune"  # digits: which protocols
     recipe: str = "auto"  # fine-tuning recipe: auto = transfer (classification) / digits
     epochs: int | None = None  # overrides the recipe's fine-tuning epochs
@@ -78,12 +88,50 @@ def _finetune_cfg(cfg: TransferConfig, data: str, output: str, default_recipe: s
                            tensorboard=cfg.tensorboard, epochs=cfg.epochs, batch_size=cfg.batch_size)
 
 
+def dense_target(cfg: TransferConfig, run_config: dict | None) -> str:
+    """The dense data spec: ``coco=ROOT`` / ``ade20k=ROOT`` with ``--root``, else the digit scenes
+    of ``--target`` or of the digits classes held out from pretraining (all ten without one)."""
+    if cfg.root:
+        if cfg.target:
+            raise OperaError(f"--target {cfg.target!r} selects digit scenes, but --root names real data; drop one of them")
+        return f"{'ade20k' if cfg.suite == 'segmentation' else 'coco'}={cfg.root}"
+    if cfg.target:
+        spec = cfg.target.replace("digits", "digit_scenes", 1) if cfg.target.startswith("digits") and not cfg.target.startswith("digit_scenes") else cfg.target
+        from opera.data.digit_scenes import parse_scenes_spec
+
+        parse_scenes_spec(spec)
+        return spec
+    target, pre = digits_target(cfg, run_config)
+    if not pre:
+        return "digit_scenes"
+    from opera.data.specs import format_classes
+
+    return f"digit_scenes:{format_classes(parse_data(target).classes)}"
+
+
+def run_dense_transfer(cfg: TransferConfig) -> dict:
+    """``--suite segmentation|detection`` (one dataset: ADE20K / COCO or the digit scenes)."""
+    from opera.evals.dense import dense_config, run_dense
+    from opera.evals.dense.data import build_dense_dataset
+
+    if cfg.root:  # a missing dataset fails before any model is built
+        build_dense_dataset(dense_target(cfg, None), "val", cfg.suite)
+    loaded = load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, None, cfg.seed)
+    data = dense_target(cfg, loaded.run_config)
+    dcfg = dense_config(cfg.suite, cfg.recipe, checkpoint=cfg.checkpoint, data=data, output=cfg.output, backbone=cfg.backbone,
+                        img_size=cfg.img_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
+                        tensorboard=cfg.tensorboard, iters=cfg.iters, batch_size=cfg.batch_size)
+    return run_dense(dcfg, loaded=loaded, protocol=f"transfer-{cfg.suite}")
+
+
 def run_transfer(cfg: TransferConfig) -> dict:
     from pathlib import Path
 
     from opera.data import build_dataset
 
     choose("--suite", cfg.suite, SUITES)
+    if cfg.suite in DENSE_SUITES:
+        return run_dense_transfer(cfg)
     if cfg.suite == "classification":
         if not cfg.root:
             raise OperaError("--suite classification needs --root, the folder holding cifar-10-batches-py/, cifar-100-python/, flowers-102/ and oxford-iiit-pet/")

@@ -1,0 +1,424 @@
+"""Dense transfer (paper §4.3, Appendix C.2-C.3): fine-tune a pretrained backbone for semantic
+segmentation or detection + instance segmentation and score it.
+
+* ``task="segmentation"``: :class:`~opera.evals.dense.models.Segmenter` (UperNet, or FCN on a
+  dilated backbone) trained with pixel cross-entropy (+ 0.4 x an auxiliary FCN head), scored by
+  mIoU / mAcc / aAcc from an exact confusion matrix.
+* ``task="detection"``: torchvision's Mask R-CNN (or Faster R-CNN, ``masks: false``) with an FPN,
+  scored by pycocotools' box and mask AP.
+
+Recipes (``opera/evals/dense/recipes``) hold every option; options given explicitly win:
+
+============================  ======================================================================
+``ade20k_upernet_160k``       Table 4 / §4.4 ablations (DeiTs): UperNet + FCN aux (0.4), SGD lr 0.01,
+                              momentum 0.9, wd 5e-4, poly (0.9) to 1e-4, 160k iters, batch 16,
+                              512x512 crops of (2048, 512) x [0.5, 2] resizes, flip (mmseg).
+``ade20k_fcn_160k``           Table 4 (R50): FCN on the dilated R50-D8 (``output_stride: 8``), rest as above.
+``coco_maskrcnn_r50_fpn_1x``  Table 5: Mask R-CNN R50-FPN, SGD lr 0.02, momentum 0.9, wd 1e-4,
+                              batch 16, 90k iters (12 epochs), x0.1 at 60k and 80k, 500 warmup
+                              iters, (1333, 800) resize, flip (mmdet's 1x).
+``digits_segmentation``       digit scenes on a CPU in about a minute.
+``digits_detection``          digit scenes with a narrow Mask R-CNN on a CPU in a few minutes.
+============================  ======================================================================
+
+Long runs keep ``OUTPUT/dense_last.pt`` (model, optimizer, iteration, RNG; written atomically
+every ``save_every`` iterations, read back with ``weights_only=True``); rerunning the same command
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opera.errors import OperaError, suggest
+from opera.evals.common import EvalConfig, EvalRun, LoadedBackbone, choose, load_eval_backbone, resolve_device, seed_everything
+
+RECIPES = Path(__file__).parent / "recipes"
+TASKS = ("segmentation", "detection")
+LAST = "dense_last.pt"
+
+
+@dataclass
+class DenseConfig(EvalConfig):
+    task: str = "segmentation"  # segmentation | detection
+    data: str = "digit_scenes"  # digit_scenes[:classes] | coco=ROOT | ade20k=ROOT
+    recipe: str | None = None
+    iters: int = 160000
+    batch_size: int = 16
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "poly"  # poly | step | cosine
+    poly_power: float = 0.9
+    min_lr: float = 1e-4
+    lr_steps: tuple[float, ...] = (2 / 3, 8 / 9)  # step: fractions of iters where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    warmup_iters: int = 0
+    warmup_factor: float = 0.001
+    freeze_backbone: bool = False  # a frozen-backbone probe instead of fine-tuning (not the paper's protocol)
+    clip_grad: float | None = None
+    save_every: int = 0  # iterations between dense_last.pt writes (0: none)
+    eval_batch_size: int = 8
+    # segmentation
+    head: str = "upernet"  # upernet | fcn | linear
+    channels: int = 512
+    aux_channels: int = 256  # 0: no auxiliary FCN head
+    aux_weight: float = 0.4
+    output_stride: int | None = None  # 8: dilated CNN (R50-D8 of FCN)
+    crop_size: int | None = 512
+    scale: tuple[int, int] | None = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    flip: bool = True
+    # detection
+    masks: bool = True  # Mask R-CNN (box + mask AP) or Faster R-CNN (box AP)
+    fpn_channels: int = 256
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    min_size: int = 800
+    max_size: int = 1333
+    box_representation: int = 1024
+    mask_channels: int = 256
+    mask_convs: int = 4
+    rpn_batch: int = 256
+    roi_batch: int = 512
+    rpn_pre_nms: tuple[int, int] = (2000, 1000)
+    rpn_post_nms: tuple[int, int] = (2000, 1000)
+    norm_eval: bool = True  # backbone BatchNorm statistics frozen (mmdet's R50 norm_eval)
+    frozen_stages: int = 1  # CNN stages frozen: 0 none, 1 the stem + layer1 (mmdet's R50)
+    vit_channels: int = 256  # ViTs: channels of the simple feature pyramid
+    # digit scenes
+    scene_canvas: int = 64
+    scene_digits: tuple[int, int] = (2, 4)
+    scene_scale: tuple[int, int] = (16, 32)
+    scene_train: int = 600
+    scene_val: int = 200
+    scene_seed: int = 0
+    scene_texture: float = 1.0  # background contrast of the scenes (0: black, as the digits)
+
+
+# ----------------------------------------------------------------------------- recipes
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def default_recipe(task: str, data: str) -> str:
+    from opera.evals.dense.data import parse_dense_spec
+
+    kind = parse_dense_spec(data).kind
+    if kind == "digit_scenes":
+        return f"digits_{task}"
+    return "ade20k_upernet_160k" if task == "segmentation" else "coco_maskrcnn_r50_fpn_1x"
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    import yaml
+
+    path = Path(name).expanduser()
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPES / f"{name}.yaml"
+        if not path.is_file():
+            raise OperaError(f"unknown dense recipe {name!r}{suggest(name, list_recipes())}; valid: {', '.join(list_recipes())} or a YAML path")
+    elif not path.is_file():
+        raise OperaError(f"dense recipe file {path} does not exist; pass a YAML file or one of {', '.join(list_recipes())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    fields = {f.name: f for f in dataclasses.fields(DenseConfig)}
+    for key, value in data.items():
+        if key not in fields:
+            raise OperaError(f"unknown key {key!r} in dense recipe {path}{suggest(key, sorted(fields))}")
+        if isinstance(value, list):
+            data[key] = tuple(value)
+    return data
+
+
+def dense_config(task: str, recipe: str | None = "auto", **options: Any) -> DenseConfig:
+    """Defaults < recipe (``auto``: :func:`default_recipe`) < ``options`` that are not None."""
+    choose("--suite", task, TASKS)
+    data = options.get("data") or DenseConfig.data
+    name = default_recipe(task, data) if recipe in (None, "auto") else recipe
+    values = load_recipe(name)
+    values.update({k: v for k, v in options.items() if v is not None})
+    valid = {f.name for f in dataclasses.fields(DenseConfig)}
+    bad = [k for k in values if k not in valid]
+    if bad:
+        raise OperaError(f"unknown dense option {bad[0]!r}{suggest(bad[0], sorted(valid))}")
+    return DenseConfig(**{**values, "task": task, "recipe": name})
+
+
+def _validate(cfg: DenseConfig) -> None:
+    choose("--suite", cfg.task, TASKS)
+    choose("optimizer", cfg.optimizer, ("sgd", "adamw"))
+    choose("schedule", cfg.schedule, ("poly", "step", "cosine"))
+    choose("head", cfg.head, ("upernet", "fcn", "linear"))
+    for name in ("iters", "batch_size", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise OperaError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise OperaError(f"lr must be positive, got {cfg.lr}")
+    if cfg.batch_size < 2 and cfg.task == "segmentation":
+        raise OperaError("segmentation trains BatchNorm heads and needs batch_size >= 2")
+
+
+def scene_config(cfg: DenseConfig):
+    from opera.data.digit_scenes import SceneConfig
+
+    return SceneConfig(canvas=cfg.scene_canvas, min_digits=cfg.scene_digits[0], max_digits=cfg.scene_digits[1],
+                       scale=tuple(cfg.scene_scale), train_scenes=cfg.scene_train, val_scenes=cfg.scene_val, seed=cfg.scene_seed,
+                       texture=cfg.scene_texture)
+
+
+# ----------------------------------------------------------------------------- schedule and optimizer
+def lr_factor(cfg: DenseConfig, it: int) -> float:
+    """The lr of iteration ``it`` over the base lr: linear warmup from ``warmup_factor``, then
+    poly (mmseg: ``(1 - it/iters)^power`` down to ``min_lr``), step (mmdet/Detectron) or cosine."""
+    if cfg.schedule == "poly":
+        f = (1 - it / cfg.iters) ** cfg.poly_power
+        f = f * (1 - cfg.min_lr / cfg.lr) + cfg.min_lr / cfg.lr
+    elif cfg.schedule == "step":
+        f = cfg.lr_gamma ** sum(it >= round(s * cfg.iters) for s in cfg.lr_steps)
+    else:
+        f = 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
+    if it < cfg.warmup_iters:
+        f *= cfg.warmup_factor + (1 - cfg.warmup_factor) * it / cfg.warmup_iters
+    return f
+
+
+def build_optimizer(cfg: DenseConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def freeze_stages(body: nn.Module, stages: int) -> None:
+    """mmdet's ``frozen_stages`` for timm ResNets: 1 freezes the stem and layer1."""
+    if stages <= 0 or not hasattr(body, "layer1"):
+        return
+    mods = [body.conv1, body.bn1] + [getattr(body, f"layer{i}") for i in range(1, stages + 1)]
+    for m in mods:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def set_train_mode(model: nn.Module, body: nn.Module, norm_eval: bool) -> None:
+    model.train()
+    if norm_eval:
+        for m in body.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# ----------------------------------------------------------------------------- models
+def build_model(cfg: DenseConfig, loaded: LoadedBackbone, num_classes: int) -> nn.Module:
+    """The segmenter or detector with the pretrained backbone at ``model.backbone.body``."""
+    from opera.evals.dense.models import DenseBackbone, Segmenter, build_detector, load_body, prepare_vit
+
+    body = load_body(loaded.spec or {}, loaded.model.state_dict(), loaded.source, output_stride=cfg.output_stride)
+    size = cfg.scene_canvas if cfg.data.startswith("digit_scenes") else (cfg.crop_size or cfg.min_size)
+    prepare_vit(body, size)
+    if cfg.task == "segmentation":
+        model: nn.Module = Segmenter(DenseBackbone(body, cfg.vit_channels), num_classes, cfg.head, cfg.channels, cfg.aux_channels)
+    else:
+        from opera.data import IMAGENET_MEAN, IMAGENET_STD
+
+        model = build_detector(body, num_classes, masks=cfg.masks, fpn_channels=cfg.fpn_channels, vit_channels=cfg.vit_channels,
+                               anchor_sizes=tuple(cfg.anchor_sizes), min_size=cfg.min_size, max_size=cfg.max_size,
+                               box_representation=cfg.box_representation, mask_channels=cfg.mask_channels,
+                               mask_convs=cfg.mask_convs, rpn_batch=cfg.rpn_batch, roi_batch=cfg.roi_batch,
+                               rpn_pre_nms=tuple(cfg.rpn_pre_nms), rpn_post_nms=tuple(cfg.rpn_post_nms),
+                               image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+        freeze_stages(body, cfg.frozen_stages)
+    if cfg.freeze_backbone:
+        for p in body.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    from opera.data import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------- training
+def _batches(dataset, batch_size: int, gen: torch.Generator, start_it: int):
+    """Seeded shuffled batches forever (epoch after epoch, drop_last), from iteration ``start_it``."""
+    n = len(dataset)
+    per_epoch = max(1, n // batch_size)
+    it = start_it
+    while True:
+        epoch, k = divmod(it, per_epoch)
+        g = torch.Generator().manual_seed(int(gen.initial_seed()) + epoch)
+        perm = torch.randperm(n, generator=g)
+        for j in range(k, per_epoch):
+            yield it, [dataset[int(i)] for i in perm[j * batch_size:(j + 1) * batch_size]]
+            it += 1
+
+
+def _seg_loss(cfg: DenseConfig, model: nn.Module, batch, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    from opera.evals.dense.data import IGNORE, seg_train_augment
+
+    imgs, labs = [], []
+    for img, t in batch:
+        img, sem = seg_train_augment(img, t["semantic"], gen, cfg.crop_size if cfg.scale else None, cfg.scale,
+                                     tuple(cfg.ratio_range), cfg.flip)
+        imgs.append(img)
+        labs.append(sem)
+    x, y = _normalise(torch.stack(imgs).to(device)), torch.stack(labs).to(device)
+    logits, aux = model(x)
+    losses = {"decode": F.cross_entropy(logits, y, ignore_index=IGNORE)}
+    if aux is not None:
+        losses["aux"] = cfg.aux_weight * F.cross_entropy(aux, y, ignore_index=IGNORE)
+    return losses
+
+
+def _det_loss(cfg: DenseConfig, model: nn.Module, batch, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    from opera.evals.dense.data import hflip_detection
+
+    imgs, targets = [], []
+    for img, t in batch:
+        if cfg.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            img, t = hflip_detection(img, t)
+        imgs.append(img.to(device).float() / 255)
+        tt = {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)}
+        if cfg.masks:
+            tt["masks"] = t["masks"].to(device)
+        targets.append(tt)
+    return model(imgs, targets)
+
+
+def train(cfg: DenseConfig, model: nn.Module, dataset, device: torch.device, run: EvalRun, out: Path) -> dict[str, float]:
+    """``cfg.iters`` iterations; resumes from ``OUTPUT/dense_last.pt`` when it is there."""
+    from opera.engine.checkpoint import load_state, save_state
+
+    body = model.backbone.body
+    opt = build_optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start = 0
+    last = out / LAST
+    if last.is_file():
+        state = load_state(last)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start = int(state["iter"])
+        print(f"resuming dense training from {last} at iteration {start}/{cfg.iters}", flush=True)
+    step = _seg_loss if cfg.task == "segmentation" else _det_loss
+    norm_eval = cfg.norm_eval and cfg.task == "detection" or cfg.freeze_backbone
+    t0, final = time.time(), {}
+    if start >= cfg.iters:
+        return final
+    for it, batch in _batches(dataset, cfg.batch_size, gen, start):
+        set_train_mode(model, body, norm_eval)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(cfg, it)
+        losses = step(cfg, model, batch, gen, device)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise OperaError(f"dense {cfg.task} loss is {loss.item()} at iteration {it} ({', '.join(f'{k}={v.item():.3g}' for k, v in losses.items())}); lower lr or raise warmup_iters")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        final = {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in losses.items()}}
+        if it % 20 == 0 or it + 1 == cfg.iters:
+            for k, v in final.items():
+                run.log(f"{cfg.task}/{k}", v, it)
+            print(f"iter {it + 1}/{cfg.iters} loss={final['loss']:.4f} lr={opt.param_groups[0]['lr']:.3g} [{time.time() - t0:.0f}s]", flush=True)
+        if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iters:
+            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "iter": it + 1}, last)
+        if it + 1 >= cfg.iters:
+            break
+    return final
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_segmentation(cfg: DenseConfig, model: nn.Module, dataset, device: torch.device) -> dict[str, Any]:
+    """mIoU / mAcc / aAcc over ``dataset`` at the labels' resolution (logits resized back)."""
+    from opera.evals.dense.data import IGNORE, seg_eval_resize
+    from opera.evals.dense.metrics import confusion_matrix, segmentation_scores
+
+    model.eval()
+    k = dataset.num_classes
+    cm = torch.zeros(k, k, dtype=torch.int64)
+    scale = cfg.scale if not cfg.data.startswith("digit_scenes") else None
+    bs = cfg.eval_batch_size if scale is None else 1
+    for i in range(0, len(dataset), bs):
+        items = [dataset[j] for j in range(i, min(i + bs, len(dataset)))]
+        x = _normalise(torch.stack([seg_eval_resize(img, scale) for img, _ in items]).to(device))
+        logits, _ = model(x)
+        for (img, t), lg in zip(items, logits):
+            lab = t["semantic"]
+            if lg.shape[-2:] != lab.shape:
+                lg = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0]
+            cm += confusion_matrix(lg.argmax(0).cpu(), lab, k, IGNORE)
+    return segmentation_scores(cm, list(dataset.class_names))
+
+
+@torch.no_grad()
+def evaluate_detection(cfg: DenseConfig, model: nn.Module, dataset, device: torch.device) -> dict[str, Any]:
+    """pycocotools box (and mask) AP over ``dataset``."""
+    from opera.evals.dense.metrics import coco_ap, coco_from_targets, detections_to_coco
+
+    model.eval()
+    coco = getattr(dataset, "coco", None)
+    cats = getattr(dataset, "category_ids", None)
+    results, targets, ids = [], [], []
+    for i in range(0, len(dataset), cfg.eval_batch_size):
+        items = [dataset[j] for j in range(i, min(i + cfg.eval_batch_size, len(dataset)))]
+        outputs = model([img.to(device).float() / 255 for img, _ in items])
+        for (_, t), o in zip(items, outputs):
+            results += detections_to_coco(t["image_id"], o, cats)
+            ids.append(t["image_id"])
+            if coco is None:
+                targets.append(t)
+    if coco is None:
+        coco = coco_from_targets(targets, list(dataset.class_names), with_masks=cfg.masks)
+    return coco_ap(coco, results, ("bbox", "segm") if cfg.masks else ("bbox",), image_ids=ids)
+
+
+# ----------------------------------------------------------------------------- the protocol
+def run_dense(cfg: DenseConfig, loaded: LoadedBackbone | None = None, protocol: str | None = None) -> dict:
+    """Build, fine-tune and score; write ``OUTPUT/results.json``. Headline metrics: ``mIoU``
+    (segmentation) or ``box_AP`` / ``mask_AP`` (detection), in %."""
+    from opera.evals.dense.data import build_dense_dataset, parse_dense_spec
+
+    _validate(cfg)
+    parse_dense_spec(cfg.data)
+    run = EvalRun(protocol or cfg.task, cfg)
+    device = resolve_device(cfg.device)
+    scenes = scene_config(cfg)
+    train_ds = build_dense_dataset(cfg.data, "train", cfg.task, scenes)
+    val_ds = build_dense_dataset(cfg.data, "val", cfg.task, scenes)
+    if loaded is None:
+        loaded = load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, None, cfg.seed)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, loaded, train_ds.num_classes).to(device)
+    pretrained = {k: v.detach().cpu().clone() for k, v in model.backbone.body.state_dict().items()}
+    out = run.path("")
+    losses = train(cfg, model, train_ds, device, run, out)
+    if cfg.freeze_backbone:
+        from opera.evals.common import check_frozen
+
+        check_frozen(model.backbone.body, pretrained)
+    if cfg.task == "segmentation":
+        scores = evaluate_segmentation(cfg, model, val_ds, device)
+        metrics: dict[str, Any] = {"mIoU": scores["mIoU"], "mAcc": scores["mAcc"], "aAcc": scores["aAcc"], "IoU": scores["IoU"]}
+    else:
+        ap = evaluate_detection(cfg, model, val_ds, device)
+        metrics = {"box_AP": ap["bbox"]["AP"], **({"mask_AP": ap["segm"]["AP"]} if "segm" in ap else {}), "coco": ap}
+    metrics["final_loss"] = losses.get("loss")
+    data = {"spec": cfg.data, "train_images": len(train_ds), "val_images": len(val_ds), "classes": list(train_ds.class_names)}
+    return run.finish(metrics, loaded, data=data, title=f"{cfg.task} on {cfg.data}: {loaded.source}")

@@ -29,6 +29,7 @@ loop or an unfiltered ``grid_sample``, and measured slower on the CPU (BENCHMARK
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -58,6 +59,25 @@ JITTER = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 SIGMA = (0.1, 2.0)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On the CPU, run the batched ops with one intra-op thread, then restore the count.
+
+    They are ~100 small tensor ops per batch; with the step's 2+ OpenMP threads each one is a
+    parallel region that, on a busy machine, waits a scheduler time slice for a descheduled
+    partner thread: 1-13 s per 64-image batch at 64 px with 2 threads vs 0.08 s with 1, measured
+    under load 15 (BENCHMARKS.md). Values do not depend on the thread count here."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _uniform(lo: float, hi: float, g: torch.Generator | None) -> float:
@@ -150,8 +170,9 @@ class BatchTwoCrop:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {tuple(images.shape)}")
         params = params.to(torch.float64).cpu()
-        src = _to_float(images)
-        return [self.finish(self.resized_crop(src, params[:, v]), params[:, v]) for v in range(params.shape[1])]
+        with _one_cpu_thread(images.device):
+            src = _to_float(images)
+            return [self.finish(self.resized_crop(src, params[:, v]), params[:, v]) for v in range(params.shape[1])]
 
     def from_crops(self, crops: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
         """``[view1, view2]`` from the two uint8 crops ``[B, 2, 3, S, S]`` that workers cut
@@ -159,7 +180,8 @@ class BatchTwoCrop:
         if crops.ndim != 5 or crops.shape[1] != params.shape[1] or crops.shape[2] != 3:
             raise ValueError(f"expected uint8 crops [B, 2, 3, S, S], got {tuple(crops.shape)}")
         params = params.to(torch.float64).cpu()
-        return [self.finish(_to_float(crops[:, v]), params[:, v]) for v in range(params.shape[1])]
+        with _one_cpu_thread(crops.device):
+            return [self.finish(_to_float(crops[:, v]), params[:, v]) for v in range(params.shape[1])]
 
     def finish(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The recipe after the crop, on float ``[B, 3, S, S]`` in [0, 1] (modified in place):

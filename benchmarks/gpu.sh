@@ -10,9 +10,10 @@
 # through the momentum encoder, LARS or AdamW, EMA) on random images already on the GPU, and
 # prints images/s, ms/step, peak GPU memory, the FLOPs of one step counted by
 # torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention; forward and
-# backward) and MFU = FLOPs per step / step time / peak. Finishes well within 8 minutes on one
-# H100 (a hard limit of 470 s is set below). Fails at once with "no CUDA device" without a GPU.
-# The Python is benchmarks/gpu_bench.py (its code paths are tested on the CPU with --device cpu).
+# backward) and MFU = FLOPs per step / step time / peak. Then the end-to-end comparison of
+# benchmarks/gpu_e2e.py (device vs worker augmentation). Hard limits of 250 s + 300 s are set
+# below. Fails at once with "no CUDA device" without a GPU. The Python is benchmarks/gpu_bench.py
+# and benchmarks/gpu_e2e.py (their code paths are tested on the CPU with --device cpu).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,4 +30,9 @@ then
     exit 3
 fi
 
-exec timeout 470 "$PYTHON" benchmarks/gpu_bench.py "$@"
+# 1) the step alone: img/s, MFU (arguments go to gpu_bench.py)
+timeout 250 "$PYTHON" benchmarks/gpu_bench.py "$@"
+# 2) end to end (issue 16): the training loop's feed with the two-crop augmentation on the GPU vs in
+#    the DataLoader workers, ResNet-50 and ViT-B/16 at 224 px, bf16 (channels_last for the CNN), on
+#    1500 JPEGs cut from scikit-learn's photographs (shorter side 300-500 px); GPU_E2E_ARGS adds options.
+timeout 300 "$PYTHON" benchmarks/gpu_e2e.py ${GPU_E2E_ARGS:-}

@@ -71,4 +71,11 @@ done
 log "session 2: peaks"
 python -c "import torch; torch.set_num_threads(2); from opera.bench import compute_peak_gflops
 for i in range(3): print({k: round(v, 1) for k, v in compute_peak_gflops(torch.device('cpu')).items()})" > "$R/peaks_t2.txt" 2>&1
+log "issue 16: device augmentation backends, end to end, digits wall time"
+python benchmarks/augment_backends.py --path crops --img-size 64 --batch-size 64 --threads 1 --rounds 5 --no-per-image >> "$R/augment_backends.txt" 2>&1
+python benchmarks/augment_backends.py --path sources --img-size 64 --side 96 --batch-size 64 --threads 1 --rounds 5 >> "$R/augment_backends.txt" 2>&1
+[ -d /tmp/jpeg16 ] || python -m opera data make-folder /tmp/jpeg16 --n 2000
+python benchmarks/e2e_compare.py --data /tmp/jpeg16 --sizes 64,112,224 --steps 10,4,2 --warmup 2 --repeats 3 \
+    --json "$R/e2e_compare.json" > "$R/e2e_compare.txt" 2>&1
+EPOCHS=20 REPEATS=1 bash benchmarks/digits_wall.sh > "$R/digits_wall_20ep.txt" 2>&1
 log done

@@ -1,4 +1,5 @@
-"""``opera bench``: time full pretraining steps (and, with ``--data``, the data pipeline).
+"""``opera bench``: time full pretraining steps (with ``--data``, the data pipeline; with ``--data DIR
+--end-to-end``, real steps fed by the training loop's loader).
 
 One step is exactly what the training loop runs - ``opera.engine.step.train_step`` - on random
 in-memory images: both views through the online branch (forward and backward), both through the
@@ -8,7 +9,9 @@ update. fp32 on a CPU; the step's bf16 autocast on CUDA.
     opera bench --backbone resnet18 --img-size 64 --batch-size 64 --hierarchy self,full \\
         --steps 20 --warmup 3 --threads 2 --json
 
-Peak RSS is the process's ``ru_maxrss``: run one configuration per process (``opera bench`` does;
+    opera bench --end-to-end --data DIR --backbone resnet18 --img-size 64 --batch-size 64 --workers 2 --steps 30 --json
+
+Peak RSS is the process's ``ru_maxrss`` (end to end: the sampled sum over the process and its workers): run one configuration per process (``opera bench`` does;
 ``bench_step_subprocess`` starts a fresh interpreter) for a per-configuration figure.
 """
 
@@ -45,8 +48,9 @@ def make_step(
 ):
     """Build the model, optimizer and random views of one configuration.
 
-    Returns ``(step, model, meta)``: ``step(i)`` runs ``train_step`` once and returns its output,
-    ``meta`` describes the configuration. ``bench_step`` times it; ``benchmarks/ab_step.py``
+    Returns ``(step, model, meta)``: ``step(i)`` runs ``train_step`` once and returns its output
+    (``step(i, views, labels)`` on a real batch: ``bench_end_to_end``), ``meta`` describes the
+    configuration. ``bench_step`` times it; ``benchmarks/ab_step.py``
     interleaves it with the official step in one process.
     """
     from opera.backbones import is_token_backbone
@@ -87,8 +91,10 @@ def make_step(
 
     scaler = make_grad_scaler(dev, amp)
 
-    def step(i: int):
-        return train_step(runner, model, optim, views, labels, lr=optim.param_groups[0]["lr"], ema_momentum=0.99,
+    def step(i: int, batch_views: list[torch.Tensor] | None = None, batch_labels: torch.Tensor | None = None):
+        """One ``train_step`` on the random views, or on ``batch_views``/``batch_labels`` (real data)."""
+        v, y = (views, labels) if batch_views is None else (batch_views, batch_labels)
+        return train_step(runner, model, optim, v, y, lr=optim.param_groups[0]["lr"], ema_momentum=0.99,
                           device=dev, amp=amp, step=i, per_view=per_view, scaler=scaler)
 
     meta = {
@@ -203,6 +209,136 @@ def bench_step(steps: int = 20, warmup: int = 3, roofline: bool = True, **config
     return result
 
 
+class TreeMemory:
+    """Peak memory of this process and its children (DataLoader workers), sampled every
+    ``interval`` s from /proc in a thread: ``peak_rss_mb`` is the largest sum of their RSS (pages
+    that forked workers share with the parent count once per process, as ``ps`` and SLURM's
+    accounting do), ``peak_pss_mb`` the largest sum of PSS (shared pages split between sharers).
+    Off Linux only the process's own ``ru_maxrss`` is known."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        self.interval, self.peak_rss_mb, self.peak_pss_mb = interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _pids() -> list[int]:
+        pids, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        return pids
+
+    @staticmethod
+    def _kb(path: str, key: str) -> float:
+        try:
+            with open(path) as f:
+                for line in f:
+                    if line.startswith(key):
+                        return float(line.split()[1])
+        except OSError:
+            pass
+        return 0.0
+
+    def sample(self) -> None:
+        pids = self._pids()
+        rss = sum(self._kb(f"/proc/{p}/status", "VmRSS:") for p in pids) / 1024
+        pss = sum(self._kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
+        self.peak_rss_mb, self.peak_pss_mb = max(self.peak_rss_mb, rss), max(self.peak_pss_mb, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "TreeMemory":
+        if os.path.isdir("/proc/self/task"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            self.sample()
+        else:
+            self.peak_rss_mb = self.peak_pss_mb = _peak_rss_mb()
+
+
+def time_pipeline(batches, step, steps: int, warmup: int, batch_size: int, sync=lambda: None) -> dict[str, Any]:
+    """Run ``warmup + steps`` iterations of ``views, labels = next(batches); step(i, views, labels)``
+    and time the last ``steps``: ``img_per_s`` (images of the timed steps over their wall time),
+    ``s_per_step`` (median wall time of one iteration, data included), ``s_per_step_compute``
+    (median of the step alone), ``data_wait_share`` (the fraction of the timed wall time spent
+    waiting for the next batch: loader, transfer and, on the device path, the batched
+    augmentation), peak memory of the process tree (:class:`TreeMemory`). The official
+    pipeline's benchmark (``benchmarks/official_pipeline.py``) uses the same function."""
+    waits, computes, out = [], [], None
+    with TreeMemory() as mem:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            try:
+                views, labels = next(batches)
+            except StopIteration:
+                raise OperaError("the data ran out before the timed steps ended; use fewer --steps") from None
+            sync()
+            t1 = time.perf_counter()
+            out = step(i, views, labels)
+            sync()
+            t2 = time.perf_counter()
+            if i >= warmup:
+                waits.append(t1 - t0)
+                computes.append(t2 - t1)
+    wall = sum(waits) + sum(computes)
+    return {"steps": steps, "warmup": warmup, "img_per_s": batch_size * steps / wall,
+            "s_per_step": statistics.median([w + c for w, c in zip(waits, computes)]),
+            "s_per_step_compute": statistics.median(computes), "data_wait_share": sum(waits) / wall,
+            "peak_rss_mb": mem.peak_rss_mb, "peak_pss_mb": mem.peak_pss_mb,
+            "loss": float(out.detach() if isinstance(out, torch.Tensor) else out.loss.detach()) if out is not None else None}
+
+
+def endless(epoch_iter):
+    """Batches of epoch 0, 1, 2, ... from ``epoch_iter(epoch)``, without end."""
+    epoch = 0
+    while True:
+        yield from epoch_iter(epoch)
+        epoch += 1
+
+
+def bench_end_to_end(data: str, augment_on: str = "device", workers: int = 2, crop_min: float = 0.08, seed: int = 0,
+                     steps: int = 30, warmup: int = 3, **config: Any) -> dict[str, Any]:
+    """Real pretraining steps fed by the training loop's own feed (``opera.data.PretrainFeed``
+    over ``data``'s train split, ``augment_on``, ``workers``): ``time_pipeline``'s figures plus
+    the configuration. ``config`` goes to ``make_step`` (backbone, img_size, batch_size, threads,
+    device, amp, channels_last, ...); the class count is the dataset's."""
+    from opera.data import PretrainFeed, build_dataset
+
+    if steps < 1 or warmup < 0:
+        raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
+    dataset = build_dataset(data, "train")
+    step, model, meta = make_step(num_classes=dataset.num_classes, **config)
+    dev, batch_size = torch.device(meta["device"]), meta["batch_size"]
+    feed = PretrainFeed(dataset, img_size=meta["img_size"], crop_min=crop_min, flip=True, seed=seed,
+                        augment_on=augment_on, device=dev, workers=workers)
+    to_cl = meta["channels_last"] and dev.type == "cuda"
+
+    def batches():
+        for views, labels in endless(lambda e: feed.epoch(batch_size, e)):
+            yield ([v.contiguous(memory_format=torch.channels_last) for v in views] if to_cl else views), labels
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    result = time_pipeline(batches(), step, steps, warmup, batch_size, sync)
+    return {**meta, "pipeline": "opera", "augment_on": augment_on, "in_memory": feed.in_memory, "workers": workers,
+            "data": data, "images": len(dataset), "crop_min": crop_min, **result}
+
+
 def bench_step_subprocess(timeout: float | None = None, **config: Any) -> dict[str, Any]:
     """``bench_step(**config)`` in a fresh interpreter, so ``peak_rss_mb`` is this config's own."""
     code = "import json, sys; from opera.bench import bench_step; print(json.dumps(bench_step(**json.loads(sys.argv[1]))))"
@@ -213,6 +349,12 @@ def bench_step_subprocess(timeout: float | None = None, **config: Any) -> dict[s
 
 
 def _format(r: dict[str, Any]) -> str:
+    if r.get("pipeline"):
+        return (f"end to end ({r['pipeline']}, augment on {r.get('augment_on', 'workers')}, {r['workers']} workers): "
+                f"{r['backbone']} {r['img_size']}px batch {r['batch_size']} on {r['device']}: {r['img_per_s']:.1f} img/s, "
+                f"{r['s_per_step']:.3f} s/step ({r['s_per_step_compute']:.3f} s computing), waited for data "
+                f"{100 * r['data_wait_share']:.0f}% of the time, peak RSS {r['peak_rss_mb']:.0f} MB "
+                f"(PSS {r['peak_pss_mb']:.0f} MB) with workers")
     if "v2_img_per_s" in r:
         return (f"data pipeline: {r['images']} images at {r['img_size']}px, {r['workers']} workers: "
                 f"v2 {r['v2_img_per_s']:.1f} img/s, PIL {r['pil_img_per_s']:.1f} img/s per worker ({r['speedup']:.2f}x)")
@@ -250,9 +392,20 @@ if typer is not None:
         data: Optional[str] = typer.Option(None, "--data", help="Benchmark the data pipeline on the images in DIR instead."),
         workers: int = typer.Option(0, "--workers", help="DataLoader workers for --data (0: one thread in this process)."),
         batches: int = typer.Option(4, "--batches", help="Batches for --data."),
+        end_to_end: bool = typer.Option(False, "--end-to-end", help="With --data: real training steps fed by the training loop's loader (img/s, s/step, peak RSS of process+workers, data-wait share)."),
+        augment_on: str = typer.Option("device", "--augment-on", help="--end-to-end: device (batched two-crop on --device) | workers (per image)."),
+        crop_min: float = typer.Option(0.08, "--crop-min", help="--end-to-end: RandomResizedCrop minimum scale (MoCo-v3: 0.08)."),
     ) -> None:
-        """Time full pretraining steps on random images, or the data pipeline with --data DIR."""
-        if data is not None:
+        """Time full pretraining steps on random images, the data pipeline with --data DIR, or both
+        together with --data DIR --end-to-end."""
+        if end_to_end:
+            if data is None:
+                raise OperaError("--end-to-end needs --data (a folder of class folders; make one with: opera data make-folder DIR)")
+            result = bench_end_to_end(data, augment_on=augment_on, workers=workers, crop_min=crop_min, steps=steps,
+                                      warmup=warmup, backbone=backbone, img_size=img_size, batch_size=batch_size,
+                                      hierarchy=hierarchy, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
+                                      channels_last=channels_last, compile=compile, device=device, amp=amp, per_view=per_view)
+        elif data is not None:
             if not os.path.isdir(data):
                 raise OperaError(f"--data {data!r} is not a directory of images")
             from opera.data.bench import bench_pipeline

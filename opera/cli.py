@@ -31,6 +31,8 @@ run_app = typer.Typer(help="Run a job: pretraining or an evaluation protocol.", 
 configs_app = typer.Typer(help="List and show the shipped recipes.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(configs_app, name="configs")
+data_app = typer.Typer(help="Data utilities: a realistic JPEG folder for benchmarks and tests.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 
 
@@ -127,6 +129,20 @@ def _mount_subcommands() -> None:
 
 
 _mount_subcommands()
+
+
+@data_app.command("make-folder")
+def data_make_folder(
+    dir: Path = typer.Argument(..., help="Folder to write class folders of JPEGs into."),
+    n: int = typer.Option(2000, "--n", help="Number of images."),
+    classes: int = typer.Option(10, "--classes", help="Number of class folders (image i goes to class i mod classes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the crops, sizes and qualities."),
+) -> None:
+    """JPEGs cut from scikit-learn's sample photographs: shorter side 300-500 px, quality 75-95."""
+    from opera.data.bench import make_photo_folder
+
+    make_photo_folder(str(dir), n=n, classes=classes, seed=seed)
+    console.print(f"wrote {n} JPEGs in {classes} class folders under {dir}", markup=False, highlight=False)
 
 
 @configs_app.command("list")

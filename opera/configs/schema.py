@@ -33,6 +33,7 @@ class DataConfig:
     crop_min: float = 0.2  # RandomResizedCrop minimum scale (MoCo-v3 --crop-min)
     flip: bool = True
     workers: int = 0  # DataLoader workers per process
+    augment_on: str = "device"  # device: batched two-crop on the training device (in-memory data stays there) | workers: per image
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 #: keys that take one of a few words; YAML reads a bare ``off`` as false, which means "off" here
-CHOICES: dict[str, tuple[str, ...]] = {"train.amp": ("auto", "bf16", "fp16", "off")}
+CHOICES: dict[str, tuple[str, ...]] = {"train.amp": ("auto", "bf16", "fp16", "off"), "data.augment_on": ("device", "workers")}
 
 
 def _choice(key: str, value: Any) -> Any:

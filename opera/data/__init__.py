@@ -2,7 +2,8 @@
 
 ``build_dataset("digits:0-4", "train", transform)`` -> :class:`OperaDataset` of uint8 images;
 ``PretrainTransform`` / ``EvalTransform`` -> augmentations; ``build_loader`` -> a resumable,
-seeded, rank-sharded ``DataLoader``.
+seeded, rank-sharded ``DataLoader``; ``PretrainFeed`` -> the pretraining loop's batches of two-crop
+views on the device (``data.augment_on``).
 """
 
 from opera.data.datasets import (
@@ -15,6 +16,7 @@ from opera.data.datasets import (
     verify_images,
 )
 from opera.data.loader import (
+    PretrainFeed,
     SeededDataset,
     ShardedBatchSampler,
     build_loader,
@@ -39,6 +41,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "OperaDataset",
+    "PretrainFeed",
     "PretrainTransform",
     "SeededDataset",
     "ShardedBatchSampler",

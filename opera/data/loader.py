@@ -246,3 +246,86 @@ def build_loader(
         persistent_workers=bool(persistent_workers) and workers > 0,
         prefetch_factor=prefetch_factor if workers > 0 else None,
     )
+
+
+AUGMENT_ON = ("device", "workers")
+
+
+def in_memory_images(dataset) -> torch.Tensor | None:
+    """The dataset's decoded uint8 ``[N, 3, H, W]`` images when it holds them all (digits), else None."""
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4 \
+            and images.shape[1] == 3 and images.shape[0] == len(dataset):
+        return images
+    return None
+
+
+class PretrainFeed:
+    """Batches of MoCo-v3 two-crop views, on ``device``, for the pretraining loop (Eq. 34's views).
+
+    ``augment_on="workers"``: ``PretrainTransform`` per image in the DataLoader (the classic way).
+    ``augment_on="device"`` (default): ``opera.data.device_augment.BatchTwoCrop`` on whole
+    batches on the device. A dataset that holds its decoded images (digits) is copied to the
+    device once and indexed there - no DataLoader, no workers (``workers`` is unused); a folder is
+    decoded and cropped (uint8) in ``workers`` and the rest runs batched on the device.
+
+    Every sample's augmentation depends only on ``(seed, epoch, index)``, in both modes and in
+    both device paths (the same parameters as ``PretrainTransform`` draws under that seed), and
+    the batch order only on ``(seed, epoch)``: ``epoch(..., start_step=k)`` yields exactly the
+    batches ``k, k+1, ...`` of an uninterrupted epoch (exact resume).
+    """
+
+    def __init__(self, dataset, *, img_size: int, crop_min: float, flip: bool, seed: int, augment_on: str = "device",
+                 device: torch.device | str = "cpu", workers: int = 0):
+        from opera.data.device_augment import BatchTwoCrop, CropForDevice
+        from opera.data.transforms import PretrainTransform
+
+        if augment_on not in AUGMENT_ON:
+            raise OperaError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}; "
+                             "use --set data.augment_on=device")
+        self.augment_on, self.device, self.workers, self.seed = augment_on, torch.device(device), int(workers), int(seed)
+        self.two_crop = BatchTwoCrop(img_size, crop_min=crop_min, flip=flip)
+        images = in_memory_images(dataset) if augment_on == "device" else None
+        self.in_memory = images is not None
+        if self.in_memory:
+            self.images = images.to(self.device)  # once; every step indexes it on the device
+            self.targets = torch.as_tensor(dataset.targets, dtype=torch.int64).to(self.device)
+            dataset.transform = None
+        elif augment_on == "device":
+            dataset.transform = CropForDevice(self.two_crop)
+        else:
+            dataset.transform = PretrainTransform(img_size, crop_min=crop_min, flip=flip)
+        self.dataset = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def epoch(self, batch_size: int, epoch: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
+              shuffle: bool = True, drop_last: bool = True) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        """``(views, labels)`` on the device for this rank's batches of ``epoch`` from ``start_step``."""
+        self.dataset.set_epoch(epoch)
+        if self.in_memory:
+            yield from self._in_memory_epoch(batch_size, epoch, rank, world_size, start_step, shuffle, drop_last)
+            return
+        loader = build_loader(self.dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=self.workers,
+                              seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, start_step=start_step)
+        for items, labels in loader:
+            labels = labels.to(self.device, non_blocking=True)
+            if self.augment_on == "workers":
+                yield [v.to(self.device, non_blocking=True) for v in items], labels
+            else:
+                crops, params = items
+                yield self.two_crop.from_crops(crops.to(self.device, non_blocking=True), params), labels
+
+    def _in_memory_epoch(self, batch_size, epoch, rank, world_size, start_step, shuffle, drop_last):
+        n = len(self.dataset)
+        if drop_last and batch_size * world_size > n:
+            raise OperaError(f"batch size {batch_size * world_size} is larger than the dataset ({n} images); "
+                             f"use --batch-size <= {n}")
+        sampler = ShardedBatchSampler(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=self.seed, epoch=epoch,
+                                      rank=rank, world_size=world_size, start_step=start_step)
+        hw = tuple(self.images.shape[-2:])
+        for batch in sampler:
+            params = self.two_crop.sample_seeded([sample_seed(self.seed, epoch, i) for i in batch], [hw] * len(batch))
+            idx = torch.as_tensor(batch, dtype=torch.int64).to(self.device)
+            yield self.two_crop(self.images.index_select(0, idx), params), self.targets.index_select(0, idx)

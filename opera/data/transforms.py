@@ -42,15 +42,21 @@ def _as_uint8_tensor(img) -> torch.Tensor:
     return F.pil_to_tensor(img)  # PIL input is accepted for convenience
 
 
-def adjust_hue_fast(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
-    """``F.adjust_hue`` for float ``3xHxW`` images in [0, 1], ~5x faster.
+def adjust_hue_fast(img: torch.Tensor, hue_factor: float | torch.Tensor) -> torch.Tensor:
+    """``F.adjust_hue`` for float ``[..., 3, H, W]`` images in [0, 1], ~5x faster.
+
+    ``hue_factor`` is a number, or a tensor broadcastable to ``[..., H, W]`` (one factor per
+    image of a batch: ``[B, 1, 1]``, as ``opera.data.device_augment`` uses it).
 
     Rotating the HSV hue keeps V (= max) and S (so max - min); each output channel is then
     ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6h) mod 6`` and n = 5, 3, 1 for
     R, G, B (the closed-form HSV -> RGB). Ties between channels resolve like torchvision's.
     """
-    if not (-0.5 <= hue_factor <= 0.5):
+    batched = isinstance(hue_factor, torch.Tensor)
+    if not batched and not (-0.5 <= hue_factor <= 0.5):
         raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    if batched and not img.is_floating_point():
+        raise ValueError("per-image hue factors need a float image")
     if not img.is_floating_point():
         return F.adjust_hue(img, hue_factor)
     # Elementwise arithmetic only: torch.where, aminmax and remainder are several times slower
@@ -65,7 +71,7 @@ def adjust_hue_fast(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
     h6 = (g - b).mul_(is_r)  # hue * 6, in [-1, 5)
     h6.addcmul_((b - r).add_(chroma, alpha=2.0), is_g)
     h6.addcmul_((r - g).add_(chroma, alpha=4.0), is_b)
-    h6.div_(chroma.clamp_min(1e-12)).add_(6.0 * hue_factor)  # chroma == 0: any hue, output = max
+    h6.div_(chroma.clamp_min(1e-12)).add_(hue_factor * 6.0)  # chroma == 0: any hue, output = max
     n = torch.tensor([5.0, 3.0, 1.0], dtype=img.dtype, device=img.device).view(3, 1, 1)
     k = h6.unsqueeze(-3) + n
     k.sub_(k.div(6.0).floor_().mul_(6.0))  # k mod 6

@@ -145,7 +145,7 @@ def resume_source(output: Path, resume: str | None, main: bool) -> tuple[Path | 
 
 
 def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock, stop: GracefulStop) -> dict[str, Any]:
-    from opera.data import PretrainTransform, SeededDataset, build_dataset, build_loader, steps_per_epoch
+    from opera.data import PretrainFeed, build_dataset, steps_per_epoch
 
     env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -155,8 +155,10 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
     seed_step(cfg.train.seed, rank, 0)
 
     b = cfg.backbone
-    transform = PretrainTransform(b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip)
-    train_set = SeededDataset(build_dataset(cfg.data.spec, "train", transform=transform), seed=cfg.train.seed)
+    feed = PretrainFeed(build_dataset(cfg.data.spec, "train"), img_size=b.img_size, crop_min=cfg.data.crop_min,
+                        flip=cfg.data.flip, seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device,
+                        workers=cfg.data.workers)
+    train_set = feed.dataset
     num_classes = train_set.num_classes
     batch = cfg.train.batch_size
     if batch % world:
@@ -228,19 +230,14 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
     t_last, logged_at = time.time(), state.global_step  # time and step of the previous log row
     try:
         while state.epoch < epochs:
-            train_set.set_epoch(state.epoch)
-            loader = build_loader(train_set, per_rank, shuffle=True, drop_last=True, workers=cfg.data.workers,
-                                  seed=cfg.train.seed, epoch=state.epoch, rank=rank, world_size=world,
-                                  start_step=state.step_in_epoch)
+            loader = feed.epoch(per_rank, state.epoch, rank=rank, world_size=world, start_step=state.step_in_epoch)
             model.train()
             sums: dict[str, float] = {}
             count = 0
             for views, labels in loader:
                 seed_step(cfg.train.seed, rank, state.global_step)
-                views = [v.to(device, non_blocking=True) for v in views]
                 if device.type == "cuda" and cfg.train.channels_last and not is_token_backbone(hierarchy.backbone):
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                labels = labels.to(device, non_blocking=True)
                 epoch_f = state.epoch + state.step_in_epoch / n_steps
                 step_lr = lr_at(epoch_f, epochs, cfg.optim.warmup_epochs, lr)
                 m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)

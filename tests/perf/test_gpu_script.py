@@ -44,3 +44,21 @@ def test_gpu_sh_without_a_gpu_says_so_in_one_line():
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 3
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
+
+
+def test_gpu_end_to_end_script_runs_its_code_paths_on_the_cpu():
+    """``benchmarks/gpu_e2e.py`` (the second half of gpu.sh): makes its JPEG folder, runs both
+    augmentation modes for both models through the training loop's feed; nothing is timed."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_e2e.py"), "--device", "cpu", "--models", "resnet_tiny,vit_tiny",
+           "--img-size", "32", "--batch-size", "4", "--mlp-dim", "32", "--steps", "1", "--warmup", "1", "--n", "12",
+           "--workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["backbone"], r["augment_on"]) for r in rows] == [
+        ("resnet_tiny", "device"), ("resnet_tiny", "workers"), ("vit_tiny", "device"), ("vit_tiny", "workers")]
+    for r in rows:
+        assert r["amp"] == "bf16" and r["img_size"] == 32 and r["in_memory"] is False and r["images"] < 12
+        assert r["img_per_s"] > 0 and 0 <= r["data_wait_share"] <= 1 and r["peak_rss_mb"] > 0
+    assert rows[0]["channels_last"] is True and rows[2]["channels_last"] is False
+    assert "| model | augment on |" in proc.stdout

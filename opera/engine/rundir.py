@@ -224,6 +224,8 @@ class RunLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             holder = _read_holder(self.path)
+            if holder is not None and holder.pid < 0:  # caught mid-write (torn): judge at the next beat
+                continue
             if holder is None or holder.token != self.me.token:
                 self.lost_to = holder
                 return

@@ -38,7 +38,7 @@ def test_readme_example_trains_a_step(capsys, monkeypatch):
     h = copy.deepcopy(hierarchy)
     h.load_state_dict(before["state"])
     inst, cls = h.spaces["self"], h.spaces["full"]
-    tau = inst.options.temperature
+    tau = inst.resolved_temperature  # 1.0 for this ResNet, MoCo-v3's default
     with torch.no_grad():
         q = [inst.predictor(inst.projector(pooled_features(h.backbone, v))) for v in views]
         k = [inst.momentum_projector(pooled_features(inst.momentum_encoder, v)) for v in views]

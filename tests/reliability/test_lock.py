@@ -18,7 +18,9 @@ from opera.errors import OperaError
 
 def write_lock(run, **fields) -> None:
     holder = Holder.me().__dict__ | fields
-    (run / LOCK).write_text(json.dumps(holder))
+    tmp = run / f"{LOCK}.test.tmp"  # whole, then renamed: as a real run writes it
+    tmp.write_text(json.dumps(holder))
+    tmp.replace(run / LOCK)
 
 
 def test_second_run_refuses_naming_the_holder_then_takes_over_when_it_dies(holder_process, opera_main, tiny, one_line):

@@ -24,7 +24,6 @@ p.add_argument("--num-classes", type=int, default=1000)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=5)
 p.add_argument("--no-cudnn-benchmark", action="store_true")
-p.add_argument("--fuse-views", action="store_true", help="one batch of both views through the ViTs (exact; off by default)")
 p.add_argument("--joint-views", action="store_true", help="both views' online forward before one backward (default: one view at a time)")
 p.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the script's code paths on a machine without a GPU")
 a = p.parse_args()
@@ -57,8 +56,7 @@ for model_name in [m.strip() for m in a.models.split(",") if m.strip()]:
     if cuda:
         torch.cuda.empty_cache()
     step, model, meta = make_step(model_name, a.img_size, a.batch_size, "self,full", threads=0, mlp_dim=a.mlp_dim,
-                                  num_classes=a.num_classes, device=str(dev), amp="bf16",
-                                  fuse_views=a.fuse_views, per_view=not a.joint_views)
+                                  num_classes=a.num_classes, device=str(dev), amp="bf16", per_view=not a.joint_views)
     for i in range(a.warmup):
         step(i)
     sync()
@@ -84,7 +82,7 @@ for model_name in [m.strip() for m in a.models.split(",") if m.strip()]:
     s = statistics.median(times)
     row = {
         "model": model_name, "img_size": a.img_size, "batch_size": a.batch_size, "optimizer": meta["optimizer"],
-        "channels_last": meta["channels_last"], "fuse_views": meta["fuse_views"], "per_view": meta["per_view"], "amp": "bf16",
+        "channels_last": meta["channels_last"], "per_view": meta["per_view"], "amp": "bf16",
         "img_per_s": a.batch_size / s, "ms_per_step": s * 1e3, "tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / s / 1e12, "mfu": (flops / s / 1e12 / peak) if peak else None,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None, "device": name,

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
 
     def ema_loop(m):
         online = list(m.backbone.parameters()) + list(m.spaces["self"].projector.parameters())
-        target = list(m.spaces["self"].momentum_encoder.parameters()) + list(m.spaces["self"].momentum_projector.parameters())
+        target = list(m.teacher.backbone.parameters()) + list(m.teacher.heads["self_projector"].parameters())
 
         def run():
             with torch.no_grad():

@@ -17,7 +17,7 @@ for t in 2 1; do
   python benchmarks/ab_step.py --threads $t --backbone resnet50 --img-size 64 --batch-size 32 --mlp-dim 1024 \
       --variants official opera:channels_last=0 opera --rounds 6 --warmup 3 > "$R/ab_resnet50_t$t.txt" 2>&1
   python benchmarks/ab_step.py --threads $t --backbone vit_tiny --patch-size 8 --img-size 64 --batch-size 64 --mlp-dim 1024 \
-      --variants official opera opera:fuse_views=1 --rounds 6 --warmup 3 > "$R/ab_vit_tiny_t$t.txt" 2>&1
+      --variants official opera --rounds 6 --warmup 3 > "$R/ab_vit_tiny_t$t.txt" 2>&1
 done
 
 for t in 2 1; do
@@ -39,11 +39,11 @@ timeout 1800 python benchmarks/ab_step.py --threads 1 --backbone vit_tiny --patc
     --mlp-dim 1024 --variants opera opera:compile=1 --rounds 5 --warmup 3 > "$R/ab_vit_tiny_compile_t1.txt" 2>&1
 log done
 
-# after the suite: the headline table with the final code (fuse_views off by default, keys after the
-# online forward), and vit_tiny with the opt-in fused views
+# after the suite: the headline table with the final code (keys after the
+# online forward)
 log "ab final (2 threads, a quiet spell: load ~0.3-1.7)"
 python benchmarks/ab_step.py --threads 2 --backbone vit_tiny --patch-size 8 --img-size 64 --batch-size 64 --mlp-dim 1024 \
-    --variants official opera opera:fuse_views=1 --rounds 6 --warmup 3 > "$R/ab_vit_tiny_t2_final.txt" 2>&1
+    --variants official opera --rounds 6 --warmup 3 > "$R/ab_vit_tiny_t2_final.txt" 2>&1
 python benchmarks/ab_step.py --threads 2 --backbone resnet50 --img-size 64 --batch-size 32 --mlp-dim 1024 \
     --variants official opera:channels_last=0 opera --rounds 6 --warmup 3 > "$R/ab_resnet50_t2_final.txt" 2>&1
 python benchmarks/ab_step.py --threads 2 --backbone resnet18 --img-size 64 --batch-size 64 --mlp-dim 1024 \
@@ -51,8 +51,6 @@ python benchmarks/ab_step.py --threads 2 --backbone resnet18 --img-size 64 --bat
 
 log "compare final"
 python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2_final.json" > "$R/compare_t2_final.txt" 2>&1
-python benchmarks/compare.py --only vit --repeats 3 --steps 8 --warmup 3 --threads 2 --opera-args="--fuse-views" \
-    --json "$R/compare_t2_vit_fuse.json" > "$R/compare_t2_vit_fuse.txt" 2>&1
 log done
 
 # session 2: per-view backward (default), its joint counterpart, the roofline, bf16 autocast on the CPU

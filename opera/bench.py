@@ -44,7 +44,7 @@ def make_step(
     backbone: str = "resnet18", img_size: int = 64, batch_size: int = 64, hierarchy: str = "self,full", threads: int = 2,
     patch_size: int | None = None, mlp_dim: int = 4096, dim: int = 256, num_classes: int = 10,
     concat_views: bool = False, channels_last: bool | None = None, compile: bool = False, device: str = "cpu",
-    optimizer: str = "auto", amp: str = "auto", fuse_views: bool = False, per_view: bool = True,
+    optimizer: str = "auto", amp: str = "auto", per_view: bool = True,
 ):
     """Build the model, optimizer and random views of one configuration.
 
@@ -76,7 +76,7 @@ def make_step(
         options["self"] = {"dim": dim, "mlp_dim": mlp_dim}
     model = SupervisionHierarchy.from_spec(
         hierarchy, backbone=backbone, num_classes=num_classes if "full" in spaces else None, img_size=img_size,
-        concat_views=concat_views, fuse_views=fuse_views, backbone_options={"patch_size": patch_size} if patch_size else None, **options,
+        concat_views=concat_views, backbone_options={"patch_size": patch_size} if patch_size else None, **options,
     )
     token = is_token_backbone(model.backbone)
     opt_name = ("adamw" if token else "lars") if optimizer == "auto" else optimizer
@@ -102,7 +102,6 @@ def make_step(
         "backbone": backbone, "img_size": img_size, "batch_size": batch_size, "hierarchy": hierarchy,
         "patch_size": model.backbone.patch_embed.patch_size[0] if token else None,
         "mlp_dim": mlp_dim, "dim": dim, "num_classes": num_classes, "concat_views": concat_views,
-        "fuse_views": bool(fuse_views and not model.backbone_couples_samples),
         "channels_last": bool(getattr(model, "opera_channels_last", False)), "compile": compile,
         "optimizer": opt_name, "device": str(dev), "amp": amp, "threads": torch.get_num_threads(),
         "per_view": bool(per_view and not concat_views),
@@ -381,7 +380,6 @@ if typer is not None:
         dim: int = typer.Option(256, "--dim", help="Instance embedding width."),
         num_classes: int = typer.Option(10, "--num-classes", help="Classes of the class space."),
         concat_views: bool = typer.Option(False, "--concat-views", help="One forward for both views (changes BatchNorm statistics)."),
-        fuse_views: bool = typer.Option(False, "--fuse-views/--no-fuse-views", help="One batch of both views through a backbone without BatchNorm (exact)."),
         roofline: bool = typer.Option(True, "--roofline/--no-roofline", help="Also count the step's FLOPs and measure a large matmul's throughput (after timing)."),
         per_view: bool = typer.Option(True, "--per-view/--joint-views", help="Online forward+backward one view at a time (default; same gradients, less memory) or both at once."),
         channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last", help="Default: on for CNN backbones."),
@@ -415,7 +413,7 @@ if typer is not None:
             result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,
                                 warmup=warmup, threads=threads, patch_size=patch_size, mlp_dim=mlp_dim, dim=dim,
                                 num_classes=num_classes, concat_views=concat_views, channels_last=channels_last,
-                                compile=compile, device=device, fuse_views=fuse_views, per_view=per_view, roofline=roofline, amp=amp)
+                                compile=compile, device=device, per_view=per_view, roofline=roofline, amp=amp)
         print(json.dumps(result) if as_json else _format(result))
 
 

@@ -73,6 +73,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / get_world_size()
 
 
+@torch.no_grad()
+def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks, without gradient (e.g. the labelled count of the global batch)."""
+    if not is_initialized() or get_world_size() == 1:
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y)
+    return y
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks, differentiable: the gradient of every rank's input is the sum over ranks of
     the gradients of the outputs (the gradient of the sum of all ranks' losses)."""

@@ -382,8 +382,7 @@ def _check_variant(cfg, variant: Variant) -> None:
     """Build the variant's hierarchy on the meta device: a bad combination fails before any run."""
     import torch
 
-    from opera.engine.pretrain import build_hierarchy
-    from opera.hierarchy import parse_spec
+    from opera.hierarchy import SupervisionHierarchy, parse_spec
 
     from opera.backbones.factory import BACKBONES
 
@@ -393,15 +392,26 @@ def _check_variant(cfg, variant: Variant) -> None:
                f"(--config ablate_digits_vit, or --set backbone.name=vit_tiny) or drop {variant.name!r} from --variants")
     if "mask" in spaces and cfg.backbone.name in BACKBONES and not _is_vit_name(cfg.backbone.name):
         raise OperaError(no_mask)
+    label_sets = _study_label_sets(cfg)
     try:
         with torch.device("meta"):
-            build_hierarchy(cfg, 10 if "full" in spaces else None)
+            SupervisionHierarchy.from_config(cfg, label_sets)
     except OperaError as exc:
         if "mask" in spaces and "token" in str(exc).lower():
             raise OperaError(f"{no_mask} ({exc})") from None
         raise OperaError(f"variant {variant.name!r}: {exc}") from None
     except Exception:  # noqa: BLE001 - anything else shows up (with its traceback) when the cell runs
         pass
+
+
+def _study_label_sets(cfg) -> dict[str, int]:
+    """The label sets of the study's data, so a variant needing one the data lacks fails up front."""
+    from opera.data import build_dataset, dataset_label_sets
+
+    try:
+        return dataset_label_sets(build_dataset(cfg.data.spec, "train"))
+    except OperaError:  # the data's own error shows up when the cell runs
+        return {"class": 10}
 
 
 def _is_vit_name(name: str) -> bool:

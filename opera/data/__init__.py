@@ -12,6 +12,8 @@ from opera.data.datasets import (
     OperaDataset,
     TorchvisionDataset,
     build_dataset,
+    dataset_label_sets,
+    dataset_target_sets,
     decode_image_file,
     verify_images,
 )
@@ -33,6 +35,8 @@ from opera.data.transforms import (
 )
 
 __all__ = [
+    "dataset_label_sets",
+    "dataset_target_sets",
     "ClassicPILPretrainTransform",
     "DataSpec",
     "DigitsDataset",

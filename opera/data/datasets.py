@@ -123,7 +123,37 @@ class OperaDataset(Dataset):
     ``image`` is a uint8 ``3xHxW`` tensor before ``transform`` (and whatever ``transform`` returns
     after). Attributes: ``spec`` (:class:`DataSpec`), ``split``, ``num_classes``, ``class_names``
     (``list[str]``), ``targets`` (``list[int]`` in ``0..num_classes-1``), ``transform``.
+
+    Named label sets (what the task spaces ask for): ``label_sets()`` -> ``{name: number of
+    classes}`` and ``target_sets()`` -> ``{name: per-image labels}``. Every dataset has
+    ``"class"`` (= ``targets``); a dataset with a coarser grouping of its classes adds
+    ``"coarse"`` (``coarse_of``: class index -> coarse index, ``coarse_names``).
     """
+
+    coarse_of: list[int] | None = None
+    coarse_names: list[str] | None = None
+
+    def set_coarse(self, coarse_of_name: dict[str, str]) -> None:
+        """Group the classes: ``{class name: coarse name}`` for every class of the dataset."""
+        missing = [c for c in self.class_names if c not in coarse_of_name]
+        if missing:
+            raise OperaError(f"the coarse grouping of {self.spec.raw!r} lacks class {missing[0]!r} ({len(missing)} such); "
+                             "map every class to a coarse class")
+        names = sorted({coarse_of_name[c] for c in self.class_names})
+        self.coarse_names = names
+        self.coarse_of = [names.index(coarse_of_name[c]) for c in self.class_names]
+
+    def label_sets(self) -> dict[str, int]:
+        sets = {"class": self.num_classes}
+        if self.coarse_of is not None:
+            sets["coarse"] = len(self.coarse_names or [])
+        return sets
+
+    def target_sets(self) -> dict[str, list[int]]:
+        sets = {"class": list(self.targets)}
+        if self.coarse_of is not None:
+            sets["coarse"] = [self.coarse_of[t] for t in self.targets]
+        return sets
 
     def __init__(
         self,
@@ -195,8 +225,17 @@ def _digits_split(labels: np.ndarray) -> np.ndarray:
     return is_val
 
 
+#: The coarse label set of digits: the digits grouped by the shape of the handwritten glyph.
+#: ``loop`` - a closed loop (0, 6, 8, 9); ``line`` - straight strokes only (1, 4, 7);
+#: ``curve`` - open curves (2, 3, 5). (3 coarse classes over all 10; over a class selection such
+#: as ``digits:0-4`` only the groups present remain: loop {0}, line {1, 4}, curve {2, 3}.)
+DIGITS_COARSE = {"0": "loop", "6": "loop", "8": "loop", "9": "loop", "1": "line", "4": "line", "7": "line",
+                 "2": "curve", "3": "curve", "5": "curve"}
+
+
 class DigitsDataset(OperaDataset):
-    """scikit-learn's bundled 8x8 digits as uint8 ``3x8x8`` images (0..16 scaled to 0..255)."""
+    """scikit-learn's bundled 8x8 digits as uint8 ``3x8x8`` images (0..16 scaled to 0..255),
+    with the label sets ``class`` (the digit) and ``coarse`` (``DIGITS_COARSE``)."""
 
     def __init__(self, spec: DataSpec, split: str, transform: Callable | None = None):
         from sklearn.datasets import load_digits
@@ -213,6 +252,7 @@ class DigitsDataset(OperaDataset):
         imgs = np.rint(d.images[self.indices] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         self.images = torch.from_numpy(imgs)[:, None].expand(-1, 3, -1, -1).contiguous()
         super().__init__(spec, split, class_names, targets, transform)
+        self.set_coarse(DIGITS_COARSE)
 
     def load_image(self, index: int) -> torch.Tensor:
         return self.images[index]
@@ -519,6 +559,17 @@ def build_dataset(
     if spec.name == FOLDER:
         return FolderDataset(spec, split, transform)
     return TorchvisionDataset(spec, split, transform)
+
+
+def dataset_label_sets(dataset) -> dict[str, int]:
+    """``{name: classes}`` of a dataset (or of the dataset a wrapper such as SeededDataset holds)."""
+    base = _unwrap(dataset)
+    return base.label_sets() if hasattr(base, "label_sets") else {"class": int(base.num_classes)}
+
+
+def dataset_target_sets(dataset) -> dict[str, list[int]]:
+    base = _unwrap(dataset)
+    return base.target_sets() if hasattr(base, "target_sets") else {"class": [int(t) for t in base.targets]}
 
 
 def _unwrap(dataset):

@@ -248,6 +248,15 @@ def build_loader(
     )
 
 
+class IndexedSeededDataset(SeededDataset):
+    """:class:`SeededDataset` whose items end with their dataset index: ``(image, label, index)``,
+    so the feed can look up every named label set of the batch."""
+
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key
+        return (*super().__getitem__(key), index)
+
+
 AUGMENT_ON = ("device", "workers")
 
 
@@ -269,6 +278,9 @@ class PretrainFeed:
     device once and indexed there - no DataLoader, no workers (``workers`` is unused); a folder is
     decoded and cropped (uint8) in ``workers`` and the rest runs batched on the device.
 
+    The labels of a batch are a dict of named label sets (``{"class": y, "coarse": c}``), from
+    ``target_sets`` (``{name: per-image labels}``, ``-1`` = no label) or else the dataset's own.
+
     Every sample's augmentation depends only on ``(seed, epoch, index)``, in both modes and in
     both device paths (the same parameters as ``PretrainTransform`` draws under that seed), and
     the batch order only on ``(seed, epoch)``: ``epoch(..., start_step=k)`` yields exactly the
@@ -276,7 +288,8 @@ class PretrainFeed:
     """
 
     def __init__(self, dataset, *, img_size: int, crop_min: float, flip: bool, seed: int, augment_on: str = "device",
-                 device: torch.device | str = "cpu", workers: int = 0):
+                 device: torch.device | str = "cpu", workers: int = 0, target_sets: dict | None = None):
+        from opera.data.datasets import dataset_label_sets, dataset_target_sets
         from opera.data.device_augment import BatchTwoCrop, CropForDevice
         from opera.data.transforms import PretrainTransform
 
@@ -287,35 +300,46 @@ class PretrainFeed:
         self.two_crop = BatchTwoCrop(img_size, crop_min=crop_min, flip=flip)
         images = in_memory_images(dataset) if augment_on == "device" else None
         self.in_memory = images is not None
+        self.label_sets = dataset_label_sets(dataset)
+        sets = dataset_target_sets(dataset) if target_sets is None else target_sets
+        for name, values in sets.items():
+            if len(values) != len(dataset):
+                raise OperaError(f"label set {name!r} has {len(values)} labels for {len(dataset)} images; give one per image")
+        self.target_sets = {name: torch.as_tensor(values, dtype=torch.int64).to(self.device) for name, values in sets.items()}
         if self.in_memory:
             self.images = images.to(self.device)  # once; every step indexes it on the device
-            self.targets = torch.as_tensor(dataset.targets, dtype=torch.int64).to(self.device)
             dataset.transform = None
         elif augment_on == "device":
             dataset.transform = CropForDevice(self.two_crop)
         else:
             dataset.transform = PretrainTransform(img_size, crop_min=crop_min, flip=flip)
-        self.dataset = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, seed)
+        base = dataset.dataset if isinstance(dataset, SeededDataset) else dataset
+        self.dataset = IndexedSeededDataset(base, seed)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def epoch(self, batch_size: int, epoch: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
-              shuffle: bool = True, drop_last: bool = True) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        """``(views, labels)`` on the device for this rank's batches of ``epoch`` from ``start_step``."""
+              shuffle: bool = True, drop_last: bool = True) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
+        """``(views, targets)`` on the device for this rank's batches of ``epoch`` from ``start_step``
+        (``targets``: the named label sets of the batch)."""
         self.dataset.set_epoch(epoch)
         if self.in_memory:
             yield from self._in_memory_epoch(batch_size, epoch, rank, world_size, start_step, shuffle, drop_last)
             return
         loader = build_loader(self.dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=self.workers,
                               seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, start_step=start_step)
-        for items, labels in loader:
-            labels = labels.to(self.device, non_blocking=True)
+        for items, _, index in loader:
+            targets = self.targets_of(index.to(self.device, non_blocking=True))
             if self.augment_on == "workers":
-                yield [v.to(self.device, non_blocking=True) for v in items], labels
+                yield [v.to(self.device, non_blocking=True) for v in items], targets
             else:
                 crops, params = items
-                yield self.two_crop.from_crops(crops.to(self.device, non_blocking=True), params), labels
+                yield self.two_crop.from_crops(crops.to(self.device, non_blocking=True), params), targets
+
+    def targets_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named label sets of the images ``index`` (a tensor of dataset indices on the device)."""
+        return {name: values.index_select(0, index) for name, values in self.target_sets.items()}
 
     def _in_memory_epoch(self, batch_size, epoch, rank, world_size, start_step, shuffle, drop_last):
         n = len(self.dataset)
@@ -328,4 +352,4 @@ class PretrainFeed:
         for batch in sampler:
             params = self.two_crop.sample_seeded([sample_seed(self.seed, epoch, i) for i in batch], [hw] * len(batch))
             idx = torch.as_tensor(batch, dtype=torch.int64).to(self.device)
-            yield self.two_crop(self.images.index_select(0, idx), params), self.targets.index_select(0, idx)
+            yield self.two_crop(self.images.index_select(0, idx), params), self.targets_of(idx)

@@ -25,9 +25,10 @@ from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state,
 from opera.engine.rundir import GracefulStop, NoLock, RunLock, Stopped, check_config_drift, find_checkpoint, own_run_dir
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
-from opera.engine.step import make_grad_scaler, train_step
+from opera.engine.step import make_grad_scaler, prepare_model, train_step
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy, parse_spec
+from opera.supervisions.base import Progress
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -54,21 +55,6 @@ def check_output_dir(output: Path) -> None:
         raise OperaError(f"output directory {output} is not writable ({exc.strerror}); choose another --output") from None
 
 
-def build_hierarchy(cfg: PretrainConfig, num_classes: int | None) -> SupervisionHierarchy:
-    b = cfg.backbone
-    return SupervisionHierarchy.from_spec(
-        cfg.hierarchy,
-        backbone=b.name,
-        num_classes=num_classes if "full" in cfg.hierarchy.replace("+", ",").split(",") else None,
-        arrangement=cfg.arrangement,
-        img_size=b.img_size,
-        concat_views=cfg.train.concat_views,
-        backbone_options={"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
-                          "drop_path_rate": b.drop_path_rate or None},
-        **cfg.space_options(),
-    )
-
-
 def resolve_optimizer_name(cfg: PretrainConfig, hierarchy: SupervisionHierarchy) -> str:
     name = cfg.optim.name
     if name == "auto":
@@ -78,16 +64,22 @@ def resolve_optimizer_name(cfg: PretrainConfig, hierarchy: SupervisionHierarchy)
     return name
 
 
-def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, num_classes: int | None) -> dict[str, Any]:
+def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
     spec = get_spec(hierarchy.backbone)
     return {"hierarchy": hierarchy.spec, "arrangement": hierarchy.arrangement,
-            "backbone": spec.name if spec else None, "num_classes": num_classes}
+            "backbone": spec.name if spec else None, "num_classes": hierarchy.label_sets.get("class"),
+            "label_sets": dict(hierarchy.label_sets)}
+
+
+#: identity keys that checkpoints of older versions lack (not compared when absent)
+_NEWER_IDENTITY = ("label_sets",)
 
 
 def check_resumable(state: dict[str, Any], want: dict[str, Any], path: Path) -> None:
     have = state.get("identity") or {}
-    diffs = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items() if have.get(k) != v]
+    diffs = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items()
+             if have.get(k) != v and not (k in _NEWER_IDENTITY and k not in have)]
     if diffs:
         raise OperaError(
             f"checkpoint {path} was trained with a different setup: {'; '.join(diffs)}; "
@@ -144,7 +136,29 @@ def resume_source(output: Path, resume: str | None, main: bool) -> tuple[Path | 
     return path, state
 
 
-def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock, stop: GracefulStop) -> dict[str, Any]:
+class PretrainSession:
+    """Everything a pretraining run holds between steps: built once by :func:`setup_pretrain`,
+    advanced by :func:`train_one_epoch` and :func:`finish_epoch` (MAE's ``main_pretrain`` /
+    ``train_one_epoch`` split)."""
+
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+    def checkpoint(self, path: Path) -> None:
+        """Write the resumable state to ``path`` (rank 0; atomic, ``save_state``)."""
+        self.owner.check_owner()
+        if self.main:
+            save_state({
+                "model": self.hierarchy.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch, "global_step": self.state.global_step,
+                "identity": self.want, "config": self.resolved, "backbone_spec": get_spec(self.hierarchy.backbone).to_dict(),
+                **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+            }, path)
+
+
+def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock,
+                   stop: GracefulStop) -> PretrainSession:
+    """Process group, data, hierarchy, optimizer, resume, DDP, config.yaml and loggers."""
     from opera.data import PretrainFeed, build_dataset, steps_per_epoch
 
     env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -159,21 +173,19 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
                         flip=cfg.data.flip, seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device,
                         workers=cfg.data.workers)
     train_set = feed.dataset
-    num_classes = train_set.num_classes
     batch = cfg.train.batch_size
     if batch % world:
         raise OperaError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")
     if batch > len(train_set):
         raise OperaError(f"batch size {batch} is larger than the dataset ({len(train_set)} training images); use --batch-size <= {len(train_set)}")
-    per_rank = batch // world
     n_steps = steps_per_epoch(len(train_set), batch, world)
-    epochs = cfg.train.epochs
-    total_steps = n_steps * epochs
 
-    hierarchy = build_hierarchy(cfg, num_classes).to(device)
-    if device.type == "cuda" and cfg.train.channels_last and not is_token_backbone(hierarchy.backbone):
-        hierarchy = hierarchy.to(memory_format=torch.channels_last)
-    want = identity(cfg, hierarchy, num_classes)
+    # NHWC for CNNs on CUDA when train.channels_last (the same prepare_model as ``opera bench``)
+    hierarchy = SupervisionHierarchy.from_config(cfg, feed.label_sets)
+    nhwc = None if device.type == "cuda" and cfg.train.channels_last else False  # None: CNN backbones only
+    hierarchy = prepare_model(hierarchy, device, channels_last=nhwc)
+    channels_last = hierarchy.opera_channels_last
+    want = identity(cfg, hierarchy)
     opt_name = resolve_optimizer_name(cfg, hierarchy)
     lr = cfg.optim.base_lr * batch / 256
     optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas,
@@ -208,87 +220,102 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
         model = torch.compile(model)
 
     resolved = config_to_dict(cfg)
-    resolved["resolved"] = {"optimizer": opt_name, "lr": lr, "world_size": world, "per_rank_batch": per_rank,
-                            "steps_per_epoch": n_steps, "num_classes": num_classes, "device": str(device),
+    resolved["resolved"] = {"optimizer": opt_name, "lr": lr, "world_size": world, "per_rank_batch": batch // world,
+                            "steps_per_epoch": n_steps, "num_classes": feed.label_sets.get("class"), "device": str(device),
                             **hierarchy.describe()}
     if main:
         (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    logger = RunLogger(output, enabled=main)
-    progress = ProgressDisplay(main, total_steps, state.global_step)
+    total_steps = n_steps * cfg.train.epochs
+    return PretrainSession(
+        cfg=cfg, output=output, owner=owner, stop=stop, rank=rank, world=world, main=main, device=device, feed=feed,
+        hierarchy=hierarchy, model=model, optimizer=optimizer, scaler=scaler, state=state, want=want, lr=lr,
+        batch=batch, per_rank=batch // world, n_steps=n_steps, total_steps=total_steps, resolved=resolved,
+        channels_last=channels_last, logger=RunLogger(output, enabled=main),
+        progress=ProgressDisplay(main, total_steps, state.global_step),
+        t_last=time.time(), logged_at=state.global_step,  # time and step of the previous log row
+    )
 
-    def checkpoint(path: Path) -> None:
-        owner.check_owner()
-        if main:
-            save_state({
-                "model": hierarchy.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
-                "identity": want, "config": resolved, "backbone_spec": get_spec(hierarchy.backbone).to_dict(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-            }, path)
 
+def train_one_epoch(s: PretrainSession) -> dict[str, float]:
+    """The steps of the current epoch from ``s.state.step_in_epoch`` (to its end, ``max_steps``
+    or a stop request, which checkpoints and raises :class:`Stopped`); returns the epoch's mean
+    of every logged value."""
+    cfg, state, epochs = s.cfg, s.state, s.cfg.train.epochs
+    loader = s.feed.epoch(s.per_rank, state.epoch, rank=s.rank, world_size=s.world, start_step=state.step_in_epoch)
+    s.model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    for views, targets in loader:
+        seed_step(cfg.train.seed, s.rank, state.global_step)
+        if s.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        epoch_f = state.epoch + state.step_in_epoch / s.n_steps
+        step_lr = lr_at(epoch_f, epochs, cfg.optim.warmup_epochs, s.lr)
+        m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
+        s.hierarchy.on_step(Progress(epoch_f, state.global_step, epochs, s.total_steps))
+        out = train_step(s.model, s.hierarchy, s.optimizer, views, targets, step_lr, m, s.device, cfg.train.amp,
+                         state.global_step, per_view=cfg.train.per_view, scaler=s.scaler)
+        state.global_step += 1
+        state.step_in_epoch += 1
+        terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
+        row_now = {"loss": out.loss.detach(), **terms, **out.logs}
+        for k, v in row_now.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        count += 1
+        if state.global_step % cfg.train.log_every == 0 or state.step_in_epoch == s.n_steps:
+            dt = time.time() - s.t_last
+            s.t_last, images = time.time(), s.batch * (state.global_step - s.logged_at)
+            s.logged_at = state.global_step
+            row = {k: float(distributed.all_reduce_mean(v.float())) for k, v in row_now.items()}
+            s.logger.log({"epoch": epoch_f, "lr": step_lr, "ema_momentum": m,
+                          "img_per_s": images / max(dt, 1e-9), **row}, state.global_step)
+            s.progress.update(state.global_step, state.epoch + 1, {k: v for k, v in row.items() if k.startswith("loss")})
+        signum = s.stop.requested(s.world)
+        if signum:
+            s.checkpoint(s.output / LAST)
+            raise Stopped(state.global_step, signum)
+        if cfg.train.save_every_steps and state.global_step % cfg.train.save_every_steps == 0 and state.step_in_epoch < s.n_steps:
+            s.checkpoint(s.output / LAST)
+        if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+            break
+    if state.step_in_epoch >= s.n_steps:
+        state.epoch += 1
+        state.step_in_epoch = 0
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def finish_epoch(s: PretrainSession, epoch_row: dict[str, float]) -> dict[str, Any]:
+    """After an epoch (or a ``max_steps`` stop inside one): kNN monitor, ``last.pt``, the
+    periodic ``epoch_NNNN.pt``, ``backbone.safetensors``, the progress line."""
+    cfg, state, epochs = s.cfg, s.state, s.cfg.train.epochs
+    epoch_done = state.step_in_epoch == 0
+    if cfg.train.knn_every and (state.epoch % cfg.train.knn_every == 0 or state.epoch == epochs) and epoch_done:
+        epoch_row["knn_top1"] = knn_monitor(s.hierarchy.backbone, cfg, s.device, s.rank, s.world)
+        s.logger.log({"epoch": float(state.epoch), "knn_top1": epoch_row["knn_top1"]}, state.global_step)
+    s.checkpoint(s.output / LAST)
+    if s.main and cfg.train.save_every_epochs and state.epoch % cfg.train.save_every_epochs == 0 and epoch_done:
+        s.checkpoint(s.output / f"epoch_{state.epoch:04d}.pt")
+    if s.main:
+        export_backbone(s.hierarchy.backbone, s.output / BACKBONE, {"identity": s.want, "epoch": state.epoch})
+    s.progress.epoch_end(state.epoch - 1 if epoch_done else state.epoch, epochs, state.global_step, s.total_steps, epoch_row)
+    return {"epoch": state.epoch, "global_step": state.global_step, **epoch_row}
+
+
+def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock, stop: GracefulStop) -> dict[str, Any]:
+    s = setup_pretrain(cfg, output, resume, owner, stop)
     result: dict[str, Any] = {}
-    t_last, logged_at = time.time(), state.global_step  # time and step of the previous log row
     try:
-        while state.epoch < epochs:
-            loader = feed.epoch(per_rank, state.epoch, rank=rank, world_size=world, start_step=state.step_in_epoch)
-            model.train()
-            sums: dict[str, float] = {}
-            count = 0
-            for views, labels in loader:
-                seed_step(cfg.train.seed, rank, state.global_step)
-                if device.type == "cuda" and cfg.train.channels_last and not is_token_backbone(hierarchy.backbone):
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                epoch_f = state.epoch + state.step_in_epoch / n_steps
-                step_lr = lr_at(epoch_f, epochs, cfg.optim.warmup_epochs, lr)
-                m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
-                out = train_step(model, hierarchy, optimizer, views, labels, step_lr, m, device, cfg.train.amp, state.global_step,
-                                 per_view=cfg.train.per_view, scaler=scaler)
-                state.global_step += 1
-                state.step_in_epoch += 1
-                terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
-                row_now = {"loss": out.loss.detach(), **terms, **out.logs}
-                for k, v in row_now.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-                if state.global_step % cfg.train.log_every == 0 or state.step_in_epoch == n_steps:
-                    dt = time.time() - t_last
-                    t_last, images = time.time(), batch * (state.global_step - logged_at)
-                    logged_at = state.global_step
-                    row = {k: float(distributed.all_reduce_mean(v.float())) for k, v in row_now.items()}
-                    logger.log({"epoch": epoch_f, "lr": step_lr, "ema_momentum": m,
-                                "img_per_s": images / max(dt, 1e-9), **row}, state.global_step)
-                    progress.update(state.global_step, state.epoch + 1, {k: v for k, v in row.items() if k.startswith("loss")})
-                signum = stop.requested(world)
-                if signum:
-                    checkpoint(output / LAST)
-                    raise Stopped(state.global_step, signum)
-                if cfg.train.save_every_steps and state.global_step % cfg.train.save_every_steps == 0 and state.step_in_epoch < n_steps:
-                    checkpoint(output / LAST)
-                if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
-                    break
-            if state.step_in_epoch >= n_steps:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            epoch_row = {k: v / max(count, 1) for k, v in sums.items()}
-            if cfg.train.knn_every and (state.epoch % cfg.train.knn_every == 0 or state.epoch == epochs) and state.step_in_epoch == 0:
-                epoch_row["knn_top1"] = knn_monitor(hierarchy.backbone, cfg, device, rank, world)
-                logger.log({"epoch": float(state.epoch), "knn_top1": epoch_row["knn_top1"]}, state.global_step)
-            checkpoint(output / LAST)
-            if main and cfg.train.save_every_epochs and state.epoch % cfg.train.save_every_epochs == 0 and state.step_in_epoch == 0:
-                checkpoint(output / f"epoch_{state.epoch:04d}.pt")
-            if main:
-                export_backbone(hierarchy.backbone, output / BACKBONE, {"identity": want, "epoch": state.epoch})
-            progress.epoch_end(state.epoch - 1 if state.step_in_epoch == 0 else state.epoch, epochs, state.global_step, total_steps, epoch_row)
-            result = {"epoch": state.epoch, "global_step": state.global_step, **epoch_row}
-            if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+        while s.state.epoch < cfg.train.epochs:
+            result = finish_epoch(s, train_one_epoch(s))
+            if cfg.train.max_steps and s.state.global_step >= cfg.train.max_steps:
                 break
-        if main and state.global_step == total_steps and not (output / BACKBONE).is_file():
-            export_backbone(hierarchy.backbone, output / BACKBONE, {"identity": want, "epoch": state.epoch})
+        if s.main and s.state.global_step == s.total_steps and not (output / BACKBONE).is_file():
+            export_backbone(s.hierarchy.backbone, output / BACKBONE, {"identity": s.want, "epoch": s.state.epoch})
     finally:
-        progress.close()
-        logger.close()
+        s.progress.close()
+        s.logger.close()
     distributed.barrier()
-    return {"output": str(output), "finished": state.epoch >= epochs, **result}
+    return {"output": str(output), "finished": s.state.epoch >= cfg.train.epochs, **result}
 
 
 @torch.no_grad()

@@ -58,7 +58,7 @@ class NonFiniteLoss(OperaError):
 
 
 def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
-               labels: torch.Tensor | None, lr: float, ema_momentum: float, device: torch.device, amp: str = "auto",
+               targets: "dict[str, torch.Tensor] | torch.Tensor | None", lr: float, ema_momentum: float, device: torch.device, amp: str = "auto",
                step: int = 0, per_view: bool = True, scaler: "torch.amp.GradScaler | None" = None) -> HierarchyOutput:
     """Momentum update, forward, backward, check the loss terms are finite, optimizer step.
 
@@ -68,7 +68,8 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
     starts from, with m_t of the schedule.
 
     ``model`` is what is called (the hierarchy, or its DDP wrapper); ``hierarchy`` is the bare
-    module whose momentum encoder is updated.
+    module whose momentum teacher is updated. ``targets``: the batch's named label sets
+    (``{"class": y}``; a bare tensor means ``{"class": y}``).
 
     ``per_view`` (default): the online branch runs one view at a time - forward view 1, backward
     its terms, then view 2 - so only one view's activations are alive, instead of all of them.
@@ -96,7 +97,7 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         with sync:
             part = {} if ids is None else {"view_ids": ids, "state": outs[-1].state if outs else None}
             with autocast_context(device, amp):
-                out = model(views=views, labels=labels, **part)
+                out = model(views=views, targets=targets, **part)
             (out.loss if scaler is None else scaler.scale(out.loss)).backward()
         out.state = None if last else out.state  # drop the step's keys and masks once the last view is done
         outs.append(out)

@@ -55,15 +55,19 @@ class DiagnoseConfig(EvalConfig):
 
 
 # ----------------------------------------------------------------------------- hierarchy
-def _num_classes(state: dict[str, Any], cfg_dict: dict[str, Any]) -> int | None:
+def _label_sets(state: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, int]:
+    """The label sets the run was trained with (its identity, config.yaml, or the class head's size)."""
     ident = state.get("identity") or {}
-    if ident.get("num_classes"):
-        return int(ident["num_classes"])
+    if ident.get("label_sets"):
+        return {k: int(v) for k, v in ident["label_sets"].items()}
     resolved = (cfg_dict or {}).get("resolved") or {}
-    if resolved.get("num_classes"):
-        return int(resolved["num_classes"])
-    heads = [v for k, v in state.get("model", {}).items() if k.startswith("spaces.full.") and k.endswith(".weight") and v.ndim == 2]
-    return int(heads[-1].shape[0]) if heads else None
+    if resolved.get("label_sets"):
+        return {k: int(v) for k, v in resolved["label_sets"].items()}
+    num_classes = ident.get("num_classes") or resolved.get("num_classes")
+    if not num_classes:
+        heads = [v for k, v in state.get("model", {}).items() if k.startswith("spaces.full.") and k.endswith(".weight") and v.ndim == 2]
+        num_classes = int(heads[-1].shape[0]) if heads else None
+    return {"class": int(num_classes)} if num_classes else {}
 
 
 def load_hierarchy(loaded: LoadedBackbone):
@@ -84,15 +88,7 @@ def load_hierarchy(loaded: LoadedBackbone):
     keep = set(TOP_LEVEL) | set(SECTIONS) | set(SPACES.names())
     cfg = config_from_dict({k: v for k, v in loaded.run_config.items() if k in keep})
     state = load_state(last)
-    num_classes = _num_classes(state, loaded.run_config)
-    try:
-        from opera.engine.pretrain import build_hierarchy
-
-        h = build_hierarchy(cfg, num_classes)
-    except ImportError:  # pragma: no cover - the engine is optional here
-        b = cfg.backbone
-        h = SupervisionHierarchy.from_spec(cfg.hierarchy, backbone=b.name, num_classes=num_classes, arrangement=cfg.arrangement,
-                                           img_size=b.img_size, **cfg.space_options())
+    h = SupervisionHierarchy.from_config(cfg, _label_sets(state, loaded.run_config))
     missing, unexpected = h.load_state_dict(state.get("model", {}), strict=False)
     if missing or unexpected:
         raise OperaError(f"{last} does not match the hierarchy of its config.yaml ({cfg.hierarchy}; missing {len(missing)}, "

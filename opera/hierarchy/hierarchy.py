@@ -5,8 +5,8 @@ sum of the spaces' weighted losses (Eq. 9, Eq. 36); with the default weights and
 ``self,full`` it is the official OPERA loss
 ``0.5 (ctr(q1,k2) + ctr(q2,k1)) + 0.5 CE(view1) + 0.5 CE(view2)`` (Eq. 34).
 
-The training loop needs nothing but ``out = hierarchy(views=[x1, x2], labels=y)``,
-``out.loss.backward()`` and ``hierarchy.momentum_update(m)``. Because every term of the loss
+The training loop needs nothing but ``out = hierarchy(views=[x1, x2], targets={"class": y})``,
+``out.loss.backward()``, ``hierarchy.momentum_update(m)`` and ``hierarchy.on_step(progress)``. Because every term of the loss
 depends on the online outputs of one view only (the keys, masks and labels it is compared with are
 detached), the step may instead run the online branch one view at a time and backpropagate each
 view's terms before the next view's forward (``view_ids=[i]``, ``state=out.state``): the same
@@ -24,7 +24,8 @@ from torch import nn
 import opera.supervisions  # noqa: F401  (registers the built-in spaces)
 from opera.backbones import create_backbone, feature_dim, get_spec, is_token_backbone
 from opera.errors import OperaError, suggest
-from opera.supervisions.base import SPACES, BuildContext, Stage, TaskSpace, make_options
+from opera.hierarchy.teacher import MomentumTeacher
+from opera.supervisions.base import SPACES, BuildContext, Progress, Stage, TaskSpace, make_options
 
 ARRANGEMENTS = ("A", "B", "C", "naive")
 
@@ -79,64 +80,48 @@ def parse_spec(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def resolve_arrangement(spaces: tuple[str, ...], arrangement: str | None) -> str:
-    """Default C when ``self`` and ``full`` are both present, A for ``full`` alone."""
+    """Default C when ``self`` and an arrangement-placed space (``full``, ``supcon``) are both
+    present, A when there is no ``self`` to attach to."""
     if arrangement is not None and arrangement not in ARRANGEMENTS:
         raise OperaError(f"unknown arrangement {arrangement!r}; valid: {', '.join(ARRANGEMENTS)}")
-    if "full" not in spaces:
+    placed = [n for n in spaces if SPACES.get(n).placed_by_arrangement]
+    if not placed:
         if arrangement is not None:
+            names = [repr(n) for n in SPACES.names() if SPACES.get(n).placed_by_arrangement]
+            names_text = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
             raise OperaError(
-                f"arrangement {arrangement!r} places the class space, but hierarchy {','.join(spaces)!r} has no 'full'; "
-                "add 'full' (e.g. self,full) or drop the arrangement"
+                f"arrangement {arrangement!r} places the class space, but hierarchy {','.join(spaces)!r} has no {names_text}; "
+                "add one (e.g. self,full) or drop the arrangement"
             )
         return "C"
     if "self" not in spaces:
         if arrangement not in (None, "A"):
             raise OperaError(
-                f"arrangement {arrangement!r} attaches 'full' to the instance space, but the hierarchy has no 'self'; "
-                "use self,full or arrangement A"
+                f"arrangement {arrangement!r} attaches {placed[0]!r} to the instance space, but the hierarchy has no 'self'; "
+                f"use self,{placed[0]} or arrangement A"
             )
         return "A"
     return arrangement or "C"
 
 
-def couples_samples(module: nn.Module) -> bool:
-    """True if ``module`` has a layer whose output for one sample depends on the other samples of
-    the batch in training mode (BatchNorm and its subclasses - SyncBatchNorm, timm's
-    BatchNormAct2d - or timm's batch-statistics EvoNorms).
-
-    A backbone without one (a ViT: LayerNorm, attention within a sample) gives the same output
-    for a batch of concatenated views as for each view alone, so it may run the views as one batch.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return True
-        name = type(m).__name__
-        if "BatchNorm" in name or name.startswith("EvoNorm") and "B" in name[len("EvoNorm"):]:
-            return True
-    return False
-
-
 class SupervisionHierarchy(nn.Module):
-    """A backbone and the task spaces stacked on it (``spaces``, a ModuleDict from the base up).
+    """A backbone, the task spaces stacked on it (``spaces``, a ModuleDict from the base up) and,
+    when a space asked for one, the momentum ``teacher`` (:class:`MomentumTeacher`).
 
-    ``fuse_views`` (off by default): when the backbone couples no samples (``couples_samples`` is
-    False, e.g. a ViT), its online and momentum copies run all views of a step as one
-    concatenated batch - the same outputs as one view at a time, in fewer, larger matrix products.
-    The heads (with BatchNorm) still see each view alone unless ``concat_views``. BatchNorm
-    backbones always run per view unless ``concat_views`` (which changes their statistics).
-    Off by default because on the 2-core CPU box it raised peak RSS by ~10% for a speed-up that
-    only showed under heavy contention (BENCHMARKS.md); worth trying on a GPU.
+    ``concat_views``: the views of a step run as one batch everywhere (shared BatchNorm
+    statistics; not MoCo-v3's default, which runs each view alone).
     """
 
     def __init__(self, backbone: nn.Module, spaces: dict[str, TaskSpace], arrangement: str, concat_views: bool = False,
-                 fuse_views: bool = False):
+                 teacher: MomentumTeacher | None = None, label_sets: dict[str, int] | None = None):
         super().__init__()
         self.backbone = backbone
         self.spaces = nn.ModuleDict(spaces)
+        self.teacher = teacher
         self.arrangement = arrangement
         self.concat_views = concat_views
-        self.fuse_views = fuse_views
-        self.backbone_couples_samples = couples_samples(backbone)
+        self.label_sets = dict(label_sets or {})
+        self.register_load_state_dict_pre_hook(_rename_old_momentum_keys)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,21 +130,28 @@ class SupervisionHierarchy(nn.Module):
         spec: str,
         *,
         backbone: str | nn.Module,
+        label_sets: dict[str, int] | None = None,
         num_classes: int | None = None,
         arrangement: str | None = None,
         img_size: int = 224,
         concat_views: bool = False,
-        fuse_views: bool = False,
         backbone_options: dict[str, Any] | None = None,
         **options: Any,
     ) -> "SupervisionHierarchy":
         """Build the hierarchy ``spec`` (e.g. ``"mask,self,full"``) over ``backbone``.
 
+        ``label_sets`` names the data's label sets and their sizes (``{"class": 1000}``; digits
+        also has ``{"coarse": 3}``); ``num_classes=K`` is short for ``{"class": K}``. A space that
+        needs a label set the data lacks is a one-line error naming what the data has.
         ``options`` holds one dict per space, keyed by its name: ``self={"dim": 256}``,
         ``full={"layers": 2, "hidden": 256}``, ``mask={"ratio": 0.5}``.
         """
         names = parse_spec(spec)
         arrangement = resolve_arrangement(names, arrangement)
+        if label_sets is None:
+            label_sets = {"class": int(num_classes)} if num_classes else {}
+        elif num_classes is not None and label_sets.get("class") != num_classes:
+            raise OperaError(f"num_classes={num_classes} disagrees with label_sets {label_sets}; pass one of them")
         for key in options:
             if key not in SPACES:
                 raise OperaError(f"unknown option group {key!r}{suggest(key, SPACES.names())}; valid: {', '.join(SPACES.names())}")
@@ -172,41 +164,61 @@ class SupervisionHierarchy(nn.Module):
                 f"backbone {type(backbone).__name__} lacks timm's interface (num_features, forward_features, forward_head); "
                 "build it with opera.backbones.create_backbone or timm.create_model(..., num_classes=0)"
             )
-        ctx = BuildContext(
-            backbone=backbone,
-            dims={"backbone": feature_dim(backbone)},
-            num_classes=num_classes,
-            arrangement=arrangement,
-            spec=names,
-            token_backbone=is_token_backbone(backbone),
-        )
+        ctx = BuildContext(backbone=backbone, label_sets=dict(label_sets), arrangement=arrangement, spec=names,
+                           token_backbone=is_token_backbone(backbone))
+        ctx.publish("backbone", feature_dim(backbone))
         spaces: dict[str, TaskSpace] = {}
         for name in names:
             space_cls = SPACES.get(name)
             spaces[name] = space_cls.build(ctx, make_options(space_cls.Options, options.get(name), name))
-        return cls(backbone, spaces, arrangement, concat_views, fuse_views)
+            if space_cls.placed_by_arrangement:
+                ctx.placed = True
+        teacher = MomentumTeacher(backbone, ctx.reps, ctx.teacher_wanted) if ctx.teacher_wanted else None
+        return cls(backbone, spaces, arrangement, concat_views, teacher, label_sets)
+
+    @classmethod
+    def from_config(cls, cfg: Any, label_sets: dict[str, int] | None) -> "SupervisionHierarchy":
+        """The hierarchy of a :class:`~opera.configs.PretrainConfig` over data with ``label_sets``."""
+        b = cfg.backbone
+        return cls.from_spec(
+            cfg.hierarchy,
+            backbone=b.name,
+            label_sets=label_sets or {},
+            arrangement=cfg.arrangement,
+            img_size=b.img_size,
+            concat_views=cfg.train.concat_views,
+            backbone_options={"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
+                              "drop_path_rate": b.drop_path_rate or None},
+            **cfg.space_options(),
+        )
 
     @property
     def spec(self) -> str:
         return ",".join(self.spaces.keys())
 
     # ------------------------------------------------------------------ training step
-    def forward(self, views: list[torch.Tensor] | None = None, labels: torch.Tensor | None = None, *,
-                view_ids: list[int] | None = None, state: StepState | None = None) -> HierarchyOutput:
+    def forward(self, views: list[torch.Tensor] | None = None, targets: dict[str, torch.Tensor] | torch.Tensor | None = None,
+                *, labels: torch.Tensor | None = None, view_ids: list[int] | None = None,
+                state: StepState | None = None) -> HierarchyOutput:
         """The loss of the online views ``view_ids`` (default: all) of one step.
 
-        ``views``/``labels`` start a step; ``state=out.state`` continues the same step with other
-        views (the momentum keys and masks are reused, not recomputed). Calling it for each part
-        of a partition of the views and adding the losses gives exactly the loss of one call over
-        all views (Eq. 9, 34, 36 are sums of per-view terms with detached targets).
+        ``views``/``targets`` start a step (``targets``: the named label sets, ``{"class": y}``;
+        a bare tensor, or ``labels=y``, means ``{"class": y}``); ``state=out.state`` continues the
+        same step with other views (the teacher's outputs and the masks are reused, not
+        recomputed). Calling it for each part of a partition of the views and adding the losses
+        gives exactly the loss of one call over all views (Eq. 9, 34, 36 are sums of per-view
+        terms with detached targets).
         """
         if state is None:
             if views is None:
                 raise OperaError("SupervisionHierarchy needs views=[x1, x2, ...] (or state=out.state to continue a step)")
-            stage = Stage(list(views), labels, [{} for _ in views], self.concat_views)
-            # one batch through the backbone (online here, momentum in the 'self' space) when exact
-            stage.extras["fuse_backbone"] = len(views) > 1 and (self.concat_views or (
-                self.fuse_views and not self.backbone_couples_samples and len({tuple(v.shape) for v in views}) == 1))
+            if targets is None:
+                targets = labels
+            if isinstance(targets, torch.Tensor):
+                targets = {"class": targets}
+            stage = Stage(list(views), dict(targets or {}), [{} for _ in views], self.concat_views, teacher=self.teacher)
+            # one batch through the backbone (online here, the teacher's too) when the views share statistics
+            stage.extras["fuse_backbone"] = len(views) > 1 and self.concat_views
         else:
             stage = state.stage
         n = len(stage.views)
@@ -230,19 +242,33 @@ class SupervisionHierarchy(nn.Module):
         for name, space in self.spaces.items():
             out = space(stage, ids)
             losses[name] = out.loss
+            clash = set(out.logs) & set(logs)
+            if clash:
+                raise OperaError(f"space {name!r} logs {sorted(clash)[0]!r}, which another space logs too; derive keys from the space name (TaskSpace.key)")
             logs.update(out.logs)
         loss = torch.stack(list(losses.values())).sum()
         return HierarchyOutput(loss, losses, logs, StepState(stage))
+
+    def on_step(self, progress: Progress) -> None:
+        """Tell every space where training is (before each step)."""
+        for space in self.spaces.values():
+            space.on_step(progress)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Every (online, target) pair the momentum update keeps in step: the teacher's, then the spaces' own."""
+        pairs = self.teacher.momentum_pairs() if self.teacher is not None else []
+        for space in self.spaces.values():
+            pairs += space.momentum_pairs(self.backbone)
+        return pairs
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q for every (online, momentum) pair (MoCo)."""
         online: list[torch.Tensor] = []
         target: list[torch.Tensor] = []
-        for space in self.spaces.values():
-            for src, dst in space.momentum_pairs(self.backbone):
-                online.extend(src.parameters())
-                target.extend(dst.parameters())
+        for src, dst in self.momentum_pairs():
+            online.extend(src.parameters())
+            target.extend(dst.parameters())
         if target:
             torch._foreach_lerp_(target, online, 1.0 - m)
 
@@ -253,16 +279,11 @@ class SupervisionHierarchy(nn.Module):
     @torch.no_grad()
     def representations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every representation of the hierarchy for one batch of (unmasked) images, in the
-        module's current mode: ``backbone`` (y), and ``projector``/``predictor``/``class_logits``
-        where the spaces exist. Used by the diagnostics of Corollary 1."""
+        module's current mode: ``backbone`` (y), then each space's (``self/projector``,
+        ``self/predictor``, ``full/logits``, ...). Used by the diagnostics of Corollary 1."""
         reps: dict[str, torch.Tensor] = {"backbone": self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)}
-        if "self" in self.spaces:
-            sp = self.spaces["self"]
-            reps["projector"] = sp.projector(reps["backbone"])
-            reps["predictor"] = sp.predictor(reps["projector"])
-        if "full" in self.spaces:
-            sp = self.spaces["full"]
-            reps["class_logits"] = sp.class_head(reps[sp.source])
+        for space in self.spaces.values():
+            space.represent(reps)
         return reps
 
     def describe(self) -> dict[str, Any]:
@@ -272,8 +293,25 @@ class SupervisionHierarchy(nn.Module):
             "arrangement": self.arrangement,
             "backbone": spec.to_dict() if spec else type(self.backbone).__name__,
             "concat_views": self.concat_views,
+            "label_sets": dict(self.label_sets),
+            "teacher": list(self.teacher.wanted) if self.teacher is not None else [],
             # what each space derived from the backbone and the spaces below it (tau, widths, depths)
             "derived": {name: {k[len("resolved_"):]: v for k, v in vars(space).items() if k.startswith("resolved_")}
                         for name, space in self.spaces.items()},
             "parameters": sum(p.numel() for _, p in self.trainable_parameters()),
         }
+
+
+#: where checkpoints written before the hierarchy owned the teacher kept the momentum copies
+_OLD_MOMENTUM_KEYS = {"spaces.self.momentum_encoder.": "teacher.backbone.",
+                      "spaces.self.momentum_projector.": "teacher.heads.self_projector."}
+
+
+def _rename_old_momentum_keys(module, state_dict, prefix, *args) -> None:
+    """Load a checkpoint whose momentum copies sat in the instance space (opera <= 0.3)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _OLD_MOMENTUM_KEYS.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break

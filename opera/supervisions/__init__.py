@@ -1,16 +1,23 @@
-"""Task spaces, one module each: ``mask`` (Eq. 35-36), ``self`` (Eq. 34), ``full`` (Eq. 8-9).
+"""Task spaces, one module each: ``mask`` (Eq. 35-36), ``self`` (Eq. 34), ``full`` (Eq. 8-9), ...
 
-Importing this package registers every built-in space in ``SPACES``.
+Importing this package imports every module in it, which registers its spaces in ``SPACES``: a
+new space is a new file here, with nothing to add elsewhere.
 """
 
-from opera.supervisions import class_space, instance, masked  # noqa: F401  (registration)
-from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
+import importlib
+import pkgutil
+
+from opera.supervisions.base import NO_LABEL, SPACES, BuildContext, Progress, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.class_space import ARRANGEMENT_SOURCE, ClassOptions, ClassSpace
 from opera.supervisions.instance import InstanceOptions, InstanceSpace
 from opera.supervisions.masked import MaskedImageSpace, MaskOptions
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
     "ARRANGEMENT_SOURCE",
+    "NO_LABEL",
     "SPACES",
     "BuildContext",
     "ClassOptions",
@@ -19,6 +26,7 @@ __all__ = [
     "InstanceSpace",
     "MaskOptions",
     "MaskedImageSpace",
+    "Progress",
     "SpaceOutput",
     "Stage",
     "TaskSpace",

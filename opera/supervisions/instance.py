@@ -1,19 +1,18 @@
 """The instance space ``self``: MoCo-v3 on top of the backbone (Appendix B, Eq. 34).
 
 Y^self = g(Y) (Eq. 8) is the online predictor output q = predictor(projector(y)); the keys k come
-from the momentum encoder (a copy of the backbone and projector updated by EMA, never by
-gradients). The loss is the symmetric InfoNCE ``ctr(q1, k2) + ctr(q2, k1)`` times ``weight``.
+from the momentum encoder (MoCo-v3's copy of the backbone and projector updated by EMA, never by
+gradients), which the hierarchy owns as its teacher: the space asks for the teacher's
+``self/projector``. The loss is the symmetric InfoNCE ``ctr(q1, k2) + ctr(q2, k1)`` times ``weight``.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from opera.backbones import pooled_features
 from opera.errors import OperaError
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
@@ -35,55 +34,38 @@ class InstanceOptions:
 
 @SPACES.register("self")
 class InstanceSpace(TaskSpace):
-    """Contrastive instance space. Publishes the ``projector`` and ``predictor`` representations."""
+    """Contrastive instance space. Publishes ``self/projector`` and ``self/predictor``."""
 
     name = "self"
     level = 1
     Options = InstanceOptions
 
-    def __init__(self, backbone: nn.Module, in_dim: int, options: InstanceOptions, token_backbone: bool):
+    def __init__(self, in_dim: int, options: InstanceOptions, token_backbone: bool):
         super().__init__()
         self.options = options
         proj_layers = options.projector_layers or (3 if token_backbone else 2)
         self.projector = build_mlp(proj_layers, in_dim, options.mlp_dim, options.dim, last_bn=True)
         # MoCo-v3: the ViT predictor ends in a BatchNorm without affine parameters, the ResNet one does not
         self.predictor = build_mlp(options.predictor_layers, options.dim, options.mlp_dim, options.dim, last_bn=token_backbone)
-        self.momentum_encoder = copy.deepcopy(backbone)
-        self.momentum_projector = copy.deepcopy(self.projector)
-        for module in (self.momentum_encoder, self.momentum_projector):
-            for p in module.parameters():
-                p.requires_grad = False
         self.resolved_projector_layers = proj_layers
         self.resolved_temperature = options.temperature if options.temperature is not None else (0.2 if token_backbone else 1.0)
 
     @classmethod
     def build(cls, ctx: BuildContext, options: InstanceOptions) -> "InstanceSpace":
-        space = cls(ctx.backbone, ctx.dims["backbone"], options, ctx.token_backbone)
-        ctx.dims["projector"] = options.dim
-        ctx.dims["predictor"] = options.dim
+        space = cls(ctx.dims["backbone"], options, ctx.token_backbone)
+        ctx.publish(space.key("projector"), options.dim, "backbone", space.projector, cls.name)
+        ctx.publish(space.key("predictor"), options.dim, space.key("projector"), space.predictor, cls.name)
+        ctx.want_teacher(space.key("projector"))  # MoCo-v3's momentum encoder: backbone + projector
         return space
 
-    def momentum_pairs(self, backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-        return [(backbone, self.momentum_encoder), (self.projector, self.momentum_projector)]
-
-    @torch.no_grad()
     def keys(self, stage: Stage) -> list[torch.Tensor]:
-        """k_i = momentum_projector(momentum_encoder(x_i)) for the unmasked views, computed once
-        per step (cached in ``stage.extras["keys"]``) whichever subset of online views asks first.
+        """k_i = momentum projector(momentum encoder(x_i)) of the unmasked views: the teacher's
+        ``self/projector``, computed once per step whichever subset of online views asks first."""
+        return stage.teacher_rep(self.key("projector"))
 
-        The momentum encoder runs the views as one batch where the hierarchy found that exact
-        (``stage.extras["fuse_backbone"]``: a backbone without BatchNorm, or ``concat_views``);
-        the projector follows ``stage.apply`` (per view unless ``concat_views``).
-        """
-        if "keys" in stage.extras:
-            return stage.extras["keys"]
-        views = stage.views
-        if stage.extras.get("fuse_backbone") and len(views) > 1:
-            feats = list(pooled_features(self.momentum_encoder, torch.cat(views, 0)).chunk(len(views), 0))
-        else:
-            feats = [pooled_features(self.momentum_encoder, x) for x in views]
-        stage.extras["keys"] = keys = stage.apply(self.momentum_projector, feats)
-        return keys
+    def represent(self, reps: dict[str, torch.Tensor]) -> None:
+        reps[self.key("projector")] = z = self.projector(reps["backbone"])
+        reps[self.key("predictor")] = self.predictor(z)
 
     def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
         """Terms of views ``ids``: for two views view i contributes ctr(q_i, k_{1-i}), so all views
@@ -97,16 +79,16 @@ class InstanceSpace(TaskSpace):
         z = stage.apply(self.projector, stage.get("backbone", ids))
         q = stage.apply(self.predictor, z)
         for i, zi, qi in zip(ids, z, q):
-            stage.reps[i]["projector"], stage.reps[i]["predictor"] = zi, qi
+            stage.reps[i][self.key("projector")], stage.reps[i][self.key("predictor")] = zi, qi
         k = self.keys(stage)
         t, gather = self.resolved_temperature, self.options.gather_distributed
         ctr = sum(info_nce(qi, k[j], t, gather) for i, qi in zip(ids, q) for j in range(n) if j != i)
         if n > 2:
             ctr = ctr * 2 / (n * (n - 1))
-        logs = {"self/ctr": ctr.detach()}
+        logs = {self.key("ctr"): ctr.detach()}
         if 0 in ids:  # local top-1 of the positive key among this rank's keys (view 1 against the last view's keys)
             with torch.no_grad():
                 q0 = q[ids.index(0)]
-                logs["self/acc"] = (q0 @ torch.nn.functional.normalize(k[-1], dim=1).T).argmax(1).eq(
+                logs[self.key("acc")] = (q0 @ torch.nn.functional.normalize(k[-1], dim=1).T).argmax(1).eq(
                     torch.arange(len(q0), device=q0.device)).float().mean()
         return SpaceOutput(self.options.weight * ctr, logs)

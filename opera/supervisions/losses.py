@@ -39,6 +39,26 @@ def class_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
+def labelled_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, global_count: torch.Tensor,
+                                label_smoothing: float = 0.0) -> torch.Tensor:
+    """Eq. 34's class term over the labelled samples of the *global* batch.
+
+    ``labels`` holds ``-1`` for an image without a label; ``global_count`` is the number of
+    labelled samples over all ranks. Every rank returns ``world * sum_{labelled here} CE / count``:
+    DistributedDataParallel averages the ranks' gradients, so the step follows the gradient of
+    the mean over all labelled samples - not a mean of per-rank means, and exact (zero, with a
+    graph) on a rank without any labelled sample. With every sample labelled and equal per-rank
+    batches it is the plain mean of ``class_cross_entropy``, computed as such.
+    """
+    world = distributed.get_world_size()
+    local = labels.shape[0]
+    if int(global_count) == local * world:  # everything labelled: exactly the official loss
+        return class_cross_entropy(logits, labels, label_smoothing)
+    per_sample = F.cross_entropy(logits, labels.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
+    labelled = (labels >= 0).to(per_sample.dtype)
+    return (per_sample * labelled).sum() * world / global_count.clamp_min(1).to(per_sample.dtype)
+
+
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """J^mask of Eq. 36: mean squared error over the masked patches only.
 

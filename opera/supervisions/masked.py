@@ -54,6 +54,7 @@ class MaskedImageSpace(TaskSpace):
     name = "mask"
     level = 0
     Options = MaskOptions
+    token_only = True
 
     def __init__(self, backbone: nn.Module, options: MaskOptions):
         super().__init__()
@@ -79,7 +80,7 @@ class MaskedImageSpace(TaskSpace):
 
     def wrap_encoder(self, encode: Encoder, stage: Stage, backbone: nn.Module) -> Encoder:
         """Mask each online view's patch embeddings with ``mask_token`` before the blocks."""
-        masks: dict[int, torch.Tensor] = stage.extras.setdefault("mask", {})  # view id -> mask, once per step
+        masks: dict[int, torch.Tensor] = stage.extras.setdefault(self.key("masks"), {})  # view id -> mask, once per step
 
         def masked_encode(x: torch.Tensor, view_ids: list[int]) -> torch.Tensor:
             tokens = backbone.patch_embed(x)
@@ -95,7 +96,7 @@ class MaskedImageSpace(TaskSpace):
     def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
         """Terms of views ``ids``: ``weight * L_mask(view_i) / n`` each, so all n views give
         ``weight`` times the mean over views of Eq. 36's masked-patch loss."""
-        masks = stage.extras["mask"]
+        masks = stage.extras[self.key("masks")]
         losses = []
         for i in ids:
             patch_tokens = stage.reps[i]["tokens"][:, self.num_prefix_tokens:]
@@ -106,4 +107,4 @@ class MaskedImageSpace(TaskSpace):
                 target = (target - mean) / (var + 1e-6).sqrt()
             losses.append(masked_patch_loss(pred, target, masks[i]))
         mim = torch.stack(losses).sum() / len(stage.views)
-        return SpaceOutput(self.options.weight * mim, {"mask/mse": mim.detach()})
+        return SpaceOutput(self.options.weight * mim, {self.key("mse"): mim.detach()})

@@ -188,7 +188,8 @@ def test_feed_paths_agree_and_resume_mid_epoch_exactly():
     full = {name: _epoch(f) for name, f in (("memory", memory), ("workers", workers), ("per_image", per_image))}
     assert len(full["memory"]) == len(full["workers"]) == len(full["per_image"]) > 3
     for (vm, ym), (vw, yw), (vp, yp) in zip(full["memory"], full["workers"], full["per_image"]):
-        assert torch.equal(ym, yw) and torch.equal(ym, yp)  # same order of samples
+        assert set(ym) == set(yp) == {"class", "coarse"} and set(yw) == {"class"}  # the wrapper hides 'coarse'
+        assert torch.equal(ym["class"], yw["class"]) and all(torch.equal(ym[k], yp[k]) for k in ym)  # same order
         for a, b, c in zip(vm, vw, vp):
             torch.testing.assert_close(b, c, rtol=0, atol=2e-5)  # same parameters, same crops
             assert ((a - b).abs().mean()) < 0.08  # 8x8 digits: roi_align vs antialiased uint8 resize
@@ -196,7 +197,7 @@ def test_feed_paths_agree_and_resume_mid_epoch_exactly():
         tail = _epoch(feed, start=2)
         assert len(tail) == len(full[name]) - 2
         for (v, y), (vf, yf) in zip(tail, full[name][2:]):
-            assert torch.equal(y, yf) and all(torch.equal(a, b) for a, b in zip(v, vf)), name
+            assert all(torch.equal(y[k], yf[k]) for k in y) and all(torch.equal(a, b) for a, b in zip(v, vf)), name
 
 
 def test_crop_params_in_a_worker_equal_the_in_memory_draws():

@@ -41,7 +41,7 @@ def test_readme_example_trains_a_step(capsys, monkeypatch):
     tau = inst.resolved_temperature  # 1.0 for this ResNet, MoCo-v3's default
     with torch.no_grad():
         q = [inst.predictor(inst.projector(pooled_features(h.backbone, v))) for v in views]
-        k = [inst.momentum_projector(pooled_features(inst.momentum_encoder, v)) for v in views]
+        k = [h.teacher.heads["self_projector"](pooled_features(h.teacher.backbone, v)) for v in views]
 
         def ctr(q, k):  # MoCo-v3: CE of normalised q k^T / tau against the diagonal, times 2 tau
             logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau

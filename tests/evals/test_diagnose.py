@@ -37,7 +37,7 @@ def test_pair_groups_and_ordering():
 def test_diagnose_run_dir_measures_every_space(trained_run, tmp_path):
     out = tmp_path / "diag"
     res = run_diagnose(DiagnoseConfig(checkpoint=str(trained_run), output=str(out), num_images=96, tensorboard=False))
-    assert res["spaces"] == ["backbone", "projector", "predictor", "class_logits"]
+    assert res["spaces"] == ["backbone", "self/projector", "self/predictor", "full/logits"]
     assert res["data"]["spec"] == "digits:0-4"  # the run's pretraining data by default
     for space in res["spaces"]:
         m = res["metrics"][space]

@@ -155,7 +155,7 @@ def test_momentum_update_runs_before_the_forward_with_this_steps_m():
     before = {k: v.clone() for k, v in h.backbone.state_dict().items()}
     x, y = views()
     train_step(h, h, opt, x, y, lr=0.5, ema_momentum=0.0, device=CPU)
-    target = h.spaces["self"].momentum_encoder.state_dict()
+    target = h.teacher.backbone.state_dict()
     moved = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], h.backbone.state_dict()[k])]
     assert moved, "the optimizer step changed nothing"
     for k in moved:

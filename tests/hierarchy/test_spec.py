@@ -49,7 +49,7 @@ def test_default_arrangement(spec, arrangement, expected):
     assert h.arrangement == expected
     assert h.spec == ",".join(parse_spec(spec))
     if "full" in spec:
-        source = {"A": "backbone", "B": "projector", "C": "predictor", "naive": "predictor"}[expected]
+        source = {"A": "backbone", "B": "self/projector", "C": "self/predictor", "naive": "self/predictor"}[expected]
         assert h.spaces["full"].source == source
 
 
@@ -102,7 +102,8 @@ def test_mask_on_a_cnn(spec):
 
 @pytest.mark.parametrize("num_classes", [None, 0, 1])
 def test_full_without_num_classes(num_classes):
-    one_line_error(lambda: build("self,full", num_classes=num_classes), "'full'", "num_classes")
+    """No 'class' label set (or one of fewer than 2 classes): one line naming the space and the set."""
+    one_line_error(lambda: build("self,full", num_classes=num_classes), "'full'", "'class'")
 
 
 def test_options_for_a_space_not_in_the_spec():

@@ -64,7 +64,7 @@ def test_class_loss_reaches_exactly_the_modules_below_its_attachment(arrangement
     # the stem conv is reached through every residual path (the zero-init last BNs do not block it)
     assert h.backbone.conv1.weight.grad.abs().sum() > 0
     assert grad_mass(h.spaces["full"].class_head) > 0
-    for frozen in (sp.momentum_encoder, sp.momentum_projector):
+    for frozen in (h.teacher.backbone, h.teacher.heads["self_projector"]):
         assert all(p.grad is None for p in frozen.parameters())
 
 
@@ -84,7 +84,7 @@ def test_momentum_branch_is_frozen_and_gets_no_gradient(arrangement):
     """The target network is updated by EMA only (stop-gradient, Appendix B)."""
     h = build(arrangement=arrangement)
     sp = h.spaces["self"]
-    frozen = list(sp.momentum_encoder.parameters()) + list(sp.momentum_projector.parameters())
+    frozen = list(h.teacher.backbone.parameters()) + list(h.teacher.heads["self_projector"].parameters())
     assert frozen and all(not p.requires_grad for p in frozen)
     trainable = {id(p) for _, p in h.trainable_parameters()}
     assert not any(id(p) in trainable for p in frozen)
@@ -106,7 +106,7 @@ def test_class_head_width_is_num_classes(spec, arrangement, backbone):
     assert last.out_features == NUM_CLASSES
     h.eval()
     reps = h.representations(torch.randn(3, 3, 32, 32))
-    assert reps["class_logits"].shape == (3, NUM_CLASSES)
+    assert reps["full/logits"].shape == (3, NUM_CLASSES)
     if arrangement == "naive":  # no mapping h: a single linear classifier on Y^self
         assert sum(isinstance(m, nn.Linear) for m in head.modules()) == 1
 
@@ -114,7 +114,7 @@ def test_class_head_width_is_num_classes(spec, arrangement, backbone):
 # --------------------------------------------------------------------------- momentum update
 def _pairs(h: SupervisionHierarchy):
     sp = h.spaces["self"]
-    return [(h.backbone, sp.momentum_encoder), (sp.projector, sp.momentum_projector)]
+    return [(h.backbone, h.teacher.backbone), (sp.projector, h.teacher.heads["self_projector"])]
 
 
 @pytest.mark.parametrize("backbone", ["resnet_tiny", "vit_tiny"])
@@ -152,7 +152,7 @@ def test_momentum_update_limits():
     with torch.no_grad():
         for p in h.backbone.parameters():
             p.add_(1.0)
-    target = h.spaces["self"].momentum_encoder
+    target = h.teacher.backbone
     saved = [p.detach().clone() for p in target.parameters()]
     h.momentum_update(1.0)
     assert all(torch.equal(a, b) for a, b in zip(target.parameters(), saved))
@@ -184,7 +184,7 @@ def opera_loss_by_hand(h: SupervisionHierarchy, xs, y, concat: bool, arrangement
     zs = apply(sp.projector, ys)
     qs = apply(sp.predictor, zs)
     with torch.no_grad():
-        ks = apply(sp.momentum_projector, apply(sp.momentum_encoder, xs))
+        ks = apply(h.teacher.heads["self_projector"], apply(h.teacher.backbone, xs))
     t = sp.resolved_temperature
     j_self = 0.5 * (ctr(qs[0], ks[1], t) + ctr(qs[1], ks[0], t))
     source = {"A": ys, "B": zs, "C": qs, "naive": qs}[arrangement or h.arrangement]

@@ -97,7 +97,7 @@ def ddp_worker(modes: tuple[tuple[str, bool], ...]) -> dict:
         counts = {
             "sync": sum(isinstance(m, distributed.GlooSyncBatchNorm) for m in converted.modules()),
             "momentum": sum(isinstance(m, distributed.GlooSyncBatchNorm)
-                            for m in converted.spaces["self"].momentum_encoder.modules()),
+                            for m in converted.teacher.backbone.modules()),
             "plain": sum(type(m).__name__.startswith("BatchNorm") for m in converted.modules()),
         }
         return {"rank": env.rank, "world": env.world_size, "results": results, "counts": counts}

@@ -9,8 +9,6 @@ to float32 round-off (1e-5 relative / 1e-6 absolute):
 * the ``torch._foreach_lerp_`` momentum update vs MoCo-v3's loop
   ``param_m.data = param_m.data * m + param_b.data * (1 - m)``;
 * fused AdamW vs the foreach implementation;
-* the opt-in ``fuse_views``: one concatenated forward of the views through a LayerNorm backbone
-  (online and momentum) vs one view at a time; BatchNorm backbones are never fused;
 * channels_last CNNs vs contiguous NCHW;
 * the single-sync finiteness check still names the bad term;
 * the whole optimised ``train_step`` vs a plain reference step over several iterations.
@@ -29,7 +27,6 @@ from torch import nn
 from opera.engine.optim import LARS, build_optimizer, param_groups
 from opera.engine.step import NonFiniteLoss, prepare_model, train_step
 from opera.hierarchy import SupervisionHierarchy
-from opera.hierarchy.hierarchy import couples_samples
 
 RTOL, ATOL = 1e-5, 1e-6
 NUM_CLASSES = 5
@@ -96,10 +93,9 @@ LoopLARS = _benchmarks_module("official_step").LARS
 @torch.no_grad()
 def loop_momentum_update(h: SupervisionHierarchy, m: float) -> None:
     """MoCo-v3's ``_update_momentum_encoder``, over every (online, momentum) pair."""
-    for space in h.spaces.values():
-        for src, dst in space.momentum_pairs(h.backbone):
-            for param_b, param_m in zip(src.parameters(), dst.parameters()):
-                param_m.data = param_m.data * m + param_b.data * (1.0 - m)
+    for src, dst in h.momentum_pairs():
+        for param_b, param_m in zip(src.parameters(), dst.parameters()):
+            param_m.data = param_m.data * m + param_b.data * (1.0 - m)
 
 
 def reference_step(h: SupervisionHierarchy, opt: torch.optim.Optimizer, views, labels, lr: float, m: float):
@@ -194,70 +190,16 @@ def test_foreach_momentum_update_matches_loop(backbone):
     assert_same_params(h1, h2)
 
 
-# --------------------------------------------------------------------------- fused views
-def test_layernorm_backbone_is_fused_and_batchnorm_backbone_is_not():
-    assert not couples_samples(build("vit_tiny").backbone)
-    assert couples_samples(build("resnet_tiny").backbone)
-    assert couples_samples(nn.SyncBatchNorm(4))
-
-
-@pytest.mark.parametrize("spec", ["self,full", "self", "full"])
-def test_fused_views_through_a_layernorm_backbone_change_nothing(spec):
-    fused = build("vit_tiny", spec, fuse_views=True)
-    plain = copy.deepcopy(fused)
-    plain.fuse_views = False
-    views, labels = batch()
-    calls = {"fused": 0, "plain": 0}
-    fused.backbone.blocks.register_forward_hook(lambda *a: calls.__setitem__("fused", calls["fused"] + 1))
-    plain.backbone.blocks.register_forward_hook(lambda *a: calls.__setitem__("plain", calls["plain"] + 1))
-    o1, o2 = fused(views=views, labels=labels), plain(views=views, labels=labels)
-    assert calls == {"fused": 1, "plain": 2}  # one batch of both views vs one per view
-    assert_close(o1.loss, o2.loss, "loss")
-    for k in o1.losses:
-        assert_close(o1.losses[k], o2.losses[k], k)
-    for k in o1.logs:
-        assert_close(o1.logs[k], o2.logs[k], k)
-    o1.loss.backward()
-    o2.loss.backward()
-    assert_same_grads(fused, plain)
-
-
-def test_fused_momentum_keys_match_per_view_keys():
-    h = build("vit_tiny", fuse_views=True)
-    sp = h.spaces["self"]
-    views, _ = batch()
-    from opera.supervisions.base import Stage
-
-    fused = sp.keys(Stage(views, None, [{}, {}], extras={"fuse_backbone": True}))
-    plain = sp.keys(Stage(views, None, [{}, {}]))
-    for a, b in zip(fused, plain):
-        assert_close(a, b, "key")
-
-
-def test_fuse_views_is_off_by_default():
-    assert not build("vit_tiny").fuse_views
-
-
-def test_batchnorm_backbone_runs_per_view_even_with_fuse_views():
-    h = build("resnet_tiny", fuse_views=True)
-    assert h.fuse_views
+# --------------------------------------------------------------------------- per-view encoders
+def test_backbones_run_each_view_alone():
+    """MoCo-v3 runs the online and momentum encoders on each view alone (per-view statistics)."""
+    h = build("resnet_tiny")
     calls = []
     h.backbone.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    h.spaces["self"].momentum_encoder.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    h.teacher.backbone.conv1.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     views, labels = batch(n=6)
     h(views=views, labels=labels)
     assert calls == [6, 6, 6, 6]  # online x2, momentum x2: per-view BatchNorm statistics
-
-
-def test_views_of_different_sizes_are_not_fused():
-    torch.manual_seed(0)
-    h = SupervisionHierarchy.from_spec("self", backbone="vit_tiny", img_size=32, self={"mlp_dim": 64, "dim": 32},
-                                       fuse_views=True, backbone_options={"depth": 2, "dynamic_img_size": True})
-    calls = []
-    h.backbone.blocks.register_forward_hook(lambda *a: calls.append(1))
-    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)]
-    h(views=views)
-    assert len(calls) == 2
 
 
 # --------------------------------------------------------------------------- channels_last
@@ -267,7 +209,7 @@ def test_channels_last_cnn_changes_nothing():
     h_plain = prepare_model(h_plain, "cpu", channels_last=False)
     assert h_cl.opera_channels_last and not h_plain.opera_channels_last
     assert h_cl.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    assert h_cl.spaces["self"].momentum_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert h_cl.teacher.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     o_cl = build_optimizer(h_cl, "lars", lr=0.2, weight_decay=1e-4)
     o_plain = build_optimizer(h_plain, "lars", lr=0.2, weight_decay=1e-4)
     views, labels = batch(n=32)  # BatchNorm over 6 samples would amplify round-off past 1e-5
@@ -290,13 +232,12 @@ def test_vit_is_not_made_channels_last():
 # --------------------------------------------------------------------------- the whole step
 @pytest.mark.parametrize("backbone,optimizer", [("resnet_tiny", "lars"), ("vit_tiny", "sgd")])
 def test_optimised_train_step_matches_reference_step(backbone, optimizer):
-    """Optimised: channels_last (CNN) or fused views (ViT), foreach LARS, foreach EMA.
+    """Optimised: channels_last (CNN), foreach LARS, foreach EMA.
     Reference: NCHW, one view at a time, loop LARS, loop EMA. (The ViT runs with SGD on both
     sides: Adam's normalised update turns round-off in near-zero gradients into lr-sized steps,
     so two Adam runs drift apart through later forwards; fused AdamW is tested on its own above.)"""
-    fast = prepare_model(build(backbone, fuse_views=True), "cpu")
+    fast = prepare_model(build(backbone), "cpu")
     ref = prepare_model(build(backbone), "cpu", channels_last=False)
-    ref.fuse_views = False
     lr = 0.2 if optimizer == "lars" else 0.05
     opt_fast = build_optimizer(fast, optimizer, lr=lr, weight_decay=1e-4)
     opt_ref = LoopLARS(ref.parameters(), lr=lr, weight_decay=1e-4) if optimizer == "lars" else build_optimizer(ref, "sgd", lr=lr, weight_decay=1e-4)
@@ -381,7 +322,7 @@ def test_per_view_terms_add_up_to_the_joint_loss_and_reuse_the_keys():
     h = build("resnet_tiny", "self,full")
     xs, labels = batch(n=8)
     calls = {"n": 0}
-    hook = h.spaces["self"].momentum_projector.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    hook = h.teacher.heads["self_projector"].register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     first = h(views=xs, labels=labels, view_ids=[0])
     assert calls["n"] == 2  # the keys of both views, once
     second = h(view_ids=[1], state=first.state)

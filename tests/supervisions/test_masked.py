@@ -20,7 +20,7 @@ def encode_with_mask(space, backbone, x: torch.Tensor, seed: int = 7):
     torch.manual_seed(seed)
     with torch.no_grad():
         tokens = encode(x, [0])
-    return tokens, stage.extras["mask"][0]
+    return tokens, stage.extras["mask/masks"][0]
 
 
 def pixels_of_patch(x: torch.Tensor, row: int, patch: int) -> tuple[int, slice, slice]:
@@ -99,7 +99,7 @@ def test_mask_loss_is_eq36_on_the_masked_patches_of_each_view():
         for i in range(2):
             stage.reps[i]["tokens"] = tokens[3 * i:3 * (i + 1)]
         loss = space(stage, [0, 1]).loss
-    masks = stage.extras["mask"]
+    masks = stage.extras["mask/masks"]
     assert masks[0].shape == masks[1].shape == (3, 16) and not torch.equal(masks[0], masks[1])
 
     def view_loss(i):

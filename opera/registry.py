@@ -26,6 +26,10 @@ class Registry(Generic[T]):
 
         return deco
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (for a component registered only for a while, e.g. in a test)."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         if name not in self._items:
             raise OperaError(

@@ -27,13 +27,11 @@ from opera.data.specs import DataSpec, parse_data_spec
 from opera.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ClassicPILPretrainTransform,
     EvalTransform,
     PretrainTransform,
 )
 
 __all__ = [
-    "ClassicPILPretrainTransform",
     "DataSpec",
     "DigitsDataset",
     "EvalTransform",

@@ -20,6 +20,7 @@ Recipes (``opera/evals/dense/recipes``) hold every option; options given explici
 ``digits_segmentation``        digit scenes on a CPU in about a minute.
 ``digits_segmentation_probe``  frozen backbone + linear head on 32 px one-digit scenes, seconds.
 ``digits_detection``           digit scenes with a narrow Mask R-CNN on a CPU in a few minutes.
+``digits_detection_probe``     frozen backbone + Faster R-CNN on 32 px one-digit scenes, ~10 s.
 =============================  ======================================================================
 
 Long runs keep ``OUTPUT/dense_last.pt`` (model, optimizer, iteration, RNG; written atomically

@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 from opera.bench import bench_end_to_end
-from opera.data.bench import make_photo_folder
+from opera.data.photos import make_photo_folder
 
 p = argparse.ArgumentParser(prog="benchmarks/gpu_e2e.py")
 p.add_argument("--data", default=None, help="a folder of class folders of JPEGs (default: make --n of them in a temp dir)")

@@ -3,10 +3,14 @@
 
     python benchmarks/micro_update.py --backbone resnet50 --threads 2 --rounds 15
 
-Variants: LARS - MoCo-v3 per-parameter loop (official), opera's LARS before issue 7
-(``_head_optim.py``, the committed version), opera's LARS now; AdamW (ViTs) - library default
+Variants: LARS - MoCo-v3 per-parameter loop (official, ``official_step.LARS``), opera's LARS
+(``opera.engine.optim``); AdamW (ViTs) - library default
 (per-parameter loop on a CPU, official), foreach (opera before), fused (opera now); EMA - MoCo-v3
 loop with fresh tensors (official) vs ``torch._foreach_lerp_`` (opera).
+
+The "opera before" LARS of BENCHMARKS.md (issue 7) was the committed ``opera/engine/optim.py`` of
+d6eca17; it is not kept here (one opera LARS, one official one): time it with
+``git show d6eca17:opera/engine/optim.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-import _head_optim  # noqa: E402
 from official_step import LARS as OfficialLARS  # noqa: E402
 from opera.bench import make_step  # noqa: E402
 from opera.engine.optim import LARS, param_groups  # noqa: E402
@@ -64,9 +67,7 @@ def main(argv=None) -> None:
         m = with_grads()
         variants["lars loop (official)"] = OfficialLARS(m.parameters(), lr=0.1, weight_decay=1e-6).step
         m = with_grads()
-        variants["lars foreach (opera before)"] = _head_optim.LARS(param_groups(m, 1e-6), lr=0.1).step
-        m = with_grads()
-        variants["lars foreach (opera now)"] = LARS(param_groups(m, 1e-6), lr=0.1).step
+        variants["lars foreach (opera)"] = LARS(param_groups(m, 1e-6), lr=0.1).step
 
     def ema_loop(m):
         online = list(m.backbone.parameters()) + list(m.spaces["self"].projector.parameters())

@@ -2,7 +2,7 @@
 
 ``main_moco.py``'s data path - ``torchvision.datasets.ImageFolder`` (PIL loader) with the two-crop
 ``transforms.Compose`` (``TwoCropsTransform``: RandomResizedCrop, ColorJitter p=0.8, grayscale 0.2,
-blur 1.0/0.1, solarize 0/0.2, flip, ToTensor, Normalize - ``ClassicPILPretrainTransform``) and a
+blur 1.0/0.1, solarize 0/0.2, flip, ToTensor, Normalize - ``official_transform.py``) and a
 ``DataLoader(shuffle=True, num_workers, pin_memory=True, drop_last=True)`` rebuilt every epoch -
 feeding the official-equivalent step of ``official_step.py``. Timing, data-wait share and peak
 memory of the process and its workers come from ``opera.bench.time_pipeline``, the same function
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from official_step import build, train_step  # noqa: E402
+from official_transform import ClassicPILPretrainTransform  # noqa: E402
 
 from opera.bench import endless, time_pipeline  # noqa: E402
-from opera.data.transforms import ClassicPILPretrainTransform  # noqa: E402
 
 
 def bench_official_pipeline(data: str, backbone: str = "resnet18", img_size: int = 64, batch_size: int = 64,

@@ -30,9 +30,9 @@ done
 
 log data
 D=/tmp/opera-bench-jpegs
-[ -d "$D" ] || python -c "from opera.data.bench import make_jpeg_folder; make_jpeg_folder('$D', 128, (500, 375))"
-python -m opera.bench --data "$D" --img-size 224 --batch-size 32 --batches 4 --workers 0 --json > "$R/data_w0.json" 2>&1
-python -m opera.bench --data "$D" --img-size 224 --batch-size 32 --batches 4 --workers 2 --json > "$R/data_w2.json" 2>&1
+[ -d "$D" ] || python -c "import sys; sys.path.insert(0, 'benchmarks'); from data_pipeline import make_jpeg_folder; make_jpeg_folder('$D', 128, (500, 375))"
+python benchmarks/data_pipeline.py --folder "$D" --img-size 224 --batch-size 32 --batches 4 --workers 0 --json > "$R/data_w0.json" 2>&1
+python benchmarks/data_pipeline.py --folder "$D" --img-size 224 --batch-size 32 --batches 4 --workers 2 --json > "$R/data_w2.json" 2>&1
 
 log "compile"
 timeout 1800 python benchmarks/ab_step.py --threads 1 --backbone vit_tiny --patch-size 8 --img-size 64 --batch-size 64 \

@@ -11,6 +11,11 @@ update. fp32 on a CPU; the step's bf16 autocast on CUDA.
 
     opera bench --end-to-end --data DIR --backbone resnet18 --img-size 64 --batch-size 64 --workers 2 --steps 30 --json
 
+``opera bench`` times opera's own code only. The official MoCo-v3/OPERA baselines it is raced
+against live outside the package, in ``benchmarks/`` (``official_step.py``, ``official_pipeline.py``,
+``official_transform.py``), whose scripts import both sides: ``compare.py`` (steps),
+``e2e_compare.py`` (end to end), ``data_pipeline.py`` (the two-crop augmentation).
+
 Peak RSS is the process's ``ru_maxrss`` (end to end: the sampled sum over the process and its workers): run one configuration per process (``opera bench`` does;
 ``bench_step_subprocess`` starts a fresh interpreter) for a per-configuration figure.
 """
@@ -338,6 +343,79 @@ def bench_end_to_end(data: str, augment_on: str = "device", workers: int = 2, cr
             "data": data, "images": len(dataset), "crop_min": crop_min, **result}
 
 
+# ----------------------------------------------------------------------------- the data pipeline
+def image_files(folder: str) -> list[str]:
+    """The image files under ``folder``, sorted (walk order fixed)."""
+    from opera.data.datasets import IMAGE_EXTS
+
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTS)]
+    if not out:
+        raise OperaError(f"no images in {folder}; make some with: opera data make-folder {folder}")
+    return out
+
+
+class TwoCropFiles(torch.utils.data.Dataset):
+    """Decode + opera's two-crop ``PretrainTransform``, one file at a time (a DataLoader worker's work)."""
+
+    def __init__(self, files: list[str], img_size: int):
+        from opera.data.transforms import PretrainTransform
+
+        self.files, self.transform = files, PretrainTransform(img_size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from opera.data.datasets import decode_image_file
+
+        return self.transform(decode_image_file(self.files[i]))
+
+
+def time_loader(ds, n_images: int, batch_size: int, workers: int) -> float:
+    """Images/s per worker of ``ds`` through a DataLoader with ``workers`` processes (the first
+    batch, which waits for the workers to start, is not counted)."""
+    idx = [i % len(ds) for i in range(n_images)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, num_workers=workers)
+    t0, seen = None, 0
+    for k, (v1, _v2) in enumerate(loader):
+        if k == 0:
+            t0 = time.perf_counter()
+            continue
+        seen += v1.shape[0]
+    if t0 is None or seen == 0:
+        raise OperaError("the data benchmark needs at least 2 batches with workers; raise --batches")
+    return seen / (time.perf_counter() - t0) / workers
+
+
+def bench_pipeline(folder: str, img_size: int = 224, batches: int = 4, batch_size: int = 32, workers: int = 0) -> dict[str, Any]:
+    """Images/s of opera's decode + two-crop augmentation of the images in ``folder``, per worker.
+    ``workers=0``: in this process on one thread (the cost inside one DataLoader worker), after
+    4 warm-up images. The comparison with the official PIL pipeline is ``benchmarks/data_pipeline.py``."""
+    if batches < 1 or batch_size < 1 or workers < 0:
+        raise OperaError("the data benchmark needs --batches >= 1, --batch-size >= 1 and --workers >= 0")
+    ds = TwoCropFiles(image_files(folder), img_size)
+    n = batches * batch_size
+    torch.manual_seed(0)
+    if workers:
+        rate = time_loader(ds, n, batch_size, workers)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for i in range(min(4, n)):
+                ds[i % len(ds)]
+            t0 = time.perf_counter()
+            for i in range(n):
+                ds[i % len(ds)]
+            rate = n / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+    return {"data_pipeline": "opera", "img_per_s": rate, "images": n, "img_size": img_size, "workers": workers}
+
+
 def bench_step_subprocess(timeout: float | None = None, **config: Any) -> dict[str, Any]:
     """``bench_step(**config)`` in a fresh interpreter, so ``peak_rss_mb`` is this config's own."""
     code = "import json, sys; from opera.bench import bench_step; print(json.dumps(bench_step(**json.loads(sys.argv[1]))))"
@@ -354,9 +432,9 @@ def _format(r: dict[str, Any]) -> str:
                 f"{r['s_per_step']:.3f} s/step ({r['s_per_step_compute']:.3f} s computing), waited for data "
                 f"{100 * r['data_wait_share']:.0f}% of the time, peak RSS {r['peak_rss_mb']:.0f} MB "
                 f"(PSS {r['peak_pss_mb']:.0f} MB) with workers")
-    if "v2_img_per_s" in r:
-        return (f"data pipeline: {r['images']} images at {r['img_size']}px, {r['workers']} workers: "
-                f"v2 {r['v2_img_per_s']:.1f} img/s, PIL {r['pil_img_per_s']:.1f} img/s per worker ({r['speedup']:.2f}x)")
+    if "data_pipeline" in r:
+        return (f"data pipeline (opera, decode + two crops): {r['images']} images at {r['img_size']}px, {r['workers']} workers: "
+                f"{r['img_per_s']:.1f} img/s per worker")
     return (f"{r['backbone']} {r['img_size']}px batch {r['batch_size']} [{r['hierarchy']}] on {r['device']} "
             f"({r['threads']} threads): {r['img_per_s']:.1f} img/s, {r['s_per_step'] * 1e3:.0f} ms/step (median of "
             f"{r['steps']}), peak RSS {r['peak_rss_mb']:.0f} MB"
@@ -387,7 +465,7 @@ if typer is not None:
         device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
         amp: str = typer.Option("auto", "--amp", help="auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 (also on CPU) | fp16 (autocast + GradScaler) | off."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
-        data: Optional[str] = typer.Option(None, "--data", help="Benchmark the data pipeline on the images in DIR instead."),
+        data: Optional[str] = typer.Option(None, "--data", help="Benchmark opera's data pipeline (decode + two crops) on the images in DIR instead; benchmarks/data_pipeline.py races it against the official PIL one."),
         workers: int = typer.Option(0, "--workers", help="DataLoader workers for --data (0: one thread in this process)."),
         batches: int = typer.Option(4, "--batches", help="Batches for --data."),
         end_to_end: bool = typer.Option(False, "--end-to-end", help="With --data: real training steps fed by the training loop's loader (img/s, s/step, peak RSS of process+workers, data-wait share)."),
@@ -406,8 +484,6 @@ if typer is not None:
         elif data is not None:
             if not os.path.isdir(data):
                 raise OperaError(f"--data {data!r} is not a directory of images")
-            from opera.data.bench import bench_pipeline
-
             result = bench_pipeline(data, img_size=img_size, batches=batches, batch_size=batch_size, workers=workers)
         else:
             result = bench_step(backbone=backbone, img_size=img_size, batch_size=batch_size, hierarchy=hierarchy, steps=steps,

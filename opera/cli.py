@@ -139,7 +139,7 @@ def data_make_folder(
     seed: int = typer.Option(0, "--seed", help="Seed of the crops, sizes and qualities."),
 ) -> None:
     """JPEGs cut from scikit-learn's sample photographs: shorter side 300-500 px, quality 75-95."""
-    from opera.data.bench import make_photo_folder
+    from opera.data.photos import make_photo_folder
 
     make_photo_folder(str(dir), n=n, classes=classes, seed=seed)
     console.print(f"wrote {n} JPEGs in {classes} class folders under {dir}", markup=False, highlight=False)

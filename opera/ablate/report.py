@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from opera.ablate.records import CELLS, cell_dir, load_study, read_cell
 
 REPORT_MD = "report.md"
 REPORT_CSV = "report.csv"
@@ -161,8 +162,6 @@ def _metric_order(keys: set[str]) -> list[str]:
 
 def collect(study_dir: str | Path) -> dict[str, Any]:
     """Every finished cell of the study, grouped by variant, and the per-variant statistics."""
-    from opera.ablate.study import CELLS, cell_dir, load_study, read_cell
-
     study_dir = Path(study_dir)
     study = load_study(study_dir)
     expected = {(v.name, s) for v, s in study.cells()}

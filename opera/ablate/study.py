@@ -27,30 +27,37 @@ when the study has no digits transfer spec) and report ``segmentation/miou`` or
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import functools
 import itertools
 import json
-import re
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from opera.ablate.records import (
+    CELL_FILE,
+    DENSE_EVALS,
+    RUN_PLACE,
+    STUDY_FILE,
+    Study,
+    Variant,
+    cell_dir,
+    dense_data,
+    json_roundtrip,
+    load_study,
+    read_cell,
+    write_json,
+)
+from opera.ablate.report import build_report, label
 from opera.errors import OperaError, suggest
 
-STUDY_FILE = "study.json"
-CELL_FILE = "cell.json"
-CELLS = "cells"
 RECIPES = Path(__file__).parent / "recipes"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # .../opera
 DEFAULT_RECIPE = "ablate_digits"  # opera/ablate/recipes/ablate_digits.yaml
 EVALS = ("linear", "knn", "segmentation", "detection")
-DENSE_EVALS = ("segmentation", "detection")
 KINDS = ("arrangements", "hierarchy", "sweep")
-RUN_PLACE = (("train", "device"), ("data", "workers"))  # may differ between the runs of one study
 
 #: Fig. 4: where the class space attaches (plus the naive sum of Eq. 4)
 ARRANGEMENT_NOTES = {
@@ -71,25 +78,6 @@ DEFAULT_HIERARCHY_VARIANTS = ("self", "full", "self+full", "naive", "mask+self+f
 
 
 # ----------------------------------------------------------------------------- variants
-@dataclass
-class Variant:
-    """One row of the study: a name and the ``key=value`` overrides it applies to the base config."""
-
-    name: str
-    overrides: list[str]
-    note: str = ""
-
-    @property
-    def dirname(self) -> str:
-        return safe_name(self.name)
-
-
-def safe_name(name: str) -> str:
-    """A folder name for a variant label (``full.layers=2 self.dim=128`` -> ``full.layers=2_self.dim=128``)."""
-    s = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name.strip()).strip("_")
-    return s or "variant"
-
-
 def split_list(text: str | None, what: str) -> list[str]:
     items = [t.strip() for t in (text or "").split(",")]
     items = [t for t in items if t]
@@ -187,81 +175,6 @@ def sweep_variants(sets: list[str]) -> tuple[list[Variant], list[str]]:
     return variants, fixed
 
 
-# ----------------------------------------------------------------------------- the study
-@dataclass
-class Study:
-    kind: str  # arrangements | hierarchy | sweep
-    command: str  # the exact command line that created the study
-    variants: list[Variant]
-    seeds: list[int]
-    evals: list[str]  # linear, knn
-    base: dict[str, Any]  # config_to_dict of the base pretraining config
-    transfer: str | None = None  # held-out data spec for the transfer evaluations
-    eval_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # {"linear": {...}, "knn": {...}}
-    config_source: str = ""
-    overrides: list[str] = field(default_factory=list)
-    created_at: str = ""
-    invocations: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def data(self) -> str:
-        return str(self.base.get("data", {}).get("spec", "digits"))
-
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name or v.dirname == name:
-                return v
-        raise OperaError(f"variant {name!r} is not in this study{suggest(name, [v.name for v in self.variants])}; "
-                         f"its variants: {', '.join(v.name for v in self.variants)}")
-
-    def eval_plan(self) -> list[tuple[str, str, str]]:
-        """``(name, protocol, data)`` of every evaluation of a cell, in order (dense ones once,
-        on :func:`dense_data`)."""
-        plan = [(e, e, self.data) for e in self.evals if e not in DENSE_EVALS]
-        if self.transfer:
-            plan += [(f"transfer_{e}", e, self.transfer) for e in self.evals if e not in DENSE_EVALS]
-        return plan + [(e, e, dense_data(self.data, self.transfer)) for e in self.evals if e in DENSE_EVALS]
-
-    def cells(self) -> list[tuple[Variant, int]]:
-        """Every (variant, seed), seed-major: one seed of every variant finishes first."""
-        return [(v, s) for s in self.seeds for v in self.variants]
-
-    def identity(self) -> dict[str, Any]:
-        """What must match for a rerun into the same directory to resume this study (where it
-        runs - ``train.device``, ``data.workers`` - may change)."""
-        base = _json_roundtrip(self.base)
-        for sec, key in RUN_PLACE:
-            base.get(sec, {}).pop(key, None)
-        return {"kind": self.kind, "variants": [dataclasses.asdict(v) for v in self.variants], "evals": self.evals,
-                "base": base, "transfer": self.transfer, "eval_options": self.eval_options}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Study":
-        data = dict(data)
-        data["variants"] = [Variant(**v) for v in data.get("variants", [])]
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def cell_dir(study_dir: str | Path, variant: Variant | str, seed: int) -> Path:
-    name = variant.dirname if isinstance(variant, Variant) else safe_name(variant)
-    return Path(study_dir) / CELLS / name / f"seed{seed}"
-
-
-def _json_roundtrip(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from opera.engine.checkpoint import atomic_write
-
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def recipe_file(config: str | None) -> Path:
     """``--config``: a name in opera/ablate/recipes, a name in opera/configs/recipes, or a YAML path."""
     from opera.configs.schema import recipe_path
@@ -297,7 +210,7 @@ def cell_config(study: Study, variant: Variant, seed: int):
     """The pretraining config of one cell: the study's base config, the variant's overrides, the seed."""
     from opera.configs import PretrainConfig, apply_overrides, config_from_dict, set_value
 
-    cfg = config_from_dict(_json_roundtrip(study.base), PretrainConfig())
+    cfg = config_from_dict(json_roundtrip(study.base), PretrainConfig())
     cfg = apply_overrides(cfg, list(variant.overrides))
     set_value(cfg, "train.seed", int(seed))
     return cfg
@@ -313,20 +226,6 @@ def default_transfer(data: str) -> str | None:
         return None
     rest = tuple(c for c in range(10) if c not in spec.classes)
     return f"digits:{format_classes(rest)}" if rest else None
-
-
-def dense_data(data: str, transfer: str | None) -> str:
-    """The digit scenes of the transfer classes (``digits:7-9`` -> ``digit_scenes:7-9``), else of
-    the pretraining classes; a study on other data has no dense evaluation here."""
-    from opera.data import parse_data_spec
-    from opera.data.specs import format_classes
-
-    for spec in (transfer, data):
-        if spec and parse_data_spec(spec).name == "digits":
-            classes = parse_data_spec(spec).classes
-            return f"digit_scenes:{format_classes(classes)}" if classes else "digit_scenes"
-    raise OperaError(f"dense evaluations in a study run on the digit scenes and need digits data, got --data {data!r}; "
-                     "drop segmentation/detection from --evals or run opera run transfer --suite segmentation --root ... per checkpoint")
 
 
 def _eval_config_class(protocol: str):
@@ -464,7 +363,7 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
         parse_data_spec(transfer)
     if any(e in DENSE_EVALS for e in evals):
         dense_data(cfg.data.spec, transfer)
-    base = _json_roundtrip(config_to_dict(cfg))
+    base = json_roundtrip(config_to_dict(cfg))
     study = Study(kind=kind, command=command, variants=variants, seeds=[cfg.train.seed + i for i in range(seeds)],
                   evals=evals, base=base, transfer=transfer, eval_options=parse_eval_options(list(eval_options or []), evals),
                   config_source=_source_name(config), overrides=overrides,
@@ -477,8 +376,8 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
     invocation = {"command": command, "at": study.created_at, "seeds": study.seeds}
     if path.is_file():
         old = load_study(out)
-        if _json_roundtrip(old.identity()) != _json_roundtrip(study.identity()):
-            diff = [k for k, v in _json_roundtrip(study.identity()).items() if _json_roundtrip(old.identity()).get(k) != v]
+        if json_roundtrip(old.identity()) != json_roundtrip(study.identity()):
+            diff = [k for k, v in json_roundtrip(study.identity()).items() if json_roundtrip(old.identity()).get(k) != v]
             raise OperaError(
                 f"{out} holds another study (its {', '.join(diff)} differ{'s' if len(diff) == 1 else ''}: first run as "
                 f"'{old.command}'); rerun that command to resume it, or choose another --output")
@@ -492,30 +391,11 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
     from opera.engine.pretrain import check_output_dir
 
     check_output_dir(out)
-    _write_json(path, study.to_dict())
+    write_json(path, study.to_dict())
     return study
 
 
-def load_study(study_dir: str | Path) -> Study:
-    path = Path(study_dir) / STUDY_FILE
-    if not path.is_file():
-        raise OperaError(f"{study_dir} is not an ablation study (no {STUDY_FILE}); pass the --output of an 'opera ablate' run")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OperaError(f"cannot read {path}: {exc}; the study file is damaged, rerun the ablation into a new --output") from None
-    return Study.from_dict(data)
-
-
 # ----------------------------------------------------------------------------- one cell
-def read_cell(path: Path) -> dict[str, Any] | None:
-    """The ``cell.json`` of a finished cell (None when absent or unreadable)."""
-    try:
-        return json.loads((path / CELL_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _eval_config(study: Study, protocol: str, data: str, checkpoint: Path, output: Path, seed: int, device: str):
     cls = _eval_config_class(protocol)
     opts = {"tensorboard": False, **study.eval_options.get(protocol, {})}
@@ -630,7 +510,7 @@ def run_cell(study_dir: str | Path, variant: str, seed: int, nproc: int = 1) -> 
         "pretrain_s": round(t_pre, 2), "cell_s": round(time.time() - t0, 2), "evals": evals,
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_json(cdir / CELL_FILE, record)
+    write_json(cdir / CELL_FILE, record)
     return record
 
 
@@ -661,8 +541,6 @@ def run_cell_logged(study_dir: str, variant: str, seed: int) -> dict[str, Any]:
 
 
 def _summary(rec: dict[str, Any]) -> str:
-    from opera.ablate.report import label
-
     parts = [f"{label(k)} {v:.1f}" for k, v in rec.get("metrics", {}).items() if k.endswith(("/top1", "/miou", "/box_ap", "/mask_ap"))]
     return f"{', '.join(parts)} [{float(rec.get('cell_s', 0)) / 60:.1f} min]"
 
@@ -708,9 +586,7 @@ def run_study(study_dir: str | Path, launch: Any = None, console: Any = None,
             jobs_out = dispatch_array(runner or run_cell, [(str(absolute), v.name, s) for v, s in pending], launch,
                                       folder=absolute / "slurm" / "%j")
         if launch.wait or not pending:
-            from opera.ablate.report import build_report
-
-            return {"ran": [], "skipped": skipped, "failed": [], "jobs": jobs_out,
+                return {"ran": [], "skipped": skipped, "failed": [], "jobs": jobs_out,
                     "report": build_report(study_dir, console=console) if report else None}
         console.print(f"{len(pending)} cells submitted as a SLURM array (each resumes by itself when requeued); "
                       f"when they finish: opera report {study_dir} (rerunning this command submits only unfinished cells)")
@@ -764,8 +640,6 @@ def run_study(study_dir: str | Path, launch: Any = None, console: Any = None,
                 traceback.print_exc()
     result = None
     if report:
-        from opera.ablate.report import build_report
-
         result = build_report(study_dir, console=console)
     if failed:
         raise OperaError(f"{len(failed)} of {total} cells failed ({'; '.join(f'{n} seed {s}: {e}' for n, s, e in failed)[:500]}); "

@@ -29,7 +29,6 @@ from opera.data.specs import DataSpec, parse_data_spec
 from opera.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ClassicPILPretrainTransform,
     EvalTransform,
     PretrainTransform,
 )
@@ -37,7 +36,6 @@ from opera.data.transforms import (
 __all__ = [
     "dataset_label_sets",
     "dataset_target_sets",
-    "ClassicPILPretrainTransform",
     "DataSpec",
     "DigitsDataset",
     "EvalTransform",

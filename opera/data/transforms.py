@@ -3,9 +3,6 @@
 ``PretrainTransform`` is MoCo-v3's two-crop asymmetric (BYOL) recipe; ``EvalTransform`` is the
 resize + center-crop of linear evaluation. All randomness is drawn from torch's global RNG, so
 seeding it (``opera.data.loader.SeededDataset``) makes augmentation reproducible per sample.
-
-``ClassicPILPretrainTransform`` is the PIL ``transforms.Compose`` pipeline of the official MoCo-v3
-code; it exists only as the baseline of :mod:`opera.data.bench`.
 """
 
 from __future__ import annotations
@@ -242,65 +239,3 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"EvalTransform(img_size={self.img_size})"
-
-
-# ------------------------------------------------------------------------------------------------
-# The classic PIL pipeline (benchmark baseline only)
-
-
-class _PILGaussianBlur:
-    """MoCo-v3's PIL Gaussian blur (sigma ~ U(0.1, 2.0)), drawing from torch's RNG."""
-
-    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        from PIL import ImageFilter
-
-        s = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
-        return img.filter(ImageFilter.GaussianBlur(radius=s))
-
-
-class _PILSolarize:
-    def __call__(self, img):
-        from PIL import ImageOps
-
-        return ImageOps.solarize(img)
-
-
-class ClassicPILPretrainTransform:
-    """The official MoCo-v3 PIL ``transforms.Compose`` two-crop pipeline (PIL image in).
-
-    Used only as the baseline of the data benchmark; returns ``[view1, view2]`` float tensors.
-    """
-
-    def __init__(
-        self,
-        img_size: int = 224,
-        crop_min: float = 0.08,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        flip: bool = True,
-    ):
-        from torchvision import transforms as T
-
-        _check(img_size, crop_min)
-        normalize = T.Normalize(mean=list(mean), std=list(std))
-
-        def view(blur_p: float, solarize_p: float):
-            ops = [
-                T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
-                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                T.RandomGrayscale(p=0.2),
-                T.RandomApply([_PILGaussianBlur((0.1, 2.0))], p=blur_p),
-                T.RandomApply([_PILSolarize()], p=solarize_p),
-            ]
-            if flip:
-                ops.append(T.RandomHorizontalFlip())
-            return T.Compose(ops + [T.ToTensor(), normalize])
-
-        self.view1 = view(1.0, 0.0)
-        self.view2 = view(0.1, 0.2)
-
-    def __call__(self, img) -> list[torch.Tensor]:
-        return [self.view1(img), self.view2(img)]

@@ -129,7 +129,7 @@ def transfer(
     target: Optional[str] = typer.Option(None, "--target", help="digits: held-out data spec. Default: the digits classes absent from the run's pretraining data, else digits:5-9. segmentation/detection without --root: digit_scenes:5-9 (default: those held-out classes, else all ten)."),
     protocols: str = typer.Option("linear,knn,finetune", "--protocols", help="digits: comma-separated protocols."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for results.json (and one subfolder per dataset/protocol)."),
-    recipe: str = typer.Option("auto", "--recipe", help="Fine-tuning recipe; auto: transfer (classification) or digits. Dense suites: ade20k_upernet_160k, ade20k_fcn_160k, coco_maskrcnn_r50_fpn_1x, digits_segmentation, digits_detection or a YAML path (auto: the paper's for --root, digits_* for the scenes)."),
+    recipe: str = typer.Option("auto", "--recipe", help="Fine-tuning recipe; auto: transfer (classification) or digits. Dense suites: ade20k_upernet_160k, ade20k_fcn_160k, coco_maskrcnn_r50_fpn_1x, digits_segmentation, digits_segmentation_probe (frozen backbone, linear head), digits_detection, digits_detection_probe (frozen backbone, Faster R-CNN) or a YAML path (auto: the paper's for --root, digits_* for the scenes)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the recipe's fine-tuning epochs."),
     iters: Optional[int] = typer.Option(None, "--iters", help="segmentation/detection: override the recipe's iterations."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Override the recipe's fine-tuning batch size."),

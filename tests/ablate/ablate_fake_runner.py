@@ -5,7 +5,7 @@ import os
 
 
 def fake_runner(study_dir, variant, seed):
-    from opera.ablate.study import CELL_FILE, cell_dir, load_study
+    from opera.ablate.records import CELL_FILE, cell_dir, load_study
 
     study = load_study(study_dir)
     cdir = cell_dir(study_dir, study.variant(variant), seed)

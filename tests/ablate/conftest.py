@@ -15,7 +15,7 @@ TINY_EVALS = ["linear.epochs=5", "linear.batch_size=256"]
 
 def write_fake_cell(study_dir: Path, variant: str, seed: int, metrics: dict[str, float], losses=(3.0, 2.0, 1.5)) -> Path:
     """Write a finished cell (cell.json + a metrics.jsonl) without training."""
-    from opera.ablate.study import CELL_FILE, cell_dir, load_study
+    from opera.ablate.records import CELL_FILE, cell_dir, load_study
 
     study = load_study(study_dir)
     cdir = cell_dir(study_dir, study.variant(variant), seed)

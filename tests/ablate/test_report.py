@@ -8,8 +8,9 @@ import math
 
 import pytest
 
+from opera.ablate.records import CELL_FILE
 from opera.ablate.report import build_report
-from opera.ablate.study import CELL_FILE, arrangement_variants, create_study
+from opera.ablate.study import arrangement_variants, create_study
 
 T2 = 4.302652729749464  # t_{0.975, 2}: (2p-1)/sqrt(2p(1-p)), p = 0.975
 

@@ -7,14 +7,12 @@ import json
 import pytest
 
 import opera.engine.pretrain as pretrain_mod
+from opera.ablate.records import CELL_FILE, cell_dir, load_study
 from opera.ablate.study import (
-    CELL_FILE,
     arrangement_variants,
     cell_config,
-    cell_dir,
     create_study,
     hierarchy_variants,
-    load_study,
     run_cell,
     run_study,
     split_values,

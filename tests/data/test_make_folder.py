@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from opera.data import build_dataset
-from opera.data.bench import make_photo_folder
+from opera.data.photos import make_photo_folder
 
 
 def test_make_folder_command_writes_jpeg_class_folders(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opera.data.bench import make_photo_folder
+from opera.data.photos import make_photo_folder
 from opera.engine.checkpoint import load_state
 
 BASE = ["--hierarchy", "self,full", "--epochs", "2", "--seed", "3", "--set", "train.knn_every=0",

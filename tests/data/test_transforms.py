@@ -8,7 +8,6 @@ from torchvision.transforms.v2 import functional as F
 from opera.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ClassicPILPretrainTransform,
     EvalTransform,
     PretrainTransform,
     SeededDataset,
@@ -120,12 +119,6 @@ def test_eval_transform_sizes():
     assert torch.equal(a, EvalTransform(32)(_img()))  # deterministic
 
 
-def test_classic_pil_pipeline_shapes():
-    pil = Image.fromarray(_img(50, 60).permute(1, 2, 0).numpy())
-    v1, v2 = ClassicPILPretrainTransform(32)(pil)
-    assert v1.shape == v2.shape == (3, 32, 32) and v1.dtype == torch.float32
-
-
 def test_seeded_dataset_reproducible_per_epoch_and_index():
     ds = build_dataset("digits:0-4", "train", transform=PretrainTransform(16, crop_min=0.3))
     s = SeededDataset(ds, seed=7)
@@ -161,21 +154,3 @@ def test_fast_blur_matches_torchvision(k, sigma):
     x = torch.rand(3, 30, 26)
     ref = F.gaussian_blur(x, [k, k], [sigma, sigma])
     torch.testing.assert_close(gaussian_blur_fast(x, k, sigma), ref, atol=1e-4, rtol=0)
-
-
-def test_bench_reports_images_per_second_of_each_pipeline(tmp_path, monkeypatch):
-    """A clock on which each PIL batch takes 1 s and each v2 batch 2 s: 4 images in 2 batches are
-    2 img/s (PIL) and 1 img/s (v2), speedup 0.5."""
-    import itertools
-    from types import SimpleNamespace
-
-    from opera.data import bench
-    from opera.data.bench import bench_pipeline, make_jpeg_folder
-
-    make_jpeg_folder(str(tmp_path), 4, (40, 30), classes=2)
-    assert len(build_dataset(str(tmp_path), "train")) + len(build_dataset(str(tmp_path), "val")) == 4
-    # readings per batch: PIL start, PIL end (+1 s), v2 start, v2 end (+2 s)
-    clock = itertools.accumulate(itertools.cycle([1.0, 0.0, 2.0, 0.0]), initial=0.0)
-    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    r = bench_pipeline(str(tmp_path), img_size=24, batches=2, batch_size=2, workers=0)
-    assert (r["pil_img_per_s"], r["v2_img_per_s"], r["speedup"], r["images"]) == (2.0, 1.0, 0.5, 4)

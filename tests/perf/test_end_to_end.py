@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from opera.data.bench import make_photo_folder
+from opera.data.photos import make_photo_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--backbone", "resnet_tiny", "--img-size", "32", "--batch-size", "4", "--mlp-dim", "32", "--steps", "2",

@@ -9,17 +9,19 @@ segmentation or detection + instance segmentation and score it.
 
 Recipes (``opera/evals/dense/recipes``) hold every option; options given explicitly win:
 
-============================  ======================================================================
-``ade20k_upernet_160k``       Table 4 / §4.4 ablations (DeiTs): UperNet + FCN aux (0.4), SGD lr 0.01,
-                              momentum 0.9, wd 5e-4, poly (0.9) to 1e-4, 160k iters, batch 16,
-                              512x512 crops of (2048, 512) x [0.5, 2] resizes, flip (mmseg).
-``ade20k_fcn_160k``           Table 4 (R50): FCN on the dilated R50-D8 (``output_stride: 8``), rest as above.
-``coco_maskrcnn_r50_fpn_1x``  Table 5: Mask R-CNN R50-FPN, SGD lr 0.02, momentum 0.9, wd 1e-4,
-                              batch 16, 90k iters (12 epochs), x0.1 at 60k and 80k, 500 warmup
-                              iters, (1333, 800) resize, flip (mmdet's 1x).
-``digits_segmentation``       digit scenes on a CPU in about a minute.
-``digits_detection``          digit scenes with a narrow Mask R-CNN on a CPU in a few minutes.
-============================  ======================================================================
+=============================  ======================================================================
+``ade20k_upernet_160k``        Table 4 / §4.4 ablations (DeiTs): UperNet + FCN aux (0.4), SGD lr 0.01,
+                               momentum 0.9, wd 5e-4, poly (0.9) to 1e-4, 160k iters, batch 16,
+                               512x512 crops of (2048, 512) x [0.5, 2] resizes, flip (mmseg).
+``ade20k_fcn_160k``            Table 4 (R50): FCN on the dilated R50-D8 (``output_stride: 8``), rest as above.
+``coco_maskrcnn_r50_fpn_1x``   Table 5: Mask R-CNN R50-FPN, SGD lr 0.02, momentum 0.9, wd 1e-4,
+                               batch 16, 90k iters (12 epochs), x0.1 at 60k and 80k, 500 warmup
+                               iters, (1333, 800) resize, flip (mmdet's 1x).
+``digits_segmentation``        digit scenes on a CPU in about a minute.
+``digits_segmentation_probe``  frozen backbone + linear head on 32 px one-digit scenes, seconds.
+``digits_detection``           digit scenes with a narrow Mask R-CNN on a CPU in a few minutes.
+``digits_detection_probe``     frozen backbone + Faster R-CNN on 32 px one-digit scenes, ~10 s.
+=============================  ======================================================================
 
 Long runs keep ``OUTPUT/dense_last.pt`` (model, optimizer, iteration, RNG; written atomically
 every ``save_every`` iterations, read back with ``weights_only=True``); rerunning the same command

@@ -151,11 +151,11 @@ def configs_list() -> None:
     from rich.table import Table
 
     from opera.configs import list_recipes, recipe_path
-    from opera.configs.schema import load_yaml
+    from opera.configs.schema import RECIPES, load_yaml
 
     table = Table("recipe", "description")
     for name in list_recipes():
-        data = load_yaml(recipe_path(name))
+        data = load_yaml(recipe_path(name), RECIPES)
         table.add_row(name, str(data.get("description", "")) if isinstance(data, dict) else "")
     console.print(table)
 

@@ -200,9 +200,9 @@ def _source_name(config: str | None) -> str:
 def base_config(config: str | None, overrides: list[str]):
     """Defaults <- recipe (default ``ablate_digits``) <- ``key=value`` overrides."""
     from opera.configs import PretrainConfig, apply_overrides, config_from_dict
-    from opera.configs.schema import load_yaml
+    from opera.configs.schema import RECIPES, load_yaml
 
-    cfg = config_from_dict(load_yaml(recipe_file(config)), PretrainConfig())
+    cfg = config_from_dict(load_yaml(recipe_file(config), RECIPES), PretrainConfig())
     return apply_overrides(cfg, list(overrides))
 
 

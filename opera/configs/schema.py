@@ -237,19 +237,61 @@ def recipe_path(name_or_path: str) -> Path:
     return candidate
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise OperaError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the YAML syntax") from None
+    except OSError as exc:
+        raise OperaError(f"cannot read {path} ({exc.strerror}); pass a readable YAML file") from None
+    if not isinstance(data, dict):
+        raise OperaError(f"{path} is not a YAML mapping of sections; write e.g. 'train: {{epochs: 100}}'")
     return data
+
+
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (a nested mapping merges, a value replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_yaml(path: Path, recipes_dir: Path | None = None, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe as a dict, its ``base:`` resolved: ``base: r50_100ep_b1024`` (a recipe name, looked
+    up beside the file, then in ``recipes_dir``) or ``base: other.yaml`` (relative to the file) is
+    loaded first and this file's keys go on top, section by section; a base may have a base.
+
+    One mechanism for every kind of recipe (pretraining, evaluation, ablation): a recipe states
+    only what differs from the one it builds on."""
+    path = Path(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise OperaError(f"{path}: 'base' must name a recipe (e.g. base: r50_100ep_b1024), got {base!r}")
+    candidates = [path.parent / base, path.parent / f"{base}.yaml"]
+    if recipes_dir is not None:
+        candidates += [recipes_dir / base, recipes_dir / f"{base}.yaml"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        names = sorted(p.stem for p in path.parent.glob("*.yaml") if p != path)
+        raise OperaError(f"{path}: base recipe {base!r} not found{suggest(base, names)}; name a recipe beside it or a YAML path")
+    chain = (*_chain, path.resolve())
+    if found.resolve() in chain:
+        loop = " -> ".join(p.stem for p in (*chain, found.resolve()))
+        raise OperaError(f"{path}: recipes inherit in a loop ({loop}); remove one 'base:'")
+    parent = load_yaml(found, recipes_dir, chain)
+    parent.pop("description", None)  # a description speaks for its own file
+    return merge_dicts(parent, data)
 
 
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """Defaults <- recipe <- ``key=value`` overrides."""
     cfg = PretrainConfig()
     if name_or_path:
-        cfg = config_from_dict(load_yaml(recipe_path(name_or_path)), cfg)
+        cfg = config_from_dict(load_yaml(recipe_path(name_or_path), RECIPES), cfg)
     return apply_overrides(cfg, overrides or [])
 
 

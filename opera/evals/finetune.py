@@ -348,8 +348,10 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
         net.train()
         sampler.set_epoch(epoch, start)
         total, seen = 0.0, 0
-        reseed(cfg.seed, rank, step)  # before the first fetch: a batch's augmentations are a function of its step
-        for i, (x, y) in enumerate(loader, start=start):
+        batches = iter(loader)
+        for i in range(start, len(sampler)):
+            reseed(cfg.seed, rank, step)  # before the fetch: a batch's augmentations are a function of its step
+            x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, y = mixup(x, y)
@@ -369,7 +371,6 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
             total += float(loss.detach()) * sizes[i] / world
             seen += len(x)
             step += 1
-            reseed(cfg.seed, rank, step)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
             signum = stop.requested(world)

@@ -70,6 +70,7 @@ from opera.evals.common import (
     is_vit,
     load_eval_backbone,
     parse_data,
+    reseed,
     seed_everything,
     shard_of,
     snapshot_state,
@@ -260,9 +261,13 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
                                              pin_memory=device.type == "cuda")
 
         def batches():
-            for x, y in loader:
-                with torch.no_grad():
-                    yield pooled_features(model, x.to(device, non_blocking=True)).float(), y.to(device)
+            it = iter(loader)
+            for i in range(sampler.start, len(sampler)):
+                reseed(cfg.seed, rank, epoch * steps_per_epoch + i)  # a batch's crops are a function of its step
+                x, y = next(it)
+                with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
+                    f = pooled_features(model, x.to(device, non_blocking=True)).float()
+                yield f, y.to(device)
     else:  # the whole training set once, gathered: a rank's share of a batch may be any image
         train_feats, train_labels = (distributed.all_gather_uneven(t) for t in features(train_eval))
 

@@ -251,14 +251,6 @@ def _autocast(device: torch.device, amp: str):
 
 
 # ----------------------------------------------------------------------------- the protocol
-def _per_sample_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy of every sample: against Mixup's soft targets (timm's SoftTargetCrossEntropy
-    before its mean) or hard labels with label smoothing."""
-    if y.dim() == 2:
-        return torch.sum(-y * torch.log_softmax(logits.float(), dim=-1), dim=-1)
-    return nn.functional.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="none")
-
-
 @owns_output("fine-tuning", stop_at_once=False)
 def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, protocol: str = "finetune") -> dict:
     """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict.
@@ -286,6 +278,7 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
 def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str, env, device: torch.device,
               stop: GracefulStop) -> dict:
     from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
 
     from opera.data import EvalTransform, build_dataset
 
@@ -311,6 +304,9 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
     val_loader = make_loader(shard_of(val, rank, world), max(batch // world, 256), workers=cfg.workers, device=device)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
                   label_smoothing=cfg.label_smoothing, num_classes=k) if use_mixup else None
+    # timm's SoftTargetCrossEntropy (Mixup's soft targets) or label-smoothed cross-entropy: a mean
+    # over this rank's share, turned into its sum below
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     lr = cfg.base_lr * cfg.batch_size / cfg.lr_batch_base
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
     autocast = _autocast(device, cfg.amp)
@@ -360,7 +356,8 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
                 g["lr"] = cur * g["lr_scale"]
             with autocast():
                 logits = net(x)
-            loss = _per_sample_loss(logits, y, cfg.label_smoothing).sum() * world / sizes[i]
+            # this rank's sum over its share / the global batch size; x world undoes DDP's mean over ranks
+            loss = criterion(logits.float(), y) * (len(x) * world / sizes[i])
             if not torch.isfinite(loss):
                 raise OperaError(f"fine-tuning diverged (loss {float(loss)}) at epoch {epoch}; lower --base-lr or add --clip-grad")
             opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from opera.backbones import get_spec, is_token_backbone
 from opera.configs import PretrainConfig, config_to_dict
 from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state, save_state
 from opera.engine.rundir import GracefulStop, NoLock, RunLock, Stopped, check_config_drift, find_checkpoint, own_run_dir
+from opera.engine.monitors import online_linear_setup, online_linear_step
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
 from opera.engine.step import make_grad_scaler, train_step
@@ -198,6 +199,9 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
             print(f"resuming from {source} at epoch {state.epoch + 1}, step {state.global_step}", flush=True)
             truncate_metrics(output / METRICS, state.global_step)
 
+    # --- online linear monitor (opera.engine.monitors; train.online_linear) ---
+    monitor, tap, monitor_val = online_linear_setup(cfg, hierarchy, num_classes, device, ckpt)
+
     model: torch.nn.Module = hierarchy
     if world > 1:
         if cfg.train.sync_bn:
@@ -224,6 +228,7 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
                 "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
                 "identity": want, "config": resolved, "backbone_spec": get_spec(hierarchy.backbone).to_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                **({"online_linear": monitor.state_dict()} if monitor is not None else {}),  # online monitor
             }, path)
 
     result: dict[str, Any] = {}
@@ -243,6 +248,7 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
                 m = ema_momentum_at(epoch_f, epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
                 out = train_step(model, hierarchy, optimizer, views, labels, step_lr, m, device, cfg.train.amp, state.global_step,
                                  per_view=cfg.train.per_view, scaler=scaler)
+                online_linear_step(monitor, tap, labels)  # online monitor
                 state.global_step += 1
                 state.step_in_epoch += 1
                 terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
@@ -273,6 +279,8 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
             if cfg.train.knn_every and (state.epoch % cfg.train.knn_every == 0 or state.epoch == epochs) and state.step_in_epoch == 0:
                 epoch_row["knn_top1"] = knn_monitor(hierarchy.backbone, cfg, device, rank, world)
                 logger.log({"epoch": float(state.epoch), "knn_top1": epoch_row["knn_top1"]}, state.global_step)
+            if monitor is not None and state.step_in_epoch == 0:  # online monitor: one row per epoch, every rank calls
+                logger.log({"epoch": float(state.epoch), **monitor.epoch_metrics(hierarchy.backbone, monitor_val)}, state.global_step)
             checkpoint(output / LAST)
             if main and cfg.train.save_every_epochs and state.epoch % cfg.train.save_every_epochs == 0 and state.step_in_epoch == 0:
                 checkpoint(output / f"epoch_{state.epoch:04d}.pt")
@@ -285,6 +293,8 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
         if main and state.global_step == total_steps and not (output / BACKBONE).is_file():
             export_backbone(hierarchy.backbone, output / BACKBONE, {"identity": want, "epoch": state.epoch})
     finally:
+        if tap is not None:  # online monitor
+            tap.close()
         progress.close()
         logger.close()
     distributed.barrier()
@@ -293,19 +303,12 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
 
 @torch.no_grad()
 def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int) -> float:
-    """Weighted kNN top-1 (%) on the held-out split, from backbone features (rank 0 computes)."""
+    """Weighted kNN top-1 (%) on the held-out split from backbone features; under DDP the train
+    bank is sharded across the ranks (opera.engine.monitors.knn_monitor), every rank calls it."""
     from opera.data import EvalTransform, build_dataset
-    from opera.evals.common import extract_features
-    from opera.evals.knn import knn_accuracy
+    from opera.engine import monitors
 
-    acc = torch.zeros(1, device=device)
-    if rank == 0:
-        tf = EvalTransform(cfg.backbone.img_size)
-        bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
-        bank, bank_labels = extract_features(backbone, bank_set, device=device)
-        queries, query_labels = extract_features(backbone, build_dataset(cfg.data.spec, "val", transform=tf), device=device)
-        acc[0] = knn_accuracy(bank, bank_labels, queries, query_labels, bank_set.num_classes, k=cfg.train.knn_k)["top1"]
-        backbone.train()
-    if world > 1:
-        torch.distributed.broadcast(acc, 0)
-    return float(acc[0])
+    tf = EvalTransform(cfg.backbone.img_size)
+    bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
+    query_set = build_dataset(cfg.data.spec, "val", transform=tf)
+    return monitors.knn_monitor(backbone, bank_set, query_set, bank_set.num_classes, device, k=cfg.train.knn_k)

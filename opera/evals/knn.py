@@ -169,6 +169,16 @@ def knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, **kw) ->
     return accuracy(knn_scores(bank, bank_labels, queries, num_classes, **kw), query_labels)
 
 
+def knn_accuracy_sharded(bank_shard, bank_labels_shard, queries, query_labels, num_classes, **kw) -> dict[str, float]:
+    """:func:`knn_accuracy` with this rank's shard of the bank and every query (one process: the
+    plain one); every rank gets the same result."""
+    from opera import distributed
+
+    if distributed.get_world_size() == 1:
+        return knn_accuracy(bank_shard, bank_labels_shard, queries, query_labels, num_classes, **kw)
+    return accuracy(knn_scores_sharded(bank_shard, bank_labels_shard, queries, num_classes, **kw), query_labels.cpu())
+
+
 def run_knn(cfg: KNNConfig, loaded=None) -> dict:
     """Weighted k-NN top-1/top-5 of ``cfg.checkpoint`` on ``cfg.data`` (bank: train split, queries: val)."""
     from opera.data import EvalTransform, build_dataset

@@ -116,7 +116,12 @@ class OnlineLinearMonitor:
     def evaluate(self, backbone: nn.Module, dataset, batch_size: int = 256) -> dict[str, float]:
         """top-1/top-5 of the classifier on ``dataset`` (the held-out split) through ``backbone``
         in eval mode, sharded over ranks without padding; the backbone's mode is restored."""
-        from opera.evals.common import extract_features, gathered_accuracy, shard_of, topk_correct
+        from opera.evals.common import (
+            extract_features,
+            gathered_accuracy,
+            shard_of,
+            topk_correct,
+        )
 
         share = shard_of(dataset, distributed.get_rank(), distributed.get_world_size())
         feats, labels = extract_features(backbone, share, batch_size, self.device)

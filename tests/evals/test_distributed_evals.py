@@ -9,6 +9,8 @@ so metrics agree within float tolerance, and the learning rate is scaled by the 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -101,3 +103,34 @@ def test_finetune_two_processes_match_one(tmp_path):
     w2 = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
     for key in w1:
         torch.testing.assert_close(w2[key].float(), w1[key].float(), rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bad_inputs_of_the_new_options_are_one_line_errors(tmp_path):
+    from opera.errors import OperaError
+    from opera.evals.cli import _floats
+    from opera.evals.common import check_global_batch
+
+    out = str(tmp_path / "o")
+    cases = [
+        (lambda: run_linear(LinearConfig(checkpoint="random:resnet_tiny", output=out, grid=True, holdout_fraction=1.5)),
+         "--holdout-fraction must be in (0, 1)"),
+        (lambda: run_linear(LinearConfig(checkpoint="random:resnet_tiny", output=out, grid=True, grid_lr_scales=(0.0,))),
+         "--grid-lrs must be positive"),
+        (lambda: check_global_batch(63, 2), "use a multiple of 2"),
+        (lambda: _floats("--grid-lrs", "0.1,abc"), "not a comma-separated list of numbers"),
+    ]
+    for call, message in cases:
+        with pytest.raises(OperaError, match=re.escape(message)) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_resuming_with_other_options_is_refused_naming_them(tmp_path):
+    from opera.errors import OperaError
+
+    cfg = dict(checkpoint="random:resnet_tiny", data="digits:0-1", output=str(tmp_path), batch_size=64, tensorboard=False)
+    run_linear(LinearConfig(epochs=1, **cfg))
+    with pytest.raises(OperaError, match=r"written by another evaluation: epochs 1 \(this run: 2\).*new --output"):
+        run_linear(LinearConfig(epochs=2, **cfg))
+    again = run_linear(LinearConfig(epochs=1, **cfg))  # the same command: resumes its finished state
+    assert again["metrics"]["frozen_check"] == "passed"

@@ -228,7 +228,6 @@ def run_linear(cfg: LinearConfig, loaded=None) -> dict:
 
 
 def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: GracefulStop) -> dict:
-    from opera.backbones import pooled_features
     from opera.data import EvalTransform, build_dataset
 
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -256,36 +255,61 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
     val_feats, val_labels = features(val)
     hold = features(torch.utils.data.Subset(train_eval, hold_idx)) if hold_idx else None
     sampler = GlobalBatchSampler(train_idx, cfg.batch_size, cfg.seed, rank, world, drop_last=augment and len(train_idx) > cfg.batch_size)
-    if augment:
-        loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
-                                             pin_memory=device.type == "cuda")
-
-        def batches():
-            it = iter(loader)
-            for i in range(sampler.start, len(sampler)):
-                reseed(cfg.seed, rank, epoch * steps_per_epoch + i)  # a batch's crops are a function of its step
-                x, y = next(it)
-                with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
-                    f = pooled_features(model, x.to(device, non_blocking=True)).float()
-                yield f, y.to(device)
-    else:  # the whole training set once, gathered: a rank's share of a batch may be any image
-        train_feats, train_labels = (distributed.all_gather_uneven(t) for t in features(train_eval))
-
-        def batches():
-            for idx in sampler:
-                idx_t = torch.as_tensor(idx, dtype=torch.long, device=device)
-                yield train_feats[idx_t], train_labels[idx_t]
-
+    cached = None if augment else tuple(distributed.all_gather_uneven(t) for t in features(train_eval))
+    batches = _batches(cfg, model, train, sampler, device, rank, cached)
     heads = LinearHeads(val_feats.shape[1], val.num_classes, specs).to(device)
     if world > 1:
         heads = distributed.convert_sync_batchnorm(heads)  # BN over the global batch, as in one process
+    best = _fit_heads(cfg, heads, specs, sampler, batches, (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs),
+                      run, stop, world, main)
+    check_frozen(model, reference)
+    metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment)
+    return run.finish(metrics, loaded, extra=extra, data={
+        "train": cfg.data, "val": cfg.data, "num_classes": val.num_classes, "train_images": len(train_idx),
+        "holdout_images": len(hold_idx), "val_images": len(val)})
+
+
+def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSampler, device: torch.device, rank: int,
+             cached: tuple[torch.Tensor, torch.Tensor] | None):
+    """``batches(epoch)``: this rank's (features, labels) of every remaining step of the epoch:
+    fresh augmented views through the frozen backbone (``cached=None``), or rows of the cached
+    features of the whole training set (any image may fall in a rank's share)."""
+    from opera.backbones import pooled_features
+
+    if cached is not None:
+        feats, labels = cached
+
+        def from_cache(epoch: int):
+            for idx in sampler:
+                idx_t = torch.as_tensor(idx, dtype=torch.long, device=device)
+                yield feats[idx_t], labels[idx_t]
+
+        return from_cache
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+
+    def augmented(epoch: int):
+        it = iter(loader)
+        for i in range(sampler.start, len(sampler)):
+            reseed(cfg.seed, rank, epoch * len(sampler) + i)  # a batch's crops are a function of its step
+            x, y = next(it)
+            with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
+                f = pooled_features(model, x.to(device, non_blocking=True)).float()
+            yield f, y.to(device)
+
+    return augmented
+
+
+def _fit_heads(cfg: LinearConfig, heads: LinearHeads, specs: list[HeadSpec], sampler: GlobalBatchSampler, batches,
+               val: tuple[torch.Tensor, torch.Tensor], want: dict[str, Any], run: EvalRun, stop: GracefulStop,
+               world: int, main: bool) -> list[float]:
+    """Train every head from ``OUTPUT/last.pt`` if there is one; checkpoint at epoch ends and on a
+    signal. Returns each head's best validation top-1 over epochs (reported, never used to choose)."""
     params = list(heads.parameters())
     opt = torch.optim.SGD([{"params": list(h.parameters()), "peak_lr": s.lr} for h, s in zip(heads.heads, specs)],
                           lr=specs[0].lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(sampler))
-    epoch, start, step = 0, 0, 0
-    best = [0.0] * len(specs)
-    want = eval_identity_linear(cfg, loaded, specs)
+    steps_per_epoch, sizes = max(1, len(sampler)), sampler.global_sizes()
+    epoch, start, step, best = 0, 0, 0, [0.0] * len(specs)
     source, state = load_eval_state(cfg.output, main)
     if state is not None:
         check_same_run(state, want, source)
@@ -303,12 +327,11 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
                         "identity": want}, Path(cfg.output) / LAST)
         distributed.barrier()
 
-    sizes = sampler.global_sizes()
     while epoch < cfg.epochs:
         heads.train()
         sampler.set_epoch(epoch, start)
         total, seen = 0.0, 0
-        for i, (x, y) in enumerate(batches(), start=start):
+        for i, (x, y) in enumerate(batches(epoch), start=start):
             n_global = sizes[i]
             if n_global >= 2 or not any(s.bn for s in specs):  # BatchNorm needs two samples (all ranks agree)
                 for g in opt.param_groups:
@@ -327,18 +350,14 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
                 checkpoint(i + 1)
                 raise Stopped(step, signum)
         start = 0
-        accs = evaluate_heads(heads, val_feats, val_labels)
+        accs = evaluate_heads(heads, *val)
         best = [max(b, a["top1"]) for b, a in zip(best, accs)]
         run.log("linear/train_loss", float(distributed.all_reduce_sum(torch.tensor([total]))[0]) / max(seen, 1), epoch)
         run.log("linear/val_top1", accs[0]["top1"], epoch)
         run.log("linear/lr", opt.param_groups[0]["lr"], epoch)
         epoch += 1
         checkpoint(0)
-    check_frozen(model, reference)
-    metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment)
-    return run.finish(metrics, loaded, extra=extra, data={
-        "train": cfg.data, "val": cfg.data, "num_classes": val.num_classes, "train_images": len(train_idx),
-        "holdout_images": len(hold_idx), "val_images": len(val)})
+    return best
 
 
 def eval_identity_linear(cfg: LinearConfig, loaded, specs: list[HeadSpec]) -> dict[str, Any]:

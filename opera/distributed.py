@@ -52,6 +52,58 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def shard_bounds(n: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """``[lo, hi)``: rank ``rank``'s contiguous share of ``range(n)``, without padding.
+
+    The shares of all ranks partition ``range(n)`` (sizes differ by at most one), so an evaluation
+    that sums per-rank counts sees every sample exactly once, unlike ``DistributedSampler``, which
+    pads the last ranks with repeated samples.
+    """
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    return n * rank // world, n * (rank + 1) // world
+
+
+def _comm_device(x: torch.Tensor) -> torch.device:
+    """Where a collective on ``x`` must run: CUDA under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor on ``x``'s device; no gradient). Identity alone."""
+    if not is_initialized() or get_world_size() == 1:
+        return x
+    y = x.detach().to(_comm_device(x), copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+@torch.no_grad()
+def all_gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 in rank order, when ranks hold different
+    numbers of rows (a shard of :func:`shard_bounds`); the result is on ``x``'s device.
+
+    Rows are padded to the largest shard for the collective and the padding is cut off again, so
+    the output has exactly ``sum(len(x_r))`` rows. No gradient.
+    """
+    if not is_initialized() or get_world_size() == 1:
+        return x
+    dev = _comm_device(x)
+    n = torch.tensor([x.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes_ = [int(s) for s in sizes]
+    most = max(sizes_)
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[: x.shape[0]] = x.to(dev)
+    out = [torch.empty_like(padded) for _ in sizes_]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes_)]).to(x.device)
+
+
 def ranks_where(flag: torch.Tensor | bool) -> list[int]:
     """The ranks on which ``flag`` is true (every rank calls it; one small all-reduce and one host
     sync, on the flag's device under NCCL). Without a process group: ``[0]`` or ``[]``."""

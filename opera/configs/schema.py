@@ -67,6 +67,8 @@ class TrainConfig:
     save_every_epochs: int = 10  # epoch_NNNN.pt cadence (0: never)
     knn_every: int = 5  # epochs between kNN evaluations on the held-out split (0: never)
     knn_k: int = 20
+    online_linear: bool = False  # a linear classifier on detached features beside pretraining (opera.engine.monitors)
+    online_linear_lr: float = 0.1  # its own SGD lr (solo-learn's online classifier: 0.1)
     max_steps: int = 0  # stop after this many steps in total (0: no limit; for smoke tests)
 
 

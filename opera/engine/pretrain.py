@@ -23,6 +23,7 @@ from opera.backbones import get_spec, is_token_backbone
 from opera.configs import PretrainConfig, config_to_dict
 from opera.engine.checkpoint import BACKBONE, LAST, export_backbone, load_state, save_state
 from opera.engine.rundir import GracefulStop, NoLock, RunLock, Stopped, check_config_drift, find_checkpoint, own_run_dir
+from opera.engine.monitors import online_linear_setup, online_linear_step
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
 from opera.engine.step import make_grad_scaler, prepare_model, train_step
@@ -153,6 +154,7 @@ class PretrainSession:
                 "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch, "global_step": self.state.global_step,
                 "identity": self.want, "config": self.resolved, "backbone_spec": get_spec(self.hierarchy.backbone).to_dict(),
                 **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+                **({"online_linear": self.monitor.state_dict()} if self.monitor is not None else {}),  # online monitor
             }, path)
 
 
@@ -210,6 +212,9 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
             print(f"resuming from {source} at epoch {state.epoch + 1}, step {state.global_step}", flush=True)
             truncate_metrics(output / METRICS, state.global_step)
 
+    # --- online linear monitor (opera.engine.monitors; train.online_linear) ---
+    monitor, tap, monitor_val = online_linear_setup(cfg, hierarchy, feed.label_sets.get("class"), device, ckpt)
+
     model: torch.nn.Module = hierarchy
     if world > 1:
         if cfg.train.sync_bn:
@@ -233,6 +238,7 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
         channels_last=channels_last, logger=RunLogger(output, enabled=main),
         progress=ProgressDisplay(main, total_steps, state.global_step),
         t_last=time.time(), logged_at=state.global_step,  # time and step of the previous log row
+        monitor=monitor, tap=tap, monitor_val=monitor_val,  # online monitor
     )
 
 
@@ -255,6 +261,7 @@ def train_one_epoch(s: PretrainSession) -> dict[str, float]:
         s.hierarchy.on_step(Progress(epoch_f, state.global_step, epochs, s.total_steps))
         out = train_step(s.model, s.hierarchy, s.optimizer, views, targets, step_lr, m, s.device, cfg.train.amp,
                          state.global_step, per_view=cfg.train.per_view, scaler=s.scaler)
+        online_linear_step(s.monitor, s.tap, targets)  # online monitor
         state.global_step += 1
         state.step_in_epoch += 1
         terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
@@ -292,6 +299,8 @@ def finish_epoch(s: PretrainSession, epoch_row: dict[str, float]) -> dict[str, A
     if cfg.train.knn_every and (state.epoch % cfg.train.knn_every == 0 or state.epoch == epochs) and epoch_done:
         epoch_row["knn_top1"] = knn_monitor(s.hierarchy.backbone, cfg, s.device, s.rank, s.world)
         s.logger.log({"epoch": float(state.epoch), "knn_top1": epoch_row["knn_top1"]}, state.global_step)
+    if s.monitor is not None and epoch_done:  # online monitor: one row per epoch, every rank calls
+        s.logger.log({"epoch": float(state.epoch), **s.monitor.epoch_metrics(s.hierarchy.backbone, s.monitor_val)}, state.global_step)
     s.checkpoint(s.output / LAST)
     if s.main and cfg.train.save_every_epochs and state.epoch % cfg.train.save_every_epochs == 0 and epoch_done:
         s.checkpoint(s.output / f"epoch_{state.epoch:04d}.pt")
@@ -312,6 +321,8 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
         if s.main and s.state.global_step == s.total_steps and not (output / BACKBONE).is_file():
             export_backbone(s.hierarchy.backbone, output / BACKBONE, {"identity": s.want, "epoch": s.state.epoch})
     finally:
+        if s.tap is not None:  # online monitor
+            s.tap.close()
         s.progress.close()
         s.logger.close()
     distributed.barrier()
@@ -320,19 +331,12 @@ def _pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunL
 
 @torch.no_grad()
 def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int) -> float:
-    """Weighted kNN top-1 (%) on the held-out split, from backbone features (rank 0 computes)."""
+    """Weighted kNN top-1 (%) on the held-out split from backbone features; under DDP the train
+    bank is sharded across the ranks (opera.engine.monitors.knn_monitor), every rank calls it."""
     from opera.data import EvalTransform, build_dataset
-    from opera.evals.common import extract_features
-    from opera.evals.knn import knn_accuracy
+    from opera.engine import monitors
 
-    acc = torch.zeros(1, device=device)
-    if rank == 0:
-        tf = EvalTransform(cfg.backbone.img_size)
-        bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
-        bank, bank_labels = extract_features(backbone, bank_set, device=device)
-        queries, query_labels = extract_features(backbone, build_dataset(cfg.data.spec, "val", transform=tf), device=device)
-        acc[0] = knn_accuracy(bank, bank_labels, queries, query_labels, bank_set.num_classes, k=cfg.train.knn_k)["top1"]
-        backbone.train()
-    if world > 1:
-        torch.distributed.broadcast(acc, 0)
-    return float(acc[0])
+    tf = EvalTransform(cfg.backbone.img_size)
+    bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
+    query_set = build_dataset(cfg.data.spec, "val", transform=tf)
+    return monitors.knn_monitor(backbone, bank_set, query_set, bank_set.num_classes, device, k=cfg.train.knn_k)

@@ -476,9 +476,10 @@ def _signals_stop_at_once(what: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def owned_output(output: str | Path, what: str) -> Iterator[RunLock]:
+def owned_output(output: str | Path, what: str, stop_at_once: bool = True) -> Iterator[RunLock]:
     """Hold ``output``'s lock while ``what`` writes into it; a folder made only for the lock is
-    removed again if nothing was written (a run that fails on its inputs leaves no folder)."""
+    removed again if nothing was written (a run that fails on its inputs leaves no folder).
+    ``stop_at_once=False``: leave SIGINT/SIGTERM to the protocol (a resumable one checkpoints)."""
     output = Path(output)
     made = not output.exists()
     try:
@@ -487,22 +488,26 @@ def owned_output(output: str | Path, what: str) -> Iterator[RunLock]:
         raise OperaError(f"cannot create --output {output}: {exc.strerror or exc}; pass a writable folder") from None
     lock = RunLock(output)
     try:
-        with lock, _signals_stop_at_once(what):
+        with lock, (_signals_stop_at_once(what) if stop_at_once else contextlib.nullcontext()):
             yield lock
     finally:
         if made and output.is_dir() and not any(output.iterdir()):
             output.rmdir()
 
 
-def owns_output(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate ``fn(cfg, ...)`` so that it runs holding ``cfg.output`` (see :func:`owned_output`)."""
+def owns_output(what: str, stop_at_once: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate ``fn(cfg, ...)`` so that it runs holding ``cfg.output`` (see :func:`owned_output`).
+
+    Under several processes only rank 0 holds the lock (the others write nothing)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
-            if not str(getattr(cfg, "output", "") or ""):
+            from opera.distributed import detect_env
+
+            if not str(getattr(cfg, "output", "") or "") or detect_env()[0] != 0:
                 return fn(cfg, *args, **kwargs)  # the protocol's own one-line error for a missing --output
-            with owned_output(cfg.output, what):
+            with owned_output(cfg.output, what, stop_at_once):
                 return fn(cfg, *args, **kwargs)
 
         return wrapper

@@ -14,10 +14,15 @@ raise :class:`~opera.errors.OperaError` (one line, exit 2 in ``opera.cli.main``)
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+
+from opera.launch.options import LaunchOptions, dispatch, with_launch_options
 
 CHECKPOINT_HELP = ("An opera run directory, its backbone.safetensors or last.pt; or random:<backbone> "
                    "(randomly initialised baseline, e.g. random:resnet50) or timm:<name> (a timm architecture, never downloaded).")
@@ -36,6 +41,18 @@ def _default_output(kind: str, checkpoint: str) -> Path:
     return Path("evals") / f"{kind}_{safe}"
 
 
+def _launch(fn: Callable[..., Any], cfg: Any, launch: LaunchOptions) -> None:
+    """Run ``fn(cfg)`` where the launch options say, as pretraining does (``opera.launch.options``):
+    here, in ``--nproc`` processes, or as a requeueable SLURM job (paths made absolute for it)."""
+    if launch.slurm:
+        absolute = {"output": os.path.abspath(cfg.output)}
+        if ":" not in cfg.checkpoint and Path(cfg.checkpoint).exists():
+            absolute["checkpoint"] = os.path.abspath(cfg.checkpoint)
+        cfg = dataclasses.replace(cfg, **absolute)
+    dispatch(fn, (cfg,), launch, Path(cfg.output))
+
+
+@with_launch_options
 def linear(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP),
@@ -51,16 +68,32 @@ def linear(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+    grid: bool = typer.Option(False, "--grid", help="Train a grid of heads in one pass (every --grid-lrs x base lr, without and with BN) and pick one on a held-out split of the training set, never on validation; results.json lists every head and the winner."),
+    grid_lrs: Optional[str] = typer.Option(None, "--grid-lrs", help="Comma-separated multipliers of the base lr for --grid. Default: 0.1,0.3,1,3,10."),
+    holdout_fraction: float = typer.Option(0.1, "--holdout-fraction", help="With --grid: share of the training images held out to choose the head."),
+    launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Linear probe on the frozen backbone (SGD, cosine; top-1/top-5); fails if the backbone changed."""
     from opera.evals.linear import LinearConfig, run_linear
 
-    run_linear(LinearConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("linear", checkpoint)),
-                            backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers,
-                            epochs=epochs, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay, bn=bn,
-                            augment=augment))
+    extra = {"grid_lr_scales": _floats("--grid-lrs", grid_lrs)} if grid_lrs else {}
+    cfg = LinearConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("linear", checkpoint)),
+                       backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers,
+                       epochs=epochs, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay, bn=bn,
+                       augment=augment, grid=grid, holdout_fraction=holdout_fraction, **extra)
+    _launch(run_linear, cfg, launch)
 
 
+def _floats(flag: str, text: str) -> tuple[float, ...]:
+    from opera.errors import OperaError
+
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OperaError(f"{flag} {text!r} is not a comma-separated list of numbers, e.g. 0.1,0.3,1,3,10") from None
+
+
+@with_launch_options
 def knn(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP + " The train split is the bank, val the queries."),
@@ -75,15 +108,19 @@ def knn(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+    launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
-    """Weighted k-NN (k=20, T=0.07) on L2-normalised frozen features, computed in bounded chunks."""
+    """Weighted k-NN (k=20, T=0.07) on L2-normalised frozen features, computed in bounded chunks
+    (with several processes the training bank is sharded across them)."""
     from opera.evals.knn import KNNConfig, run_knn
 
-    run_knn(KNNConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("knn", checkpoint)),
-                      backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, k=k,
-                      temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk, half_bank=half_bank))
+    _launch(run_knn, KNNConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("knn", checkpoint)),
+                               backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, k=k,
+                               temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk,
+                               half_bank=half_bank), launch)
 
 
+@with_launch_options
 def finetune(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     data: str = typer.Option("digits", "--data", "-d", help=DATA_HELP),
@@ -108,6 +145,9 @@ def finetune(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA) | bf16 | off."),
+    crop_min: Optional[float] = typer.Option(None, "--crop-min", help="RandomResizedCrop minimum scale (1: no crop)."),
+    save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also write last.pt every this many steps within an epoch (default: at epoch ends)."),
+    launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """End-to-end fine-tuning (AdamW, cosine + warmup, Mixup/CutMix, RandAugment, label smoothing, drop path)."""
     from opera.evals.finetune import finetune_config, run_finetune
@@ -117,8 +157,9 @@ def finetune(
                           epochs=epochs, batch_size=batch_size, base_lr=base_lr, lr_batch_base=lr_batch_base,
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, layer_decay=layer_decay,
                           drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
-                          randaug_magnitude=randaug_magnitude, reprob=reprob)
-    run_finetune(cfg)
+                          randaug_magnitude=randaug_magnitude, reprob=reprob, crop_min=crop_min,
+                          save_every_steps=save_every_steps)
+    _launch(run_finetune, cfg, launch)
 
 
 def transfer(

@@ -312,6 +312,107 @@ def extract_features(backbone: nn.Module, dataset, batch_size: int = 256, device
     return feats, labels
 
 
+# ----------------------------------------------------------------------------- distributed
+def eval_env(device: str) -> tuple[Any, torch.device]:
+    """Join the process group the launcher described (torchrun, ``--nproc``, SLURM; none alone)
+    and pick this rank's device (``cuda:LOCAL_RANK`` for auto/cuda under several processes)."""
+    from opera import distributed
+
+    dev = resolve_device(device)
+    env = distributed.init(dev.type)
+    if env.distributed and dev.type == "cuda" and device in ("auto", "cuda"):
+        dev = torch.device("cuda", env.local_rank)
+    return env, dev
+
+
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Seed torch/numpy/random from (seed, rank, step): the augmentations and drop-path masks of a
+    step are then a function of the step, so a resumed run replays the uninterrupted one."""
+    s = (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """This rank's share of every global batch of an epoch (a ``batch_sampler`` for DataLoader).
+
+    Epoch ``e`` visits ``indices`` in the order ``torch.randperm(len(indices))`` drawn from a
+    generator seeded ``seed + e`` (DistributedSampler's permutation), cut into global batches of
+    ``batch_size``; rank r takes the contiguous share :func:`~opera.distributed.shard_bounds` of
+    each. Unlike ``DistributedSampler``, which deals the epoch out round robin and pads it with
+    repeated images, the global batch is the same set of images for any number of processes and
+    no image is repeated: with gradients summed over ranks and divided by :meth:`global_size`,
+    N processes take the optimizer steps of one. ``drop_last`` drops a partial last batch; a
+    partial last batch with fewer images than ranks is always dropped (a rank would get none).
+    ``start`` skips the first batches (resuming mid-epoch).
+    """
+
+    def __init__(self, indices: int | list[int], batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 drop_last: bool = False):
+        self.indices = list(range(indices)) if isinstance(indices, int) else list(indices)
+        self.batch_size, self.seed, self.rank, self.world, self.drop_last = batch_size, seed, rank, world, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def global_sizes(self) -> list[int]:
+        """The size of every global batch of an epoch (the same on every rank and world size)."""
+        n, b = len(self.indices), self.batch_size
+        sizes = [b] * (n // b)
+        tail = n % b
+        if tail and not self.drop_last and tail >= self.world:
+            sizes.append(tail)
+        return sizes
+
+    def global_size(self, step_in_epoch: int) -> int:
+        return self.global_sizes()[step_in_epoch]
+
+    def __len__(self) -> int:
+        return len(self.global_sizes())
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.indices), generator=g).tolist()
+        from opera.distributed import shard_bounds
+
+        for i, size in enumerate(self.global_sizes()):
+            if i < self.start:
+                continue
+            batch = perm[i * self.batch_size: i * self.batch_size + size]
+            lo, hi = shard_bounds(size, self.rank, self.world)
+            yield [self.indices[j] for j in batch[lo:hi]]
+
+
+def shard_of(dataset, rank: int, world: int):
+    """Rank ``rank``'s contiguous, unpadded share of ``dataset`` (a ``Subset``; itself alone)."""
+    if world == 1:
+        return dataset
+    from opera.distributed import shard_bounds
+
+    lo, hi = shard_bounds(len(dataset), rank, world)
+    return torch.utils.data.Subset(dataset, range(lo, hi))
+
+
+def gathered_accuracy(counts: dict[int, int], n: int, device: torch.device | None = None) -> dict[str, float]:
+    """top-k accuracies from this rank's correct ``counts`` over its ``n`` samples, summed over
+    ranks first: with unpadded shards every validation image counts exactly once."""
+    from opera.distributed import all_reduce_sum
+
+    ks = sorted(counts)
+    t = all_reduce_sum(torch.tensor([n, *(counts[k] for k in ks)], dtype=torch.float64))
+    total = max(1.0, float(t[0]))
+    return {f"top{k}": 100.0 * float(c) / total for k, c in zip(ks, t[1:].tolist())}
+
+
+def check_global_batch(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise OperaError(f"--batch-size {batch_size} is the global batch and must divide over the {world} processes; "
+                         f"use a multiple of {world}")
+
+
 # ----------------------------------------------------------------------------- recording
 class EvalRun:
     """Times a protocol, logs scalars to TensorBoard and writes ``results.json``.
@@ -324,13 +425,15 @@ class EvalRun:
     >>> results = run.finish(metrics, backbone=loaded, data={"train": "digits", "val": "digits"})
     """
 
-    def __init__(self, protocol: str, cfg: Any, output: str | Path | None = None, tensorboard: bool | None = None):
+    def __init__(self, protocol: str, cfg: Any, output: str | Path | None = None, tensorboard: bool | None = None,
+                 main: bool = True):
         self.protocol = protocol
+        self.main = main  # under torch.distributed only rank 0 writes (TensorBoard, results.json, the table)
         self.cfg = cfg
         self.output = check_output(output if output is not None else cfg.output, create=False)
         self.started = time.time()
         self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self._tb_enabled = getattr(cfg, "tensorboard", True) if tensorboard is None else tensorboard
+        self._tb_enabled = main and (getattr(cfg, "tensorboard", True) if tensorboard is None else tensorboard)
         self._tb = None
 
     @property
@@ -356,9 +459,9 @@ class EvalRun:
         from opera.engine.checkpoint import atomic_write
 
         wall = time.time() - self.started
-        check_output(self.output)
         results = {
             "protocol": self.protocol,
+            "evaluation": "offline",  # a protocol run after pretraining (the online monitors are labelled "online")
             "metrics": metrics,
             "checkpoint": backbone.describe() if backbone is not None else None,
             "config": config_dict(self.cfg),
@@ -370,6 +473,9 @@ class EvalRun:
         }
         if extra:
             results.update(extra)
+        if not self.main:
+            return results
+        check_output(self.output)
         text = json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n"
         atomic_write(self.output / RESULTS, lambda tmp: Path(tmp).write_text(text))
         if self.writer is not None:
@@ -447,7 +553,8 @@ def choose(name: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
 
 
 __all__ = [
-    "EvalConfig", "EvalRun", "FrozenBackboneError", "LoadedBackbone", "RESULTS", "accuracy", "check_frozen",
+    "EvalConfig", "EvalRun", "GlobalBatchSampler", "check_global_batch", "eval_env", "gathered_accuracy", "reseed",
+    "shard_of", "FrozenBackboneError", "LoadedBackbone", "RESULTS", "accuracy", "check_frozen",
     "check_output", "choose", "config_dict", "default_img_size", "extract_features", "is_vit", "load_eval_backbone",
     "make_loader", "parse_data", "print_metrics", "resolve_device", "seed_everything", "sha256_file",
     "snapshot_state", "topk_correct",

@@ -27,21 +27,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from opera import distributed
+from opera.engine.checkpoint import LAST, save_state
 from opera.engine.optim import lr_at
-from opera.engine.rundir import owns_output
+from opera.engine.rundir import GracefulStop, Stopped, owns_output
 from opera.errors import OperaError, suggest
 from opera.evals.common import (
     EvalConfig,
     EvalRun,
+    GlobalBatchSampler,
     LoadedBackbone,
-    accuracy,
+    check_global_batch,
     choose,
+    eval_env,
+    gathered_accuracy,
     load_eval_backbone,
     make_loader,
     parse_data,
-    resolve_device,
+    reseed,
     seed_everything,
+    shard_of,
+    topk_correct,
 )
+from opera.evals.resume import check_same_run, eval_identity, load_eval_state
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -55,6 +63,7 @@ class FinetuneConfig(EvalConfig):
     lr_batch_base: int = 512  # lr = base_lr * batch_size / lr_batch_base
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # AdamW's epsilon (timm --opt-eps, default 1e-8)
     warmup_epochs: float = 5.0
     layer_decay: float | None = None  # e.g. 0.75 for ViTs; None: off
     drop_path: float = 0.1
@@ -72,6 +81,8 @@ class FinetuneConfig(EvalConfig):
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     eval_every: int = 1  # epochs between validations (the final one always runs)
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit; smoke tests)
+    save_every_steps: int = 0  # last.pt within an epoch every this many steps (0: at epoch ends only)
+    sync_bn: bool = True  # under several processes, BatchNorm over the global batch (timm/DeiT --sync-bn)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -221,13 +232,16 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[str, float]:
+    """top-1/top-5 over ``loader`` (this rank's unpadded share), correct counts summed over ranks."""
     model.eval()
-    logits, labels = [], []
+    counts, n = {1: 0, 5: 0}, 0
     for x, y in loader:
         with autocast():
-            logits.append(model(x.to(device, non_blocking=True)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return accuracy(torch.cat(logits), torch.cat(labels))
+            logits = model(x.to(device, non_blocking=True)).float().cpu()
+        for k, c in topk_correct(logits, torch.as_tensor(y)).items():
+            counts[k] += c
+        n += len(y)
+    return gathered_accuracy(counts, n)
 
 
 def _autocast(device: torch.device, amp: str):
@@ -237,18 +251,40 @@ def _autocast(device: torch.device, amp: str):
 
 
 # ----------------------------------------------------------------------------- the protocol
-@owns_output("fine-tuning")
+@owns_output("fine-tuning", stop_at_once=False)
 def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, protocol: str = "finetune") -> dict:
-    """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict."""
+    """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict.
+
+    Distributed: ``batch_size`` is the global batch (``lr = base_lr * global_batch /
+    lr_batch_base`` for any number of processes); each rank takes its share of every global batch
+    (:class:`~opera.evals.common.GlobalBatchSampler`), the loss of a rank is its per-sample sum
+    divided by the global batch size (times the world size, which DDP's gradient average undoes)
+    and, with ``sync_bn`` (default), BatchNorm normalises over the global batch: N processes take
+    the steps of one process, up to the per-process draws of the augmentations and of Mixup
+    (which, as in DeiT, mixes within each rank's share). Validation is sharded without padding.
+
+    Resumable like pretraining: rank 0 writes ``OUTPUT/last.pt`` at every epoch end, every
+    ``save_every_steps`` steps and when SIGINT/SIGTERM stops the run; rerunning the same command
+    (or a requeued SLURM job) continues from it. Every step reseeds from (seed, rank, step), so
+    with ``workers=0`` a resumed run replays the uninterrupted one exactly; with workers, the
+    augmentations after a mid-epoch resume are drawn anew (the same images in the same order).
+    """
+    _validate(cfg)
+    env, device = eval_env(cfg.device)
+    with GracefulStop() as stop:
+        return _finetune(cfg, loaded, protocol, env, device, stop)
+
+
+def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str, env, device: torch.device,
+              stop: GracefulStop) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
     from opera.data import EvalTransform, build_dataset
 
-    _validate(cfg)
-    device = resolve_device(cfg.device)
-    run = EvalRun(protocol, cfg)
-    gen = seed_everything(cfg.seed)
+    rank, world, main = env.rank, env.world_size, env.rank == 0
+    run = EvalRun(protocol, cfg, main=main)
+    seed_everything(cfg.seed)
     loaded = loaded or load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, cfg.data, cfg.seed)
     size = loaded.img_size
     train = build_dataset(cfg.data, "train", FinetuneTrainTransform(size, cfg.crop_min, cfg.flip, cfg.randaug_ops,
@@ -257,26 +293,61 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
     k = train.num_classes
     model = build_classifier(loaded, k, cfg.drop_path).to(device)
     use_mixup = cfg.mixup > 0 or cfg.cutmix > 0
-    batch = min(cfg.batch_size, len(train) - len(train) % 2) if use_mixup else cfg.batch_size
-    loader = make_loader(train, batch, shuffle=True, workers=cfg.workers, drop_last=len(train) >= 2 * batch or use_mixup,
-                         generator=gen, device=device)
-    val_loader = make_loader(val, max(batch, 256), workers=cfg.workers, device=device)
+    batch = min(cfg.batch_size, len(train) - len(train) % (2 * world)) if use_mixup else cfg.batch_size
+    check_global_batch(batch, world)
+    if use_mixup and (batch // world) % 2:
+        raise OperaError(f"Mixup/CutMix mix each process's share of the batch with its reverse: --batch-size {batch} over "
+                         f"{world} processes leaves an odd {batch // world}; use a multiple of {2 * world}")
+    sampler = GlobalBatchSampler(len(train), batch, cfg.seed, rank, world, drop_last=len(train) >= 2 * batch or use_mixup)
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+    val_loader = make_loader(shard_of(val, rank, world), max(batch // world, 256), workers=cfg.workers, device=device)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
                   label_smoothing=cfg.label_smoothing, num_classes=k) if use_mixup else None
+    # timm's SoftTargetCrossEntropy (Mixup's soft targets) or label-smoothed cross-entropy: a mean
+    # over this rank's share, turned into its sum below
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     lr = cfg.base_lr * cfg.batch_size / cfg.lr_batch_base
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
     autocast = _autocast(device, cfg.amp)
-    steps_per_epoch = max(1, len(loader))
+    steps_per_epoch = max(1, len(sampler))
+    sizes = sampler.global_sizes()
 
-    step, best, cur = 0, 0.0, 0.0
+    epoch, start, step, best = 0, 0, 0, 0.0
     metrics: dict[str, Any] = {}
-    for epoch in range(cfg.epochs):
-        model.train()
+    want = eval_identity(protocol, cfg, loaded)
+    source, state = load_eval_state(cfg.output, main)
+    if state is not None:
+        check_same_run(state, want, source)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, start, step, best = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]), float(state["best"])
+        metrics = dict(state.get("metrics") or {})
+        if main:
+            print(f"resuming from {source} at epoch {epoch + 1}, step {step}", flush=True)
+    net: nn.Module = model
+    if world > 1:
+        if cfg.sync_bn:
+            model = distributed.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(in_epoch: int) -> None:
+        if main:
+            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                        "step_in_epoch": in_epoch, "global_step": step, "best": best, "metrics": metrics,
+                        "identity": want}, Path(cfg.output) / LAST)
+        distributed.barrier()
+
+    cur = 0.0
+    finished = epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
+    while not finished:
+        net.train()
+        sampler.set_epoch(epoch, start)
         total, seen = 0.0, 0
-        for i, (x, y) in enumerate(loader):
-            if len(x) < 2:  # BatchNorm cannot train on one sample
-                continue
+        batches = iter(loader)
+        for i in range(start, len(sampler)):
+            reseed(cfg.seed, rank, step)  # before the fetch: a batch's augmentations are a function of its step
+            x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup is not None:
                 x, y = mixup(x, y)
@@ -284,7 +355,9 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
             for g in opt.param_groups:
                 g["lr"] = cur * g["lr_scale"]
             with autocast():
-                loss = criterion(model(x), y)
+                logits = net(x)
+            # this rank's sum over its share / the global batch size; x world undoes DDP's mean over ranks
+            loss = criterion(logits.float(), y) * (len(x) * world / sizes[i])
             if not torch.isfinite(loss):
                 raise OperaError(f"fine-tuning diverged (loss {float(loss)}) at epoch {epoch}; lower --base-lr or add --clip-grad")
             opt.zero_grad(set_to_none=True)
@@ -292,22 +365,32 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
             if cfg.clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
-            total += float(loss.detach()) * len(x)
+            total += float(loss.detach()) * sizes[i] / world
             seen += len(x)
             step += 1
             if cfg.max_steps and step >= cfg.max_steps:
                 break
+            signum = stop.requested(world)
+            if signum:
+                checkpoint(i + 1)
+                raise Stopped(step, signum)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and i + 1 < steps_per_epoch:
+                checkpoint(i + 1)
+        start = 0
         run.log(f"{protocol}/train_loss", total / max(seen, 1), epoch)
         run.log(f"{protocol}/lr", cur, epoch)
-        last = epoch == cfg.epochs - 1 or bool(cfg.max_steps and step >= cfg.max_steps)
-        if last or (epoch + 1) % cfg.eval_every == 0:
+        finished = epoch == cfg.epochs - 1 or bool(cfg.max_steps and step >= cfg.max_steps)
+        if finished or (epoch + 1) % cfg.eval_every == 0:
             metrics = evaluate(model, val_loader, device, autocast)
             best = max(best, metrics["top1"])
             run.log(f"{protocol}/val_top1", metrics["top1"], epoch)
             run.log(f"{protocol}/val_top5", metrics["top5"], epoch)
-        if last:
-            break
+        epoch += 1
+        checkpoint(0)
     metrics = dict(metrics)
-    metrics.update({"best_top1": best, "epochs_run": epoch + 1, "steps": step, "lr": lr})
-    return run.finish(metrics, loaded, data={"train": cfg.data, "val": cfg.data, "num_classes": k,
-                                             "train_images": len(train), "val_images": len(val)})
+    metrics.update({"best_top1": best, "epochs_run": epoch, "steps": step, "lr": lr})
+    scaling = {"rule": f"lr = base_lr * global_batch / {cfg.lr_batch_base}", "base_lr": cfg.base_lr,
+               "global_batch": cfg.batch_size, "world_size": world, "per_rank_batch": batch // world, "lr": lr}
+    return run.finish(metrics, loaded, extra={"lr_scaling": scaling},
+                      data={"train": cfg.data, "val": cfg.data, "num_classes": k, "train_images": len(train),
+                            "val_images": len(val)})

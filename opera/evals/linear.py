@@ -18,6 +18,26 @@ Two modes:
   ``digits`` (8x8 images, where crops destroy the content and the whole set is 1,437 images);
   ``augment=None`` picks it by data spec.
 
+Many heads in one pass (``grid=True``, ``--grid``): one frozen forward feeds a grid of linear
+classifiers, every learning rate of ``grid_lr_scales`` x the base lr, each without and with the
+BatchNorm (dinov2's linear eval trains such a grid). The head is chosen on ``holdout_fraction``
+of the *training* set held out from training (seeded), never on the validation split, and
+results.json reports every head (its held-out and validation accuracy) and the winner, whose
+validation accuracy is the result. Without ``--grid``: the one C.1 head on the whole train split.
+
+Distributed (``--nproc``, torchrun, SLURM): ``batch_size`` is the global batch and the learning
+rate scales with it, ``lr = base_lr * global_batch / 256`` whatever the number of processes
+(results.json records base lr, global batch, world size and per-rank batch). Every rank takes
+its share of each global batch (:class:`~opera.evals.common.GlobalBatchSampler`); the gradients
+of the cross-entropy summed over the global batch and divided by its size are summed over ranks,
+and the BatchNorm of a head normalises over the global batch (synchronised), so N processes take
+the steps of one. Validation features are sharded without padding and the correct counts summed
+over ranks: every image counts exactly once.
+
+Resumable: rank 0 writes ``OUTPUT/last.pt`` (heads, optimizer, epoch, step) atomically at every
+epoch end and when SIGINT/SIGTERM stops the run after its current step; rerunning the same
+command continues from it (a SLURM requeue does the same) and ends with the same heads.
+
 Validation features are extracted once in both modes (the backbone is frozen). After training,
 every backbone parameter and buffer is compared with the loaded checkpoint (MoCo-v3's
 ``sanity_check``); any difference raises :class:`~opera.evals.common.FrozenBackboneError`.
@@ -26,28 +46,37 @@ every backbone parameter and buffer is compared with the loaded checkpoint (MoCo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opera import distributed
+from opera.engine.checkpoint import LAST, save_state
 from opera.engine.optim import lr_at
-from opera.engine.rundir import owns_output
+from opera.engine.rundir import GracefulStop, Stopped, owns_output
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
     EvalRun,
-    accuracy,
+    GlobalBatchSampler,
     check_frozen,
+    check_global_batch,
+    eval_env,
     extract_features,
+    gathered_accuracy,
     is_vit,
     load_eval_backbone,
-    make_loader,
     parse_data,
-    resolve_device,
+    reseed,
     seed_everything,
+    shard_of,
     snapshot_state,
+    topk_correct,
 )
+from opera.evals.resume import check_same_run, eval_identity, load_eval_state
 
 #: C.1: base learning rates of the linear probe (scaled by batch / 256)
 BASE_LR_CNN = 0.1
@@ -66,6 +95,10 @@ class LinearConfig(EvalConfig):
     augment: bool | None = None  # None: off for digits (cached features), on otherwise
     crop_min: float = 0.08  # RandomResizedCrop scale of the augmented mode
     feature_batch_size: int = 256  # batch of the frozen forward passes
+    grid: bool = False  # train the grid of heads below in the same pass, pick one on a held-out train split
+    grid_lr_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the base lr (dinov2's linear eval: a grid of lrs)
+    grid_bn: tuple[bool, ...] = (False, True)  # each lr without and with BatchNorm1d(affine=False)
+    holdout_fraction: float = 0.1  # with grid: share of the training set held out to choose the head
 
 
 class LinearHead(nn.Sequential):
@@ -97,6 +130,8 @@ class LinearTrainTransform:
         return self.t(img)
 
 
+
+
 def resolve_base_lr(cfg: LinearConfig, model: nn.Module) -> float:
     if cfg.base_lr is not None:
         return cfg.base_lr
@@ -112,104 +147,239 @@ def _validate(cfg: LinearConfig) -> None:
         raise OperaError(f"--base-lr must be positive, got {cfg.base_lr}")
     if not 0 < cfg.crop_min <= 1:
         raise OperaError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
+    if cfg.grid:
+        if not cfg.grid_lr_scales or any(m <= 0 for m in cfg.grid_lr_scales):
+            raise OperaError(f"--grid-lrs must be positive lr multipliers, got {list(cfg.grid_lr_scales)}")
+        if not cfg.grid_bn:
+            raise OperaError("the grid needs at least one BatchNorm setting (grid_bn: [false, true])")
+        if not 0 < cfg.holdout_fraction < 1:
+            raise OperaError(f"--holdout-fraction must be in (0, 1) (the share of train images that picks the head), "
+                             f"got {cfg.holdout_fraction}")
+
+
+@dataclass
+class HeadSpec:
+    """One classifier of the grid: its name, base lr (lr = base_lr * global batch / 256) and BN."""
+
+    name: str
+    base_lr: float
+    lr: float
+    bn: bool
+
+
+def head_grid(cfg: LinearConfig, base_lr: float, global_batch: int) -> list[HeadSpec]:
+    """The single C.1 head, or (``--grid``) every lr scale x BN setting, in grid order."""
+    pairs = [(m, bn) for m in cfg.grid_lr_scales for bn in cfg.grid_bn] if cfg.grid else [(1.0, cfg.bn)]
+    return [HeadSpec(f"lr{base_lr * m:g}{'_bn' if bn else ''}", base_lr * m, base_lr * m * global_batch / 256, bn)
+            for m, bn in pairs]
+
+
+class LinearHeads(nn.Module):
+    """Many linear heads on the same frozen features: ``forward`` returns one logit tensor each."""
+
+    def __init__(self, dim: int, num_classes: int, specs: list[HeadSpec]):
+        super().__init__()
+        self.heads = nn.ModuleList(LinearHead(dim, num_classes, s.bn) for s in specs)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [h(x) for h in self.heads]
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices) of a seeded random split of ``range(n)``."""
+    g = torch.Generator()
+    g.manual_seed(seed + 7)
+    perm = torch.randperm(n, generator=g).tolist()
+    k = max(1, round(n * fraction))
+    return sorted(perm[k:]), sorted(perm[:k])
 
 
 @torch.no_grad()
-def _evaluate(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, batch: int = 4096) -> dict[str, float]:
-    head.eval()
-    logits = torch.cat([head(feats[i: i + batch]) for i in range(0, len(feats), batch)])
-    return accuracy(logits.float().cpu(), labels.cpu())
+def evaluate_heads(heads: LinearHeads, feats: torch.Tensor, labels: torch.Tensor, batch: int = 4096) -> list[dict[str, float]]:
+    """top-1/top-5 of every head over this rank's (unpadded) share, counts summed over ranks."""
+    heads.eval()
+    counts = [{1: 0, 5: 0} for _ in heads.heads]
+    for i in range(0, len(feats), batch):
+        y = labels[i: i + batch]
+        for c, logits in zip(counts, heads(feats[i: i + batch])):
+            for k, v in topk_correct(logits.float(), y).items():
+                c[k] += v
+    return [gathered_accuracy(c, len(feats)) for c in counts]
 
 
-def train_linear_head(train_feats: torch.Tensor | None, train_labels: torch.Tensor | None, val_feats: torch.Tensor,
-                      val_labels: torch.Tensor, num_classes: int, cfg: LinearConfig, lr: float,
-                      device: torch.device, run: EvalRun | None = None, batches=None, steps_per_epoch: int | None = None,
-                      generator: torch.Generator | None = None) -> tuple[nn.Module, dict[str, float]]:
-    """Train the linear head; either on cached ``train_feats`` or on ``batches(epoch)`` (an
-    iterator of (features, labels) per epoch, the augmented mode). Returns (head, metrics)."""
-    dim = val_feats.shape[1]
-    head = LinearHead(dim, num_classes, cfg.bn).to(device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    val_feats, val_labels = val_feats.to(device), val_labels.to(device)
-    if train_feats is not None:
-        train_feats, train_labels = train_feats.to(device), train_labels.to(device)
-        n = len(train_feats)
-        steps_per_epoch = max(1, -(-n // cfg.batch_size))
-
-        def batches(epoch: int):  # noqa: F811
-            perm = torch.randperm(n, generator=generator).to(device)
-            for i in range(0, n, cfg.batch_size):
-                idx = perm[i: i + cfg.batch_size]
-                yield train_feats[idx], train_labels[idx]
-
-    best = 0.0
-    step = 0
-    for epoch in range(cfg.epochs):
-        head.train()
-        total, seen = 0.0, 0
-        for i, (x, y) in enumerate(batches(epoch)):
-            if cfg.bn and len(x) < 2:  # BatchNorm needs two samples
-                continue
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch + i / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, lr)
-            loss = F.cross_entropy(head(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
-            step += 1
-        acc = _evaluate(head, val_feats, val_labels)
-        best = max(best, acc["top1"])
-        if run is not None:
-            run.log("linear/train_loss", total / max(seen, 1), epoch)
-            run.log("linear/val_top1", acc["top1"], epoch)
-            run.log("linear/val_top5", acc["top5"], epoch)
-            run.log("linear/lr", opt.param_groups[0]["lr"], epoch)
-    metrics = _evaluate(head, val_feats, val_labels)
-    metrics["best_top1"] = best
-    return head, metrics
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if distributed.get_world_size() == 1 or not grads:
+        return
+    flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+    i = 0
+    for g in grads:
+        g.copy_(flat[i: i + g.numel()].view_as(g))
+        i += g.numel()
 
 
-@owns_output("linear evaluation")
+@owns_output("linear evaluation", stop_at_once=False)
 def run_linear(cfg: LinearConfig, loaded=None) -> dict:
     """Linear evaluation of ``cfg.checkpoint`` on ``cfg.data``; returns the results dict."""
-    from opera.backbones import pooled_features
+    _validate(cfg)
+    env, device = eval_env(cfg.device)
+    with GracefulStop() as stop:
+        return _linear(cfg, loaded, env, device, stop)
+
+
+def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: GracefulStop) -> dict:
     from opera.data import EvalTransform, build_dataset
 
-    _validate(cfg)
-    device = resolve_device(cfg.device)
-    run = EvalRun("linear", cfg)
-    gen = seed_everything(cfg.seed)
+    rank, world, main = env.rank, env.world_size, env.rank == 0
+    check_global_batch(cfg.batch_size, world)
+    run = EvalRun("linear", cfg, main=main)
+    seed_everything(cfg.seed)
     loaded = loaded or load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, cfg.data, cfg.seed)
     augment = cfg.augment if cfg.augment is not None else parse_data(cfg.data).name != "digits"
     eval_tf = EvalTransform(loaded.img_size)
-    train = build_dataset(cfg.data, "train", LinearTrainTransform(loaded.img_size, cfg.crop_min) if augment else eval_tf)
+    train_eval = build_dataset(cfg.data, "train", eval_tf)
+    train = build_dataset(cfg.data, "train", LinearTrainTransform(loaded.img_size, cfg.crop_min)) if augment else train_eval
     val = build_dataset(cfg.data, "val", eval_tf)
     model = loaded.model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     reference = snapshot_state(model)
-    lr = resolve_base_lr(cfg, model) * cfg.batch_size / 256
+    base_lr = resolve_base_lr(cfg, model)
+    specs = head_grid(cfg, base_lr, cfg.batch_size)
+    train_idx, hold_idx = holdout_split(len(train), cfg.holdout_fraction, cfg.seed) if cfg.grid else (list(range(len(train))), [])
 
-    val_feats, val_labels = extract_features(model, val, cfg.feature_batch_size, device, cfg.workers)
-    if augment:
-        loader = make_loader(train, cfg.batch_size, shuffle=True, workers=cfg.workers, drop_last=len(train) > cfg.batch_size,
-                             generator=gen, device=device)
+    def features(dataset):  # this rank's unpadded share, through the frozen backbone
+        f, y = extract_features(model, shard_of(dataset, rank, world), cfg.feature_batch_size, device, cfg.workers)
+        return f.to(device), y.to(device)
 
-        def batches(epoch: int):
-            for x, y in loader:
-                with torch.no_grad():
-                    f = pooled_features(model, x.to(device, non_blocking=True)).float()
-                yield f, y.to(device)
-
-        _, metrics = train_linear_head(None, None, val_feats, val_labels, val.num_classes, cfg, lr, device, run,
-                                       batches=batches, steps_per_epoch=len(loader))
-    else:
-        train_feats, train_labels = extract_features(model, train, cfg.feature_batch_size, device, cfg.workers)
-        _, metrics = train_linear_head(train_feats, train_labels, val_feats, val_labels, val.num_classes, cfg, lr,
-                                       device, run, generator=gen)
+    val_feats, val_labels = features(val)
+    hold = features(torch.utils.data.Subset(train_eval, hold_idx)) if hold_idx else None
+    sampler = GlobalBatchSampler(train_idx, cfg.batch_size, cfg.seed, rank, world, drop_last=augment and len(train_idx) > cfg.batch_size)
+    cached = None if augment else tuple(distributed.all_gather_uneven(t) for t in features(train_eval))
+    batches = _batches(cfg, model, train, sampler, device, rank, cached)
+    heads = LinearHeads(val_feats.shape[1], val.num_classes, specs).to(device)
+    if world > 1:
+        heads = distributed.convert_sync_batchnorm(heads)  # BN over the global batch, as in one process
+    best = _fit_heads(cfg, heads, specs, sampler, batches, (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs),
+                      run, stop, world, main)
     check_frozen(model, reference)
-    metrics.update({"lr": lr, "augment": augment, "frozen_check": "passed"})
-    return run.finish(metrics, loaded, data={"train": cfg.data, "val": cfg.data, "num_classes": val.num_classes,
-                                             "train_images": len(train), "val_images": len(val)})
+    metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment)
+    return run.finish(metrics, loaded, extra=extra, data={
+        "train": cfg.data, "val": cfg.data, "num_classes": val.num_classes, "train_images": len(train_idx),
+        "holdout_images": len(hold_idx), "val_images": len(val)})
+
+
+def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSampler, device: torch.device, rank: int,
+             cached: tuple[torch.Tensor, torch.Tensor] | None):
+    """``batches(epoch)``: this rank's (features, labels) of every remaining step of the epoch:
+    fresh augmented views through the frozen backbone (``cached=None``), or rows of the cached
+    features of the whole training set (any image may fall in a rank's share)."""
+    from opera.backbones import pooled_features
+
+    if cached is not None:
+        feats, labels = cached
+
+        def from_cache(epoch: int):
+            for idx in sampler:
+                idx_t = torch.as_tensor(idx, dtype=torch.long, device=device)
+                yield feats[idx_t], labels[idx_t]
+
+        return from_cache
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
+                                         pin_memory=device.type == "cuda")
+
+    def augmented(epoch: int):
+        it = iter(loader)
+        for i in range(sampler.start, len(sampler)):
+            reseed(cfg.seed, rank, epoch * len(sampler) + i)  # a batch's crops are a function of its step
+            x, y = next(it)
+            with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
+                f = pooled_features(model, x.to(device, non_blocking=True)).float()
+            yield f, y.to(device)
+
+    return augmented
+
+
+def _fit_heads(cfg: LinearConfig, heads: LinearHeads, specs: list[HeadSpec], sampler: GlobalBatchSampler, batches,
+               val: tuple[torch.Tensor, torch.Tensor], want: dict[str, Any], run: EvalRun, stop: GracefulStop,
+               world: int, main: bool) -> list[float]:
+    """Train every head from ``OUTPUT/last.pt`` if there is one; checkpoint at epoch ends and on a
+    signal. Returns each head's best validation top-1 over epochs (reported, never used to choose)."""
+    params = list(heads.parameters())
+    opt = torch.optim.SGD([{"params": list(h.parameters()), "peak_lr": s.lr} for h, s in zip(heads.heads, specs)],
+                          lr=specs[0].lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch, sizes = max(1, len(sampler)), sampler.global_sizes()
+    epoch, start, step, best = 0, 0, 0, [0.0] * len(specs)
+    source, state = load_eval_state(cfg.output, main)
+    if state is not None:
+        check_same_run(state, want, source)
+        heads.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, start, step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
+        best = [float(b) for b in state["best"]]
+        if main:
+            print(f"resuming from {source} at epoch {epoch + 1}, step {step}", flush=True)
+
+    def checkpoint(in_epoch: int) -> None:
+        if main:
+            save_state({"model": heads.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                        "step_in_epoch": in_epoch, "global_step": step, "best": torch.tensor(best),
+                        "identity": want}, Path(cfg.output) / LAST)
+        distributed.barrier()
+
+    while epoch < cfg.epochs:
+        heads.train()
+        sampler.set_epoch(epoch, start)
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(batches(epoch), start=start):
+            n_global = sizes[i]
+            if n_global >= 2 or not any(s.bn for s in specs):  # BatchNorm needs two samples (all ranks agree)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(epoch + i / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, g["peak_lr"])
+                # the cross-entropy summed over the global batch / its size, summed over ranks
+                loss = sum(F.cross_entropy(logits, y, reduction="sum") for logits in heads(x)) / n_global
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _all_reduce_grads(params)
+                opt.step()
+                total += float(loss.detach()) * n_global / len(specs)
+                seen += n_global
+            step += 1
+            signum = stop.requested(world)
+            if signum:
+                checkpoint(i + 1)
+                raise Stopped(step, signum)
+        start = 0
+        accs = evaluate_heads(heads, *val)
+        best = [max(b, a["top1"]) for b, a in zip(best, accs)]
+        run.log("linear/train_loss", float(distributed.all_reduce_sum(torch.tensor([total]))[0]) / max(seen, 1), epoch)
+        run.log("linear/val_top1", accs[0]["top1"], epoch)
+        run.log("linear/lr", opt.param_groups[0]["lr"], epoch)
+        epoch += 1
+        checkpoint(0)
+    return best
+
+
+def eval_identity_linear(cfg: LinearConfig, loaded, specs: list[HeadSpec]) -> dict[str, Any]:
+    want = eval_identity("linear", cfg, loaded)
+    want["options"]["heads"] = [s.name for s in specs]
+    return want
+
+
+def _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment):
+    val = evaluate_heads(heads, val_feats, val_labels)
+    scaling = {"rule": "lr = base_lr * global_batch / 256", "base_lr": base_lr, "global_batch": cfg.batch_size,
+               "world_size": world, "per_rank_batch": cfg.batch_size // world, "lr": specs[0].lr if not cfg.grid else None}
+    if not cfg.grid:
+        metrics = {**val[0], "best_top1": best[0], "lr": specs[0].lr, "augment": augment, "frozen_check": "passed"}
+        return metrics, {"lr_scaling": scaling}
+    held = evaluate_heads(heads, *hold)
+    table = [{"name": s.name, "base_lr": s.base_lr, "lr": s.lr, "bn": s.bn, "holdout_top1": h["top1"],
+              "val_top1": v["top1"], "val_top5": v["top5"]} for s, h, v in zip(specs, held, val)]
+    win = max(range(len(specs)), key=lambda j: (held[j]["top1"], -j))  # ties: the first in grid order
+    metrics = {**val[win], "winner": specs[win].name, "lr": specs[win].lr, "bn": specs[win].bn,
+               "holdout_top1": held[win]["top1"], "augment": augment, "frozen_check": "passed"}
+    grid = {"selection_split": "train-held-out", "selected_on": "holdout_top1", "holdout_fraction": cfg.holdout_fraction,
+            "winner": specs[win].name, "heads": table,
+            "note": "the head is chosen on images held out from the training split, never on validation"}
+    return metrics, {"lr_scaling": scaling, "linear_grid": grid}

@@ -1,0 +1,206 @@
+"""Online monitors of a pretraining run: how good the representation is *while* it trains.
+
+Two monitors, both labelled ``online`` in ``metrics.jsonl`` (``"eval": "online"``, keys under
+``online/``), because they are not the paper's protocols: the offline evaluations (``opera run
+linear|knn|finetune``, results.json ``"evaluation": "offline"``) train on frozen final weights,
+these run beside pretraining and see a moving backbone. Mixing the two up is the most common
+reproduction complaint; the labels are there so that nobody reports an online number as Table 1.
+
+* :class:`OnlineLinearMonitor` (solo-learn's and lightly's online linear classifier): a linear
+  layer on the *detached* backbone representation y (Eq. 8) of the training batches, with its own
+  SGD optimizer, so no gradient reaches the backbone and pretraining is unchanged. It logs every
+  epoch the accuracy of its predictions on the training batches (made before each update) and,
+  given the held-out split, its accuracy there. Under DDP each rank trains on its share and the
+  gradients are averaged over ranks (equal shares), so all ranks hold the same classifier.
+* :func:`knn_monitor`: weighted k-NN top-1 on the held-out split with the train bank sharded
+  across ranks (:func:`opera.evals.knn.knn_scores_sharded`): every rank extracts a share; no rank
+  holds the whole bank or computes alone while the others wait.
+
+:class:`FeatureTap` takes y from the pretraining forward itself (no second forward, which would
+also move the BatchNorm statistics): it records what the online backbone's ``forward_head(...,
+pre_logits=True)`` returns during a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from opera import distributed
+
+
+class FeatureTap:
+    """Record the pooled representation y that ``backbone.forward_head(x, pre_logits=True)``
+    returns (detached), for a monitor; :meth:`take` gives the first one of the step and clears.
+
+    It wraps the one backbone object's ``forward_head`` (an instance attribute; the momentum
+    encoder is another module and is not tapped). :meth:`close` restores it.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
+        self.seen: list[torch.Tensor] = []
+        original = backbone.forward_head
+
+        def forward_head(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original(x, *args, **kwargs)
+            if kwargs.get("pre_logits", args[0] if args else False) and torch.is_grad_enabled():
+                self.seen.append(out.detach())
+            return out
+
+        backbone.forward_head = forward_head  # type: ignore[method-assign]
+
+    def take(self, n: int) -> torch.Tensor | None:
+        """The first ``n`` rows recorded this step (the first view's, also when views are fused)."""
+        first = self.seen[0][:n] if self.seen else None
+        self.seen.clear()
+        return first
+
+    def close(self) -> None:
+        self.backbone.__dict__.pop("forward_head", None)
+        self.seen.clear()
+
+
+class OnlineLinearMonitor:
+    """A linear classifier trained online on detached features (see the module docstring).
+
+    >>> monitor = OnlineLinearMonitor(feat_dim=2048, num_classes=1000)
+    >>> monitor.update(features.detach(), labels)   # every step, after the pretraining step
+    >>> row = monitor.epoch_metrics()                # every epoch: {"online/linear_top1": ...}
+    >>> state = monitor.state_dict()                 # into last.pt; load_state_dict on resume
+
+    SGD with momentum 0.9, no weight decay, a constant ``lr`` (solo-learn: 0.1, its own
+    optimizer). ``bn`` puts a ``BatchNorm1d(affine=False)`` before the layer (a moving backbone's
+    feature scale drifts; off by default, like solo-learn).
+    """
+
+    def __init__(self, feat_dim: int, num_classes: int, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, bn: bool = False, device: torch.device | str = "cpu"):
+        layers: list[nn.Module] = [nn.BatchNorm1d(feat_dim, affine=False)] if bn else []
+        fc = nn.Linear(feat_dim, num_classes)
+        nn.init.normal_(fc.weight, std=0.01)
+        nn.init.zeros_(fc.bias)
+        self.classifier = nn.Sequential(*layers, fc).to(device)
+        self.optimizer = torch.optim.SGD(self.classifier.parameters(), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        self.device = torch.device(device)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sums = torch.zeros(4, dtype=torch.float64)  # samples, top-1 hits, top-5 hits, loss sum
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """One SGD step on ``features`` (detached here too) and ``labels`` of this rank's batch
+        (images without a label, -1, are left out)."""
+        from opera.evals.common import topk_correct
+
+        x = features.detach().float().to(self.device)
+        y = labels.to(self.device)
+        self.classifier.train()
+        with torch.enable_grad():
+            logits = self.classifier(x)
+            keep = y >= 0
+            per_sample = F.cross_entropy(logits, y.clamp_min(0), reduction="none")
+            loss = (per_sample * keep).sum() / keep.sum().clamp_min(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        world = distributed.get_world_size()
+        if world > 1:  # the same classifier on every rank: average the gradients of equal shares
+            for p in self.classifier.parameters():
+                p.grad.copy_(distributed.all_reduce_sum(p.grad) / world)
+        self.optimizer.step()
+        n = int(keep.sum())
+        hits = topk_correct(logits.detach()[keep], y[keep]) if n else {1: 0.0, 5: 0.0}
+        self._sums += torch.tensor([n, hits[1], hits[5], float(loss.detach()) * n], dtype=torch.float64)
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, dataset, batch_size: int = 256) -> dict[str, float]:
+        """top-1/top-5 of the classifier on ``dataset`` (the held-out split) through ``backbone``
+        in eval mode, sharded over ranks without padding; the backbone's mode is restored."""
+        from opera.evals.common import (
+            extract_features,
+            gathered_accuracy,
+            shard_of,
+            topk_correct,
+        )
+
+        share = shard_of(dataset, distributed.get_rank(), distributed.get_world_size())
+        feats, labels = extract_features(backbone, share, batch_size, self.device)
+        self.classifier.eval()
+        hits = topk_correct(self.classifier(feats.to(self.device)).cpu(), labels)
+        return gathered_accuracy(hits, len(labels))
+
+    def epoch_metrics(self, backbone: nn.Module | None = None, val=None) -> dict[str, Any]:
+        """The epoch's row (summed over ranks; every rank must call it), then a fresh count."""
+        s = distributed.all_reduce_sum(self._sums)
+        n = max(1.0, float(s[0]))
+        row: dict[str, Any] = {"eval": "online", "online/linear_top1": 100.0 * float(s[1]) / n,
+                               "online/linear_top5": 100.0 * float(s[2]) / n, "online/linear_loss": float(s[3]) / n}
+        if backbone is not None and val is not None:
+            acc = self.evaluate(backbone, val)
+            row["online/linear_val_top1"], row["online/linear_val_top5"] = acc["top1"], acc["top5"]
+        self._reset()
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "sums": self._sums.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.classifier.load_state_dict(state["classifier"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._sums = state["sums"].clone().to(torch.float64)
+
+
+@torch.no_grad()
+def knn_monitor(backbone: nn.Module, bank_set, query_set, num_classes: int, device: torch.device, k: int = 20,
+                temperature: float = 0.07) -> float:
+    """Weighted k-NN top-1 (%) of ``query_set`` against ``bank_set`` from ``backbone`` features,
+    the bank sharded across ranks (every rank calls it; one process: the plain k-NN)."""
+    from opera.distributed import all_gather_uneven
+    from opera.evals import knn
+    from opera.evals.common import extract_features, shard_of
+
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    was_training = backbone.training
+    bank, bank_y = extract_features(backbone, shard_of(bank_set, rank, world), device=device)
+    queries, query_y = extract_features(backbone, shard_of(query_set, rank, world), device=device)
+    queries, query_y = all_gather_uneven(queries.to(device)), all_gather_uneven(query_y.to(device))
+    top1 = knn.knn_accuracy_sharded(bank, bank_y, queries, query_y.cpu(), num_classes, k=k, temperature=temperature,
+                                    device=device)["top1"]
+    backbone.train(was_training)
+    return top1
+
+
+__all__ = ["FeatureTap", "OnlineLinearMonitor", "knn_monitor"]
+
+
+# ------------------------------------------------------------------ the hooks pretraining calls
+def online_linear_setup(cfg, hierarchy: nn.Module, num_classes: int, device: torch.device,
+                        checkpoint: dict[str, Any] | None = None):
+    """``(monitor, tap, val_set)`` for a pretraining run with ``train.online_linear`` (resumed from
+    ``checkpoint["online_linear"]`` when there), else ``(None, None, None)``."""
+    if not getattr(cfg.train, "online_linear", False):
+        return None, None, None
+    from opera.data import EvalTransform, build_dataset
+
+    backbone = hierarchy.backbone
+    monitor = OnlineLinearMonitor(backbone.num_features, num_classes, lr=cfg.train.online_linear_lr, device=device)
+    if checkpoint is not None and checkpoint.get("online_linear"):
+        monitor.load_state_dict(checkpoint["online_linear"])
+    val = build_dataset(cfg.data.spec, "val", EvalTransform(cfg.backbone.img_size))
+    return monitor, FeatureTap(backbone), val
+
+
+def online_linear_step(monitor: OnlineLinearMonitor | None, tap: FeatureTap | None, labels) -> None:
+    """After a pretraining step: train the monitor on the features the step's forward produced.
+    ``labels``: this rank's class labels, or a dict of named label sets holding ``"class"``."""
+    if monitor is None or tap is None:
+        return
+    y = labels["class"] if isinstance(labels, dict) else labels
+    features = tap.take(len(y))
+    if features is not None:
+        monitor.update(features, y)

@@ -13,7 +13,7 @@ reproduction complaint; the labels are there so that nobody reports an online nu
   given the held-out split, its accuracy there. Under DDP each rank trains on its share and the
   gradients are averaged over ranks (equal shares), so all ranks hold the same classifier.
 * :func:`knn_monitor`: weighted k-NN top-1 on the held-out split with the train bank sharded
-  across ranks (:func:`opera.evals.knn.knn_scores_sharded`): every rank extracts a share; no rank
+  across ranks (:func:`opera.features.knn_scores_sharded`): every rank extracts a share; no rank
   holds the whole bank or computes alone while the others wait.
 
 :class:`FeatureTap` takes y from the pretraining forward itself (no second forward, which would
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
+from opera.features import extract_features, gathered_accuracy, knn_accuracy_sharded, shard_of, topk_correct
 
 
 class FeatureTap:
@@ -95,8 +96,6 @@ class OnlineLinearMonitor:
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """One SGD step on ``features`` (detached here too) and ``labels`` of this rank's batch
         (images without a label, -1, are left out)."""
-        from opera.evals.common import topk_correct
-
         x = features.detach().float().to(self.device)
         y = labels.to(self.device)
         self.classifier.train()
@@ -120,13 +119,6 @@ class OnlineLinearMonitor:
     def evaluate(self, backbone: nn.Module, dataset, batch_size: int = 256) -> dict[str, float]:
         """top-1/top-5 of the classifier on ``dataset`` (the held-out split) through ``backbone``
         in eval mode, sharded over ranks without padding; the backbone's mode is restored."""
-        from opera.evals.common import (
-            extract_features,
-            gathered_accuracy,
-            shard_of,
-            topk_correct,
-        )
-
         share = shard_of(dataset, distributed.get_rank(), distributed.get_world_size())
         feats, labels = extract_features(backbone, share, batch_size, self.device)
         self.classifier.eval()
@@ -161,15 +153,13 @@ def knn_monitor(backbone: nn.Module, bank_set, query_set, num_classes: int, devi
     """Weighted k-NN top-1 (%) of ``query_set`` against ``bank_set`` from ``backbone`` features,
     the bank sharded across ranks (every rank calls it; one process: the plain k-NN)."""
     from opera.distributed import all_gather_uneven
-    from opera.evals import knn
-    from opera.evals.common import extract_features, shard_of
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
     was_training = backbone.training
     bank, bank_y = extract_features(backbone, shard_of(bank_set, rank, world), device=device)
     queries, query_y = extract_features(backbone, shard_of(query_set, rank, world), device=device)
     queries, query_y = all_gather_uneven(queries.to(device)), all_gather_uneven(query_y.to(device))
-    top1 = knn.knn_accuracy_sharded(bank, bank_y, queries, query_y.cpu(), num_classes, k=k, temperature=temperature,
+    top1 = knn_accuracy_sharded(bank, bank_y, queries, query_y.cpu(), num_classes, k=k, temperature=temperature,
                                     device=device)["top1"]
     backbone.train(was_training)
     return top1

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from opera.errors import OperaError, suggest
+from opera.features import accuracy, extract_features, gathered_accuracy, make_loader, shard_of, topk_correct  # noqa: F401  (re-exported)
 
 RESULTS = "results.json"
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -116,18 +117,8 @@ def check_output(output: str | Path, create: bool = True) -> Path:
     return out
 
 
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose label is among the top-k scores, for each k (k capped at C)."""
-    maxk = min(max(ks), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hit = pred.eq(targets.view(-1, 1))
-    return {k: int(hit[:, : min(k, maxk)].any(1).sum()) for k in ks}
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """``{"top1": %, "top5": %}``; with fewer than 5 classes top-5 counts every class (100%)."""
-    n = max(1, targets.numel())
-    return {f"top{k}": 100.0 * c / n for k, c in topk_correct(logits, targets, ks).items()}
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -271,45 +262,8 @@ def check_frozen(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------- features
-def make_loader(dataset, batch_size: int, shuffle: bool = False, workers: int = 0, drop_last: bool = False,
-                generator: torch.Generator | None = None, device: torch.device | None = None):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
-        generator=generator, pin_memory=bool(device is not None and device.type == "cuda"),
-        persistent_workers=False,
-    )
 
 
-@torch.no_grad()
-def extract_features(backbone: nn.Module, dataset, batch_size: int = 256, device: torch.device | str = "cpu",
-                     workers: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features N x D, labels N)`` of a frozen backbone over ``dataset``, on the CPU.
-
-    Runs in eval mode without gradients, one batch at a time into a preallocated tensor, so peak
-    memory is the output plus one batch (``dtype=torch.float16`` halves an ImageNet-sized bank).
-    """
-    from opera.backbones import pooled_features
-
-    device = torch.device(device)
-    was_training = backbone.training
-    backbone.eval()
-    n = len(dataset)
-    feats: torch.Tensor | None = None
-    labels = torch.empty(n, dtype=torch.long)
-    i = 0
-    try:
-        for x, y in make_loader(dataset, batch_size, workers=workers, device=device):
-            f = pooled_features(backbone, x.to(device, non_blocking=True)).float()
-            if feats is None:
-                feats = torch.empty(n, f.shape[1], dtype=dtype)
-            feats[i: i + len(f)] = f.to("cpu", dtype)
-            labels[i: i + len(f)] = torch.as_tensor(y)
-            i += len(f)
-    finally:
-        backbone.train(was_training)
-    if feats is None:
-        raise OperaError("the dataset is empty; select classes or a split that has images")
-    return feats, labels
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -386,25 +340,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield [self.indices[j] for j in batch[lo:hi]]
 
 
-def shard_of(dataset, rank: int, world: int):
-    """Rank ``rank``'s contiguous, unpadded share of ``dataset`` (a ``Subset``; itself alone)."""
-    if world == 1:
-        return dataset
-    from opera.distributed import shard_bounds
-
-    lo, hi = shard_bounds(len(dataset), rank, world)
-    return torch.utils.data.Subset(dataset, range(lo, hi))
 
 
-def gathered_accuracy(counts: dict[int, int], n: int, device: torch.device | None = None) -> dict[str, float]:
-    """top-k accuracies from this rank's correct ``counts`` over its ``n`` samples, summed over
-    ranks first: with unpadded shards every validation image counts exactly once."""
-    from opera.distributed import all_reduce_sum
-
-    ks = sorted(counts)
-    t = all_reduce_sum(torch.tensor([n, *(counts[k] for k in ks)], dtype=torch.float64))
-    total = max(1.0, float(t[0]))
-    return {f"top{k}": 100.0 * float(c) / total for k, c in zip(ks, t[1:].tolist())}
 
 
 def check_global_batch(batch_size: int, world: int) -> None:

@@ -297,16 +297,37 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     return apply_overrides(cfg, overrides or [])
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)`` with the value read as YAML (``none`` -> None)."""
+    if "=" not in item:
+        raise OperaError(f"--set {item!r} is not key=value; write e.g. --set train.epochs=5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip(), value
+
+
+def override_dataclass(obj: Any, overrides: list[str], command: str) -> Any:
+    """``--set key=value`` on a flat config dataclass (every evaluation's config): the same
+    parsing, type checks and one-line errors as the pretraining config's ``--set``."""
+    if not overrides:
+        return obj
+    hints = typing.get_type_hints(type(obj))
+    values = {}
+    for item in overrides:
+        key, value = parse_override(item)
+        if key not in hints:
+            raise OperaError(f"unknown option {key!r} of 'opera {command}'{suggest(key, list(hints))}; valid: {', '.join(hints)}")
+        values[key] = _coerce(_choice(key, value), hints[key], key)
+    return dataclasses.replace(obj, **values)
+
+
 def apply_overrides(cfg: PretrainConfig, overrides: list[str]) -> PretrainConfig:
     for item in overrides:
-        if "=" not in item:
-            raise OperaError(f"--set {item!r} is not key=value; write e.g. --set train.epochs=5")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
-        set_value(cfg, key.strip(), value)
+        key, value = parse_override(item)
+        set_value(cfg, key, value)
     return cfg

@@ -30,6 +30,17 @@ BACKBONE_HELP = "Expected backbone name; a checkpoint of another backbone is an 
 DATA_HELP = "Data spec: digits, digits:0-4, an ImageNet-style folder (PATH[@0-99]), or cifar10|cifar100|stl10|flowers102|pets=ROOT."
 IMG_HELP = "Image size. Default: a ViT's own size, else the run's config.yaml, else 32 for digits and 224 otherwise."
 DEVICE_HELP = "auto | cpu | cuda | cuda:N."
+SET_HELP = "Set any field of the protocol's config, repeatable: --set key=value (the options above are the common ones; 'opera run <cmd> --set x=1' lists the valid keys if x is not one)."
+
+
+def _set_option():
+    return typer.Option([], "--set", help=SET_HELP)
+
+
+def _with_sets(cfg: Any, sets: list[str], command: str) -> Any:
+    from opera.configs.schema import override_dataclass
+
+    return override_dataclass(cfg, list(sets or []), f"run {command}")
 
 
 def _default_output(kind: str, checkpoint: str) -> Path:
@@ -71,6 +82,7 @@ def linear(
     grid: bool = typer.Option(False, "--grid", help="Train a grid of heads in one pass (every --grid-lrs x base lr, without and with BN) and pick one on a held-out split of the training set, never on validation; results.json lists every head and the winner."),
     grid_lrs: Optional[str] = typer.Option(None, "--grid-lrs", help="Comma-separated multipliers of the base lr for --grid. Default: 0.1,0.3,1,3,10."),
     holdout_fraction: float = typer.Option(0.1, "--holdout-fraction", help="With --grid: share of the training images held out to choose the head."),
+    sets: list[str] = _set_option(),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Linear probe on the frozen backbone (SGD, cosine; top-1/top-5); fails if the backbone changed."""
@@ -81,7 +93,7 @@ def linear(
                        backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers,
                        epochs=epochs, batch_size=batch_size, base_lr=base_lr, weight_decay=weight_decay, bn=bn,
                        augment=augment, grid=grid, holdout_fraction=holdout_fraction, **extra)
-    _launch(run_linear, cfg, launch)
+    _launch(run_linear, _with_sets(cfg, sets, "linear"), launch)
 
 
 def _floats(flag: str, text: str) -> tuple[float, ...]:
@@ -108,16 +120,17 @@ def knn(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+    sets: list[str] = _set_option(),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Weighted k-NN (k=20, T=0.07) on L2-normalised frozen features, computed in bounded chunks
     (with several processes the training bank is sharded across them)."""
     from opera.evals.knn import KNNConfig, run_knn
 
-    _launch(run_knn, KNNConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("knn", checkpoint)),
-                               backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, k=k,
-                               temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk,
-                               half_bank=half_bank), launch)
+    cfg = KNNConfig(checkpoint=checkpoint, data=data, output=str(output or _default_output("knn", checkpoint)),
+                    backbone=backbone, img_size=img_size, device=device, seed=seed, workers=workers, k=k,
+                    temperature=temperature, query_chunk=query_chunk, bank_chunk=bank_chunk, half_bank=half_bank)
+    _launch(run_knn, _with_sets(cfg, sets, "knn"), launch)
 
 
 @with_launch_options
@@ -147,6 +160,7 @@ def finetune(
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA) | bf16 | off."),
     crop_min: Optional[float] = typer.Option(None, "--crop-min", help="RandomResizedCrop minimum scale (1: no crop)."),
     save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also write last.pt every this many steps within an epoch (default: at epoch ends)."),
+    sets: list[str] = _set_option(),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """End-to-end fine-tuning (AdamW, cosine + warmup, Mixup/CutMix, RandAugment, label smoothing, drop path)."""
@@ -159,7 +173,7 @@ def finetune(
                           drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
                           randaug_magnitude=randaug_magnitude, reprob=reprob, crop_min=crop_min,
                           save_every_steps=save_every_steps)
-    _launch(run_finetune, cfg, launch)
+    _launch(run_finetune, _with_sets(cfg, sets, "finetune"), launch)
 
 
 def transfer(
@@ -179,14 +193,16 @@ def transfer(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
+    sets: list[str] = _set_option(),
 ) -> None:
     """Transfer to other classification datasets (Table 3), to held-out digits classes, or to dense tasks (Tables 4-5)."""
     from opera.evals.transfer import TransferConfig, run_transfer
 
-    run_transfer(TransferConfig(checkpoint=checkpoint, suite=suite, root=root, datasets=datasets, target=target,
-                                protocols=protocols, output=str(output or _default_output(f"transfer_{suite}", checkpoint)),
-                                recipe=recipe, epochs=epochs, iters=iters, batch_size=batch_size, backbone=backbone,
-                                img_size=img_size, seed=seed, device=device, workers=workers))
+    cfg = TransferConfig(checkpoint=checkpoint, suite=suite, root=root, datasets=datasets, target=target,
+                         protocols=protocols, output=str(output or _default_output(f"transfer_{suite}", checkpoint)),
+                         recipe=recipe, epochs=epochs, iters=iters, batch_size=batch_size, backbone=backbone,
+                         img_size=img_size, seed=seed, device=device, workers=workers)
+    run_transfer(_with_sets(cfg, sets, "transfer"))
 
 
 def diagnose(
@@ -200,13 +216,15 @@ def diagnose(
     img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
     seed: int = typer.Option(0, "--seed", help="Random seed (image sample and views)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    sets: list[str] = _set_option(),
 ) -> None:
     """Corollary 1: mean cosine similarity of views / same-class / different-class pairs in every space (Eq. 11 ordering)."""
     from opera.evals.diagnose import DiagnoseConfig, run_diagnose
 
-    run_diagnose(DiagnoseConfig(checkpoint=checkpoint, data=data, split=split, num_images=num_images, crop_min=crop_min,
-                                output=str(output or _default_output("diagnose", checkpoint)), backbone=backbone,
-                                img_size=img_size, seed=seed, device=device))
+    cfg = DiagnoseConfig(checkpoint=checkpoint, data=data, split=split, num_images=num_images, crop_min=crop_min,
+                         output=str(output or _default_output("diagnose", checkpoint)), backbone=backbone,
+                         img_size=img_size, seed=seed, device=device)
+    run_diagnose(_with_sets(cfg, sets, "diagnose"))
 
 
 def export(

@@ -102,15 +102,10 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
-    import yaml
+    from opera.configs.schema import load_yaml
 
     path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise OperaError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise OperaError(f"recipe {path} must be a mapping of finetune options")
+    data = load_yaml(path, RECIPES)  # one recipe mechanism: YAML, with 'base:' inheritance
     valid = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for key in data:
         if key not in valid:

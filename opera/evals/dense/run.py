@@ -122,7 +122,6 @@ def default_recipe(task: str, data: str) -> str:
 
 
 def load_recipe(name: str) -> dict[str, Any]:
-    import yaml
 
     path = Path(name).expanduser()
     if path.suffix not in (".yaml", ".yml"):
@@ -131,7 +130,9 @@ def load_recipe(name: str) -> dict[str, Any]:
             raise OperaError(f"unknown dense recipe {name!r}{suggest(name, list_recipes())}; valid: {', '.join(list_recipes())} or a YAML path")
     elif not path.is_file():
         raise OperaError(f"dense recipe file {path} does not exist; pass a YAML file or one of {', '.join(list_recipes())}")
-    data = yaml.safe_load(path.read_text()) or {}
+    from opera.configs.schema import load_yaml
+
+    data = load_yaml(path, RECIPES)  # one recipe mechanism: YAML, with 'base:' inheritance
     fields = {f.name: f for f in dataclasses.fields(DenseConfig)}
     for key, value in data.items():
         if key not in fields:

@@ -1,0 +1,40 @@
+"""``--set key=value`` on every evaluation command: the same mechanism as pretraining's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from opera.cli import app
+
+runner = CliRunner()
+
+
+def opera(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opera", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["linear", "knn", "finetune", "transfer", "diagnose"])
+def test_unknown_key_is_one_line_naming_the_command(command, tmp_path):
+    r = opera("run", command, "--checkpoint", "random:resnet_tiny", "--output", str(tmp_path / "o"), "--set", "no_such_key=1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    line = r.stderr.strip()
+    assert f"'opera run {command}'" in line and "no_such_key" in line and "valid:" in line
+
+
+def test_wrong_type_is_one_line(tmp_path):
+    r = opera("run", "knn", "--checkpoint", "random:resnet_tiny", "--set", "k=many")
+    assert r.returncode == 2 and "k expects an integer" in r.stderr
+
+
+def test_a_set_value_reaches_the_protocol(tmp_path):
+    out = tmp_path / "knn"
+    r = runner.invoke(app, ["run", "knn", "--checkpoint", "random:resnet_tiny", "--data", "digits:0-1", "--output", str(out),
+                            "--set", "k=3", "--set", "temperature=0.5"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert (cfg["k"], cfg["temperature"]) == (3, 0.5)

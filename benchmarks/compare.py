@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             json.dump({"args": vars(a), "table": table, "runs": runs}, f, indent=1)
     print(f"threads {a.threads}, mlp {a.mlp_dim}, {a.num_classes} classes, fp32; median of {a.repeats} fresh-process runs "
           f"each ({a.warmup} warm-up + {a.steps} timed steps, median step)")
-    print(f"| config | official img/s | opera img/s | speed-up | official peak RSS MB | opera peak RSS MB |")
+    print("| config | official img/s | opera img/s | speed-up | official peak RSS MB | opera peak RSS MB |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in table:
         print(f"| {r['config']} | {r['official_img_per_s']:.1f} | {r['opera_img_per_s']:.1f} | {r['speedup']:.2f}x | "

@@ -91,7 +91,7 @@ for model_name in [m.strip() for m in a.models.split(",") if m.strip()]:
     print(json.dumps(row), flush=True)
     del step, model
 print()
-print(f"| model | batch/view | img/s | ms/step | TFLOP/step | TFLOP/s | MFU | peak GPU MB |")
+print("| model | batch/view | img/s | ms/step | TFLOP/step | TFLOP/s | MFU | peak GPU MB |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

@@ -1,6 +1,5 @@
 """Shared test settings: small thread pools (2-core machine), deterministic seeds."""
 
-import os
 
 import pytest
 import torch

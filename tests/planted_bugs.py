@@ -42,6 +42,6 @@ for i, (name, path, old, new, tests) in enumerate(BUGS):
     env = dict(os.environ, PYTHONPATH=dst, OMP_NUM_THREADS="1")
     r = subprocess.run(f"nice {sys.executable} -m pytest -q -p no:cacheprovider {tests}", shell=True, cwd=dst, env=env, capture_output=True, text=True)
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
-    failed = [l.split(" - ")[0] for l in r.stdout.splitlines() if l.startswith("FAILED")]
+    failed = [line.split(" - ")[0] for line in r.stdout.splitlines() if line.startswith("FAILED")]
     print(f"{name}: rc={r.returncode} {summary} | {'; '.join(failed)}", flush=True)
     shutil.rmtree(dst, ignore_errors=True)

@@ -301,7 +301,7 @@ def config_drift(old: dict[str, Any], new: dict[str, Any], ignore_sections: Iter
     for key in sorted(set(a) | set(b)):
         if _norm(a.get(key)) == _norm(b.get(key)):
             continue
-        show = lambda tree: repr(tree[key]) if key in tree else "(unset)"  # noqa: E731
+        show = lambda tree, key=key: repr(tree[key]) if key in tree else "(unset)"  # noqa: E731
         change = f"{key} {show(a)} -> {show(b)}"
         (allowed if key in RESUMABLE_CHANGES else refused).append(change)
     return refused, allowed

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from opera.errors import OperaError
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace

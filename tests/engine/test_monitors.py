@@ -46,7 +46,7 @@ def test_tap_records_the_representation_of_the_forward_and_no_gradient_reaches_t
 def test_monitor_learns_and_resumes_from_its_state(tmp_path):
     x, y = blobs()
     monitor = OnlineLinearMonitor(16, 4, lr=0.1)
-    for epoch in range(3):
+    for _ in range(3):
         for i in range(0, len(x), 32):
             monitor.update(x[i: i + 32], y[i: i + 32])
         row = monitor.epoch_metrics()

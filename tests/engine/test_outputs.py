@@ -94,7 +94,7 @@ def test_metrics_rows_name_every_loss(run_dir):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [4, 8, 12, 16, 18, 20, 24, 28, 32, 36]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    peak, n, m = cfg["optim"]["base_lr"] * BATCH / 256, cfg["resolved"]["steps_per_epoch"], cfg["optim"]["ema_momentum"]
+    n, m = cfg["resolved"]["steps_per_epoch"], cfg["optim"]["ema_momentum"]
     applied = json.loads((run_dir / "applied_lr.json").read_text())
     previous = 0
     for r in train_rows:
@@ -139,7 +139,7 @@ def test_backbone_loads_into_timm_strictly(run_dir):
     spec = meta["spec"]
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["timm_kwargs"].items()}
     model = timm.create_model(spec["timm_name"], pretrained=False, **kwargs)
-    missing, unexpected = model.load_state_dict(load_file(str(run_dir / "backbone.safetensors")), strict=True), None
+    missing = model.load_state_dict(load_file(str(run_dir / "backbone.safetensors")), strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     state = load_state(run_dir / "last.pt")
     for k, v in tensors.items():

@@ -58,7 +58,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 
     done = subprocess.run(opera_cmd(killed), env=env(), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"at epoch" in done.stdout and f"step {stopped}" in done.stdout  # resumed, not restarted
+    assert "at epoch" in done.stdout and f"step {stopped}" in done.stdout  # resumed, not restarted
 
     a, _ = read_backbone_file(clean / "backbone.safetensors")
     b, _ = read_backbone_file(killed / "backbone.safetensors")

@@ -83,7 +83,6 @@ def test_instance_loss_never_reaches_the_class_head(arrangement):
 def test_momentum_branch_is_frozen_and_gets_no_gradient(arrangement):
     """The target network is updated by EMA only (stop-gradient, Appendix B)."""
     h = build(arrangement=arrangement)
-    sp = h.spaces["self"]
     frozen = list(h.teacher.backbone.parameters()) + list(h.teacher.heads["self_projector"].parameters())
     assert frozen and all(not p.requires_grad for p in frozen)
     trainable = {id(p) for _, p in h.trainable_parameters()}

@@ -362,7 +362,7 @@ def evaluate_segmentation(cfg: DenseConfig, model: nn.Module, dataset, device: t
         items = [dataset[j] for j in range(i, min(i + bs, len(dataset)))]
         x = _normalise(torch.stack([seg_eval_resize(img, scale) for img, _ in items]).to(device))
         logits, _ = model(x)
-        for (img, t), lg in zip(items, logits):
+        for (_, t), lg in zip(items, logits):
             lab = t["semantic"]
             if lg.shape[-2:] != lab.shape:
                 lg = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0]

@@ -80,7 +80,7 @@ def make_step(
     if "self" in spaces:
         options["self"] = {"dim": dim, "mlp_dim": mlp_dim}
     model = SupervisionHierarchy.from_spec(
-        hierarchy, backbone=backbone, num_classes=num_classes if "full" in spaces else None, img_size=img_size,
+        hierarchy, backbone=backbone, label_sets={"class": num_classes, "coarse": 3}, img_size=img_size,
         concat_views=concat_views, backbone_options={"patch_size": patch_size} if patch_size else None, **options,
     )
     token = is_token_backbone(model.backbone)
@@ -92,7 +92,9 @@ def make_step(
     model.train()
     gen = torch.Generator().manual_seed(0)
     views = [torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(dev) for _ in range(2)]
-    labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev) if "full" in spaces else None
+    # random labels, and a synthetic coarse set (class mod 3) for spaces that ask for one
+    classes = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
+    labels = {"class": classes, "coarse": classes % 3}
 
     scaler = make_grad_scaler(dev, amp)
 

@@ -176,6 +176,15 @@ def finetune(
     _launch(run_finetune, _with_sets(cfg, sets, "finetune"), launch)
 
 
+def _single_process(command: str, launch: LaunchOptions) -> None:
+    from opera.errors import OperaError
+
+    if launch is not None and launch.world_size > 1:
+        raise OperaError(f"opera run {command} runs in one process (its suites are not rank-aware yet); drop --nproc, "
+                         "or submit it with --slurm and one task (--gpus-per-node 1)")
+
+
+@with_launch_options
 def transfer(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     suite: str = typer.Option("digits", "--suite", help="classification: CIFAR-10/100, Flowers-102, Pets from --root (fine-tuning, 100 epochs; Table 3). digits: linear, k-NN and fine-tuning on digits classes held out from pretraining. segmentation: UperNet/FCN mIoU on ADE20K (--root) or the digit scenes (Table 4). detection: Mask R-CNN R50-FPN box/mask AP on COCO (--root) or the digit scenes (Table 5)."),
@@ -194,6 +203,7 @@ def transfer(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
     sets: list[str] = _set_option(),
+    launch: LaunchOptions = None,  # --slurm, ... (one process: opera.launch.options)
 ) -> None:
     """Transfer to other classification datasets (Table 3), to held-out digits classes, or to dense tasks (Tables 4-5)."""
     from opera.evals.transfer import TransferConfig, run_transfer
@@ -202,9 +212,11 @@ def transfer(
                          protocols=protocols, output=str(output or _default_output(f"transfer_{suite}", checkpoint)),
                          recipe=recipe, epochs=epochs, iters=iters, batch_size=batch_size, backbone=backbone,
                          img_size=img_size, seed=seed, device=device, workers=workers)
-    run_transfer(_with_sets(cfg, sets, "transfer"))
+    _single_process("transfer", launch)
+    _launch(run_transfer, _with_sets(cfg, sets, "transfer"), launch)
 
 
+@with_launch_options
 def diagnose(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP + " A run directory with last.pt adds the proxy spaces."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Default: the run's pretraining data."),
@@ -217,6 +229,7 @@ def diagnose(
     seed: int = typer.Option(0, "--seed", help="Random seed (image sample and views)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     sets: list[str] = _set_option(),
+    launch: LaunchOptions = None,  # --slurm, ... (one process: opera.launch.options)
 ) -> None:
     """Corollary 1: mean cosine similarity of views / same-class / different-class pairs in every space (Eq. 11 ordering)."""
     from opera.evals.diagnose import DiagnoseConfig, run_diagnose
@@ -224,7 +237,8 @@ def diagnose(
     cfg = DiagnoseConfig(checkpoint=checkpoint, data=data, split=split, num_images=num_images, crop_min=crop_min,
                          output=str(output or _default_output("diagnose", checkpoint)), backbone=backbone,
                          img_size=img_size, seed=seed, device=device)
-    run_diagnose(_with_sets(cfg, sets, "diagnose"))
+    _single_process("diagnose", launch)
+    _launch(run_diagnose, _with_sets(cfg, sets, "diagnose"), launch)
 
 
 def export(

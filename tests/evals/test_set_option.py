@@ -38,3 +38,11 @@ def test_a_set_value_reaches_the_protocol(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "results.json").read_text())["config"]
     assert (cfg["k"], cfg["temperature"]) == (3, 0.5)
+
+
+@pytest.mark.parametrize("command", ["transfer", "diagnose"])
+def test_single_process_commands_take_the_launch_options_but_refuse_nproc(command):
+    """transfer and diagnose take --slurm like every command; --nproc 2 is a one-line error there."""
+    r = opera("run", command, "--checkpoint", "random:resnet_tiny", "--nproc", "2")
+    assert r.returncode == 2 and "one process" in r.stderr and "--slurm" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

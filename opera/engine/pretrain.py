@@ -7,6 +7,7 @@ process per device, ``train.batch_size`` is the global batch, only rank 0 writes
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -266,9 +267,11 @@ def train_one_epoch(s: PretrainSession) -> dict[str, float]:
         state.step_in_epoch += 1
         terms = {f"loss/{k}": v.detach() for k, v in out.losses.items()}
         row_now = {"loss": out.loss.detach(), **terms, **out.logs}
-        for k, v in row_now.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        count += 1
+        values = {k: float(v) for k, v in row_now.items()}
+        if all(math.isfinite(v) for v in values.values()):  # an fp16 step the scaler skipped stays out of the means
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
         if state.global_step % cfg.train.log_every == 0 or state.step_in_epoch == s.n_steps:
             dt = time.time() - s.t_last
             s.t_last, images = time.time(), s.batch * (state.global_step - s.logged_at)

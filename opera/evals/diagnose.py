@@ -12,7 +12,7 @@ pair type:
 * ``different_class``: different classes.
 
 Spaces: the backbone features y, and for a run directory with ``last.pt`` the hierarchy's proxy
-spaces (``projector``, ``predictor``, ``class_logits``; ``SupervisionHierarchy.representations``),
+spaces (``self/projector``, ``self/predictor``, ``full/logits``, ... - whatever each space publishes; ``SupervisionHierarchy.representations``),
 rebuilt from the run's ``config.yaml``. A ``backbone.safetensors`` alone, ``random:`` and
 ``timm:`` give the backbone space only. Results: per space the three means (and std, count),
 whether ``view >= same_class >= different_class`` holds, and ``similarity_hist.png``.

@@ -233,6 +233,40 @@ DIGITS_COARSE = {"0": "loop", "6": "loop", "8": "loop", "9": "loop", "1": "line"
                  "2": "curve", "3": "curve", "5": "curve"}
 
 
+#: A folder's coarse label set: ``ROOT/coarse.txt``, one ``class_folder coarse_name`` per line.
+COARSE_FILE = "coarse.txt"
+
+
+def read_coarse_file(path: str) -> dict[str, str]:
+    """``{class name: coarse name}`` from a mapping file: one ``class coarse`` pair per line
+    (whitespace or a tab between them; ``#`` starts a comment)."""
+    mapping: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise OperaError(f"{path}:{n}: expected 'class_name coarse_name', got {line!r}; write one pair per line")
+            if parts[0] in mapping and mapping[parts[0]] != parts[1]:
+                raise OperaError(f"{path}:{n}: class {parts[0]!r} is mapped twice ({mapping[parts[0]]!r}, {parts[1]!r}); keep one")
+            mapping[parts[0]] = parts[1]
+    return mapping
+
+
+def coarse_from_pairs(fine: Sequence[int], coarse: Sequence[int], fine_names: Sequence[str],
+                      coarse_names: Sequence[str]) -> dict[str, str]:
+    """``{fine name: coarse name}`` from per-image fine and coarse labels (CIFAR-100's 100 classes
+    in 20 superclasses), checking that every fine class lies in one superclass."""
+    mapping: dict[str, str] = {}
+    for f, c in zip(fine, coarse):
+        name, group = fine_names[int(f)], coarse_names[int(c)]
+        if mapping.setdefault(name, group) != group:
+            raise OperaError(f"class {name!r} belongs to two coarse classes ({mapping[name]!r}, {group!r}); the labels are inconsistent")
+    return mapping
+
+
 class DigitsDataset(OperaDataset):
     """scikit-learn's bundled 8x8 digits as uint8 ``3x8x8`` images (0..16 scaled to 0..255),
     with the label sets ``class`` (the digit) and ``coarse`` (``DIGITS_COARSE``)."""
@@ -401,6 +435,9 @@ class FolderDataset(OperaDataset):
             )
         self.samples = [paths[i] for i in keep]
         super().__init__(spec, split, class_names, targets, transform)
+        coarse_file = os.path.join(root, COARSE_FILE)
+        if os.path.isfile(coarse_file):  # a 'coarse' label set: ROOT/coarse.txt maps class folders to superclasses
+            self.set_coarse(read_coarse_file(coarse_file))
 
     @staticmethod
     def _flat_split(paths: list[str], labels: list[int]) -> list[bool]:
@@ -517,6 +554,21 @@ class TorchvisionDataset(OperaDataset):
         keep, targets, class_names = _select_classes(labels, all_names, spec.classes, spec, name)
         self._keep = keep
         super().__init__(spec, split, class_names, targets, transform)
+        if name == "cifar100":  # its 20 superclasses: the 'coarse' label set
+            self.set_coarse(self._cifar100_coarse(root, all_names))
+
+    @staticmethod
+    def _cifar100_coarse(root: str, fine_names: list[str]) -> dict[str, str]:
+        """CIFAR-100's class -> superclass map from its own files (``coarse_labels``; the format
+        is Python pickles, read as torchvision reads them)."""
+        import pickle
+
+        folder = os.path.join(root, "cifar-100-python")
+        with open(os.path.join(folder, "train"), "rb") as f:
+            train = pickle.load(f, encoding="latin1")
+        with open(os.path.join(folder, "meta"), "rb") as f:
+            meta = pickle.load(f, encoding="latin1")
+        return coarse_from_pairs(train["fine_labels"], train["coarse_labels"], fine_names, meta["coarse_label_names"])
 
     @staticmethod
     def _labels_of(ds) -> list[int]:

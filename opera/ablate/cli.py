@@ -68,7 +68,8 @@ def command_line(ctx: Optional[typer.Context] = None) -> str:
     argv = list(sys.argv[1:])
     if ctx is None:
         return shlex.join(["opera"] + argv)
-    sub = ctx.command_path.split()[1:]  # e.g. ['ablate', 'sweep']
+    # e.g. ['ablate', 'sweep']: the path below the program, however it was started (opera, python -m opera)
+    sub = ctx.command_path[len(ctx.find_root().command_path):].split()
     if sub and any(argv[i: i + len(sub)] == sub for i in range(len(argv))):
         return shlex.join(["opera"] + argv[next(i for i in range(len(argv)) if argv[i: i + len(sub)] == sub):])
     parts = ["opera"] + sub

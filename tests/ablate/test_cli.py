@@ -60,3 +60,19 @@ def test_sweep_end_to_end_and_report(tmp_path, one_thread, tiny_overrides):
     (out / "report.md").unlink()
     res = runner.invoke(make_app(), ["report", str(out), "--no-plots"])
     assert res.exit_code == 0 and (out / "report.md").is_file() and "2/2 cells" in res.output
+
+
+def test_command_line_names_opera_however_it_was_started(monkeypatch):
+    """``python -m opera ablate ...`` is recorded as ``opera ablate ...`` (not ``opera -m opera ...``)."""
+    import click
+
+    from opera.ablate.cli import command_line
+
+    monkeypatch.setattr("sys.argv", ["pytest"])
+    for prog in ("opera", "python -m opera"):
+        root = click.Context(click.Group(prog), info_name=prog)
+        ablate = click.Context(click.Group("ablate"), info_name="ablate", parent=root)
+        cmd = click.Command("hierarchy", params=[click.Option(["--seeds"], default=3)])
+        ctx = click.Context(cmd, info_name="hierarchy", parent=ablate)
+        ctx.params = {"seeds": 1}
+        assert command_line(ctx) == "opera ablate hierarchy --seeds 1", prog

@@ -1,0 +1,140 @@
+"""Partly labelled data: the labelled subset (balanced, seeded, written, reused on resume), unlabelled
+images beside the labelled set, and batches with a fixed number of labelled images."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+
+from opera.configs.schema import DataConfig
+from opera.data import PretrainFeed, build_dataset, dataset_target_sets
+from opera.data.labels import (
+    LABELLED_FILE,
+    WithUnlabelled,
+    pretrain_data,
+    read_labels_file,
+    resolve_labelled,
+    select_labelled,
+)
+from opera.data.loader import LabelledShareBatchSampler, ShardedBatchSampler
+from opera.errors import OperaError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset("digits", "train")
+
+
+def per_class(ds, idx):
+    y = dataset_target_sets(ds)["class"]
+    return Counter(y[i] for i in idx)
+
+
+def test_fraction_is_class_balanced_and_seeded(digits):
+    idx = select_labelled(digits, "10%", seed=0)
+    sizes = Counter(dataset_target_sets(digits)["class"])
+    assert per_class(digits, idx) == {c: round(0.1 * n) for c, n in sizes.items()}
+    assert idx == select_labelled(digits, "10%", seed=0)
+    assert idx != select_labelled(digits, "10%", seed=1)
+    assert set(per_class(digits, select_labelled(digits, "1%", seed=0)).values()) == {1}  # >= 1 per class
+    assert set(per_class(digits, select_labelled(digits, "13/class", seed=5)).values()) == {13}
+
+
+@pytest.mark.parametrize("spec", ["0%", "150%", "ten%", "0/class", "x/class", "500/class", "no/such/file.txt"])
+def test_bad_labels_are_one_line_errors(digits, spec):
+    with pytest.raises(OperaError) as e:
+        select_labelled(digits, spec, seed=0)
+    assert "\n" not in str(e.value) and "--labels" in str(e.value)
+
+
+def test_written_list_is_reused_on_resume_and_a_changed_spec_fails(digits, tmp_path):
+    first = resolve_labelled(digits, "10%", "digits", 0, tmp_path)
+    names, spec = read_labels_file(tmp_path / LABELLED_FILE)
+    assert spec == "10%" and len(names) == len(first)
+    # a resumed run (even one whose seed changed) takes the written list, not a fresh draw
+    assert resolve_labelled(digits, "10%", "digits", 7, tmp_path) == first
+    with pytest.raises(OperaError, match="resume with --labels 10%"):
+        resolve_labelled(digits, "1%", "digits", 0, tmp_path)
+    with pytest.raises(OperaError, match="resume with --labels 10%"):
+        resolve_labelled(digits, "all", "digits", 0, tmp_path)
+    # the written file is itself a valid --labels FILE (what finetune and later runs pass)
+    assert select_labelled(digits, str(tmp_path / LABELLED_FILE), seed=3) == first
+
+
+def test_labels_file_by_name_and_bad_names(digits, tmp_path):
+    f = tmp_path / "split.txt"
+    a, b = digits.describe_item(3), digits.describe_item(40)  # names of the 1,797 digits: digits[<index>]
+    f.write_text(f"# my split\n{b}\n\n{a}\n")
+    assert select_labelled(digits, str(f), seed=0) == [3, 40]
+    val = build_dataset("digits", "val").describe_item(0)
+    f.write_text(f"{val}\n")  # a held-out image is not a training image
+    with pytest.raises(OperaError, match="not a training image"):
+        select_labelled(digits, str(f), seed=0)
+    f.write_text("cat.jpg\n")
+    with pytest.raises(OperaError, match="not a training image"):
+        select_labelled(digits, str(f), seed=0)
+
+
+def test_no_labels_option_changes_nothing(tmp_path):
+    for labels in ("all", "100%"):
+        ds, sets, summary = pretrain_data(dataclasses.replace(DataConfig(), labels=labels), 0, tmp_path)
+        assert sets is None and summary == {} and not (tmp_path / LABELLED_FILE).exists()
+        assert len(ds) == len(build_dataset("digits", "train"))
+
+
+def feed(cfg: DataConfig, run_dir, seed=0, **kw):
+    ds, sets, _ = pretrain_data(cfg, seed, run_dir)
+    return PretrainFeed(ds, img_size=8, crop_min=0.5, flip=True, seed=seed, target_sets=sets, **kw), ds
+
+
+def test_unlabelled_images_are_seen_and_carry_no_label(tmp_path):
+    cfg = dataclasses.replace(DataConfig(), spec="digits:0-4", labels="10%", unlabeled="digits:5-9")
+    f, ds = feed(cfg, tmp_path)
+    assert isinstance(ds, WithUnlabelled) and f.in_memory
+    n_lab = len(build_dataset("digits:0-4", "train"))
+    labelled = 0
+    for views, targets in f.epoch(64, 0, drop_last=False):
+        assert len(views) == 2 and views[0].shape[0] == targets["class"].shape[0]
+        labelled += int((targets["class"] >= 0).sum())
+    table = f.target_sets["class"]
+    assert bool((table[n_lab:] == -1).all()) and bool((f.target_sets["coarse"][n_lab:] == -1).all())
+    assert labelled == int((table >= 0).sum()) == len(select_labelled(build_dataset("digits:0-4", "train"), "10%", 0))
+    # every image of the epoch, the unlabelled ones included, is in some batch (self sees them)
+    order = ShardedBatchSampler(len(ds), 64, drop_last=False, seed=0, epoch=0)
+    assert sorted(i for b in order for i in b) == list(range(len(ds)))
+    assert len(ds) > n_lab
+
+
+def test_labeled_per_batch_exact_and_resumable():
+    labelled, unlabelled = list(range(0, 20)), list(range(20, 300))
+    world, per_rank, k = 2, 16, 8
+
+    def batches(epoch, start=0):
+        ranks = [list(LabelledShareBatchSampler(labelled, unlabelled, per_rank, k, seed=4, epoch=epoch, rank=r,
+                                                world_size=world, start_step=start)) for r in range(world)]
+        return list(zip(*ranks))
+
+    for epoch in (0, 1):
+        full = batches(epoch)
+        assert len(full) == 300 // world // per_rank
+        for step in full:
+            for rank_batch in step:
+                assert len(rank_batch) == per_rank and sum(i < 20 for i in rank_batch) == k // world
+            assert len(set(step[0]) | set(step[1])) == world * per_rank  # no image twice in a global batch
+        assert batches(epoch, start=3) == full[3:]  # mid-epoch resume
+    assert batches(0) != batches(1)
+    with pytest.raises(OperaError, match="labeled_per_batch"):
+        LabelledShareBatchSampler(labelled, unlabelled, per_rank, 3, world_size=2)
+
+
+def test_feed_labeled_per_batch_in_memory(tmp_path):
+    cfg = dataclasses.replace(DataConfig(), labels="1%")
+    f, _ = feed(cfg, tmp_path, labeled_per_batch=6)
+    counts = [int((t["class"] >= 0).sum()) for _, t in f.epoch(32, 0)]
+    assert counts and set(counts) == {6}
+    again = [(v[0], t["class"]) for v, t in f.epoch(32, 0, start_step=2)]
+    full = [(v[0], t["class"]) for v, t in f.epoch(32, 0)][2:]
+    assert len(again) == len(full) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, full))

@@ -138,3 +138,35 @@ def test_feed_labeled_per_batch_in_memory(tmp_path):
     again = [(v[0], t["class"]) for v, t in f.epoch(32, 0, start_step=2)]
     full = [(v[0], t["class"]) for v, t in f.epoch(32, 0)][2:]
     assert len(again) == len(full) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, full))
+
+
+def _pretrain(out, *extra):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "self,full", "--labels", "10%", "--epochs", "1",
+           "--batch-size", "64", "--set", "train.knn_every=0", "--set", "self.mlp_dim=64", "--set", "self.dim=32",
+           "--set", "train.log_every=1", "--device", "cpu", "--output", str(out), *extra]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_pretrain_with_10_percent_labels_writes_and_reuses_the_list(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    first = _pretrain(out, "--set", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    written = (out / LABELLED_FILE).read_text()
+    names, spec = read_labels_file(out / LABELLED_FILE)
+    assert spec == "10%" and len(names) == len(select_labelled(build_dataset("digits", "train"), "10%", 0))
+    again = _pretrain(out, "--set", "train.max_steps=4")  # resumes at step 2 with the same list
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming" in again.stdout and (out / LABELLED_FILE).read_text() == written
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["full/labelled"] for r in rows if "full/labelled" in r]
+    assert len(counts) == 4 and all(0 <= c < 64 for c in counts) and sum(counts) > 0
+    changed = _pretrain(out, "--labels", "1%")
+    assert changed.returncode != 0
+    err = changed.stderr.strip().splitlines()
+    assert len(err) == 1 and "resume with --labels 10%" in err[0]

@@ -332,3 +332,43 @@ def pretrain_data(data_cfg, seed: int, run_dir: Path | None, main: bool = True,
         sets = {k: v + [NO_LABEL] * len(extra) for k, v in sets.items()}
         summary["unlabelled_images"] = len(extra)
     return dataset, sets, summary
+
+
+# ----------------------------------------------------------------------------- evaluations
+def _header_field(path: Path, field: str) -> str | None:
+    first = next((line for line in path.read_text().splitlines() if line.startswith(_HEADER)), "")
+    for part in first[len(_HEADER):].split(" | "):
+        if part.strip().startswith(field + " "):
+            return part.strip()[len(field) + 1:]
+    return None
+
+
+class LabelledSubset(torch.utils.data.Subset):
+    """The labelled images of a dataset (``num_classes``, ``class_names`` and ``targets`` kept)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        super().__init__(dataset, indices)
+        self.num_classes, self.class_names = dataset.num_classes, getattr(dataset, "class_names", None)
+        self.targets = [dataset.targets[i] for i in indices]
+
+
+def labelled_subset(dataset, spec: str | None, data: str, seed: int, checkpoint: str | None = None):
+    """The semi-supervised protocol's training set (SimCLR / BYOL: fine-tune on the 1% / 10%):
+    ``dataset`` itself for ``all``; else the images listed in the checkpoint's run directory's
+    ``labelled.txt`` when it was written for the same ``spec`` and data (or ``spec == "run"``),
+    else a fresh class-balanced selection seeded by ``seed``."""
+    if is_all(spec):
+        return dataset
+    ck = Path(checkpoint) if checkpoint and not str(checkpoint).startswith(("random:", "timm:")) else None
+    written = (ck if ck.is_dir() else ck.parent) / LABELLED_FILE if ck is not None else None
+    have = written is not None and written.is_file()
+    if str(spec).strip() == "run":
+        if not have:
+            raise OperaError(f"--labels run needs {LABELLED_FILE} in the checkpoint's run directory, and "
+                             f"{checkpoint} has none; give --labels 10% (or 13/class, or a FILE)")
+        spec = str(written)
+    elif have and read_labels_file(written)[1] == str(spec).strip() and _header_field(written, "data") == data:
+        print(f"labels: the pretraining run's {written.name} ({spec} of {data})", flush=True)
+        spec = str(written)
+    idx = select_labelled(dataset, str(spec), seed)
+    return LabelledSubset(dataset, idx)

@@ -108,6 +108,7 @@ def finetune(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA) | bf16 | off."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Semi-supervised protocol: fine-tune on these labelled images only (10%, 13/class, FILE, or run: the pretraining run's labelled.txt, also used when it holds the same spec); top-1 on the full val split."),
 ) -> None:
     """End-to-end fine-tuning (AdamW, cosine + warmup, Mixup/CutMix, RandAugment, label smoothing, drop path)."""
     from opera.evals.finetune import finetune_config, run_finetune
@@ -117,7 +118,7 @@ def finetune(
                           epochs=epochs, batch_size=batch_size, base_lr=base_lr, lr_batch_base=lr_batch_base,
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, layer_decay=layer_decay,
                           drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
-                          randaug_magnitude=randaug_magnitude, reprob=reprob)
+                          randaug_magnitude=randaug_magnitude, reprob=reprob, labels=labels)
     run_finetune(cfg)
 
 

@@ -72,6 +72,7 @@ class FinetuneConfig(EvalConfig):
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     eval_every: int = 1  # epochs between validations (the final one always runs)
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit; smoke tests)
+    labels: str = "all"  # semi-supervised protocol: train on these labelled images only (opera.data.labels.labelled_subset)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -244,6 +245,7 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
     from timm.loss import SoftTargetCrossEntropy
 
     from opera.data import EvalTransform, build_dataset
+    from opera.data.labels import labelled_subset
 
     _validate(cfg)
     device = resolve_device(cfg.device)
@@ -253,6 +255,7 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
     size = loaded.img_size
     train = build_dataset(cfg.data, "train", FinetuneTrainTransform(size, cfg.crop_min, cfg.flip, cfg.randaug_ops,
                                                                      cfg.randaug_magnitude, cfg.reprob))
+    train = labelled_subset(train, cfg.labels, cfg.data, cfg.seed, cfg.checkpoint)  # --labels 10%: SimCLR's protocol
     val = build_dataset(cfg.data, "val", EvalTransform(size))
     k = train.num_classes
     model = build_classifier(loaded, k, cfg.drop_path).to(device)

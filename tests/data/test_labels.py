@@ -170,3 +170,22 @@ def test_cli_pretrain_with_10_percent_labels_writes_and_reuses_the_list(tmp_path
     assert changed.returncode != 0
     err = changed.stderr.strip().splitlines()
     assert len(err) == 1 and "resume with --labels 10%" in err[0]
+
+
+def test_finetune_subset_reuses_the_pretraining_list(digits, tmp_path):
+    from opera.data.labels import labelled_subset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    written = resolve_labelled(digits, "10%", "digits", 4, run)  # what pretraining with seed 4 wrote
+    (run / "last.pt").write_bytes(b"")
+    for checkpoint in (run, run / "last.pt"):
+        sub = labelled_subset(digits, "10%", "digits", 0, str(checkpoint))  # the finetune seed 0 would draw others
+        assert list(sub.indices) == written and sub.num_classes == digits.num_classes
+        assert sub.targets == [digits.targets[i] for i in written]
+        assert list(labelled_subset(digits, "run", "digits", 0, str(checkpoint)).indices) == written
+    fresh = labelled_subset(digits, "10%", "digits", 0, "random:resnet_tiny")
+    assert list(fresh.indices) == select_labelled(digits, "10%", 0) != written
+    assert labelled_subset(digits, "all", "digits", 0, str(run)) is digits
+    with pytest.raises(OperaError, match="--labels run needs"):
+        labelled_subset(digits, "run", "digits", 0, str(tmp_path))

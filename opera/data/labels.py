@@ -22,7 +22,7 @@ images. ``all`` / ``100%`` / empty keeps every label (nothing changes).
 
 ``--unlabeled SPEC`` (``data.unlabeled``) appends images whose label sets are all ``-1``:
 :class:`UnlabelledImages` (a folder of images without class folders; ``auto`` =
-``<data folder>/unlabeled``) or any data spec whose labels are dropped. :class:`WithUnlabelled`
+``<data folder>/unlabeled``; every image under the folder) or any data spec whose labels are dropped. :class:`WithUnlabelled`
 puts them after the labelled data (the labelled images keep their indices).
 """
 
@@ -237,8 +237,9 @@ class UnlabelledImages(torch.utils.data.Dataset):
 
 
 def build_unlabelled(spec: str, data: str):
-    """The dataset of ``--unlabeled SPEC``: ``auto`` (``<data folder>/unlabeled``), a folder of
-    images without class folders, or any data spec (its train split; its labels are dropped)."""
+    """The dataset of ``--unlabeled SPEC``: ``auto`` (``<data folder>/unlabeled``), a folder (every
+    image under it, at any depth), or any other data spec (an ImageNet-style folder with
+    ``train/``, ``cifar10=ROOT``, ``digits:5-9``: its train split); the labels are dropped."""
     from opera.data import build_dataset, parse_data_spec
 
     s = str(spec).strip()
@@ -248,14 +249,8 @@ def build_unlabelled(spec: str, data: str):
             raise OperaError(f"--unlabeled auto needs an unlabeled/ folder beside train/ in --data {data}; "
                              "add it or give the folder")
         s = os.path.join(root, "unlabeled")
-    if os.path.isdir(s):
-        try:
-            from opera.data.datasets import _class_dirs
-
-            if not _class_dirs(s):
-                return UnlabelledImages(s)
-        except OSError:
-            pass
+    if os.path.isdir(s) and not os.path.isdir(os.path.join(s, "train")):
+        return UnlabelledImages(s)  # every image under it, class folders or not: the labels are dropped
     return build_dataset(s, "train")
 
 

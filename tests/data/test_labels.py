@@ -189,3 +189,35 @@ def test_finetune_subset_reuses_the_pretraining_list(digits, tmp_path):
     assert labelled_subset(digits, "all", "digits", 0, str(run)) is digits
     with pytest.raises(OperaError, match="--labels run needs"):
         labelled_subset(digits, "run", "digits", 0, str(tmp_path))
+
+
+@pytest.mark.parametrize("augment_on", ["device", "workers"])
+def test_unlabelled_folder_beside_digits_is_deterministic_and_resumable(tmp_path, augment_on):
+    from torchvision.io import write_png
+
+    folder = tmp_path / "extra" / "unlabeled"
+    (folder / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):  # loose images, some in a subfolder: no class folders
+        write_png(torch.randint(0, 255, (3, 10 + i % 3, 12), dtype=torch.uint8, generator=g),
+                  str(folder / ("sub" if i % 2 else "") / f"img{i}.png"))
+    cfg = dataclasses.replace(DataConfig(), spec="digits:0-1", unlabeled=str(folder), augment_on=augment_on)
+    f, ds = feed(cfg, tmp_path / "run")
+    n_lab = len(build_dataset("digits:0-1", "train"))
+    assert len(ds) == n_lab + 12 and not f.in_memory and bool((f.target_sets["class"][n_lab:] == -1).all())
+    first = list(f.epoch(16, 0, drop_last=False))
+    assert sum(int((t["class"] < 0).sum()) for _, t in first) == 12  # every unlabelled image, once
+    resumed = list(f.epoch(16, 0, start_step=3, drop_last=False))
+    assert len(resumed) == len(first) - 3
+    for (va, ta), (vb, tb) in zip(resumed, first[3:]):
+        assert torch.equal(ta["class"], tb["class"]) and all(torch.equal(a, b) for a, b in zip(va, vb))
+
+
+def test_unlabeled_auto_needs_the_folder_beside_train(tmp_path):
+    from opera.data.labels import build_unlabelled
+
+    with pytest.raises(OperaError, match="unlabeled/ folder beside train/"):
+        build_unlabelled("auto", "digits")
+    with pytest.raises(OperaError, match="holds no images"):
+        (tmp_path / "empty").mkdir()
+        build_unlabelled(str(tmp_path / "empty"), "digits")

@@ -221,3 +221,27 @@ def test_unlabeled_auto_needs_the_folder_beside_train(tmp_path):
     with pytest.raises(OperaError, match="holds no images"):
         (tmp_path / "empty").mkdir()
         build_unlabelled(str(tmp_path / "empty"), "digits")
+
+
+@pytest.mark.slow
+def test_readme_partly_labelled_command_runs_as_written(tmp_path):
+    """The README's line, exactly as typed, on the embedded digits (in a scratch working directory)."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = readme.split("## Partly labelled data", 1)[1].split("\n## ", 1)[0]
+    line = re.findall(r"```bash\n(.*?)```", body, flags=re.S)[0].strip()
+    assert line == "opera run pretrain --hierarchy self,full --labels 10% --epochs 1"
+    argv = shlex.split(line)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "opera", *argv[1:]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / LABELLED_FILE).is_file() and (runs[0] / "backbone.safetensors").is_file()
+    assert read_labels_file(runs[0] / LABELLED_FILE)[1] == "10%"

@@ -68,7 +68,10 @@ def command_line(ctx: Optional[typer.Context] = None) -> str:
     argv = list(sys.argv[1:])
     if ctx is None:
         return shlex.join(["opera"] + argv)
-    sub = ctx.command_path.split()[1:]  # e.g. ['ablate', 'sweep']
+    sub, c = [], ctx  # the subcommand names, e.g. ['ablate', 'sweep'] (also under 'python -m opera')
+    while c.parent is not None:
+        sub.insert(0, c.info_name)
+        c = c.parent
     if sub and any(argv[i: i + len(sub)] == sub for i in range(len(argv))):
         return shlex.join(["opera"] + argv[next(i for i in range(len(argv)) if argv[i: i + len(sub)] == sub):])
     parts = ["opera"] + sub

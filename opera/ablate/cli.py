@@ -1,6 +1,6 @@
 """Typer commands of the ablation studies, for ``opera.cli`` to mount:
 
-    app.add_typer(ablate_app, name="ablate")   # opera ablate arrangements | hierarchy | sweep
+    app.add_typer(ablate_app, name="ablate")   # opera ablate arrangements | hierarchy | sweep | labels
     app.command("report")(report)              # opera report DIR
 
 Every study runs its cells (variant x seed: pretraining, then linear probe and kNN in-domain and

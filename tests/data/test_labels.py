@@ -245,3 +245,28 @@ def test_readme_partly_labelled_command_runs_as_written(tmp_path):
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / LABELLED_FILE).is_file() and (runs[0] / "backbone.safetensors").is_file()
     assert read_labels_file(runs[0] / LABELLED_FILE)[1] == "10%"
+
+
+def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
+    """--labels 10%, --unlabeled and data.labeled_per_batch: stopped after 3 steps and rerun, the
+    run ends with the weights of one never stopped (deterministic CPU mode)."""
+    from opera.configs import apply_overrides, load_config
+    from opera.engine.checkpoint import load_state
+    from opera.engine.pretrain import run_pretrain
+
+    def cfg(max_steps: int):
+        return apply_overrides(load_config("cpu_digits"), [
+            "data.spec=digits:0-2", "data.labels=10%", "data.unlabeled=digits:3-4", "data.labeled_per_batch=8",
+            "train.epochs=2", "train.batch_size=64", "train.device=cpu", "train.knn_every=0", "train.deterministic=true",
+            "self.mlp_dim=32", "self.dim=16", "full.hidden=16", "backbone.img_size=16", "train.save_every_epochs=0",
+            f"train.max_steps={max_steps}"])
+
+    run_pretrain(cfg(0), tmp_path / "clean")
+    run_pretrain(cfg(3), tmp_path / "stopped")  # mid first epoch
+    assert load_state(tmp_path / "stopped" / "last.pt")["global_step"] == 3
+    run_pretrain(cfg(0), tmp_path / "stopped")
+    a, b = load_state(tmp_path / "clean" / "last.pt"), load_state(tmp_path / "stopped" / "last.pt")
+    assert a["global_step"] == b["global_step"] > 6
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert (tmp_path / "clean" / LABELLED_FILE).read_text() == (tmp_path / "stopped" / LABELLED_FILE).read_text()

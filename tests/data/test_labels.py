@@ -270,3 +270,24 @@ def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6, msg=k)
     assert (tmp_path / "clean" / LABELLED_FILE).read_text() == (tmp_path / "stopped" / LABELLED_FILE).read_text()
+
+
+def test_unlabeled_auto_takes_the_folder_beside_train(tmp_path):
+    from torchvision.io import write_png
+
+    g = torch.Generator().manual_seed(1)
+    for sub, n in (("train/cat", 3), ("train/dog", 3), ("val/cat", 1), ("val/dog", 1), ("unlabeled", 5)):
+        (tmp_path / sub).mkdir(parents=True)
+        for i in range(n):
+            write_png(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8, generator=g), str(tmp_path / sub / f"{i}.png"))
+    cfg = dataclasses.replace(DataConfig(), spec=str(tmp_path), unlabeled="auto", labels="1/class")
+    (tmp_path / "run").mkdir()
+    ds, sets, summary = pretrain_data(cfg, 0, tmp_path / "run")
+    assert summary == {"labelled_images": 2, "labelled_set_images": 6, "unlabelled_images": 5} and len(ds) == 11
+    assert sets["class"][6:] == [-1] * 5 and sum(y >= 0 for y in sets["class"]) == 2
+    names, _ = read_labels_file(tmp_path / "run" / LABELLED_FILE)
+    assert len(names) == 2 and all(n.startswith(("train/cat/", "train/dog/")) for n in names)  # relative to --data
+    f = tmp_path / "split.txt"
+    f.write_text("".join(n.rsplit("/", 1)[-1] + "\n" for n in names[:1]))  # a bare file name, as SimCLR's lists
+    with pytest.raises(OperaError, match="matches 2 images"):  # 0.png is in cat/ and dog/: ambiguous
+        select_labelled(build_dataset(str(tmp_path), "train"), str(f), 0)

@@ -49,7 +49,8 @@ def default_output(hierarchy: str, backbone: str, data: str) -> Path:
 def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arrangement: Optional[str],
                           backbone: Optional[str], data: Optional[str], epochs: Optional[int],
                           batch_size: Optional[int], seed: Optional[int], device: Optional[str],
-                          workers: Optional[int], img_size: Optional[int], overrides: list[str]):
+                          workers: Optional[int], img_size: Optional[int], overrides: list[str],
+                          labels: Optional[str] = None, unlabeled: Optional[str] = None):
     """Defaults <- recipe <- named options <- ``--set`` overrides.
 
     Without ``--config``, the CPU recipe is ``cpu_digits`` (ResNet), or ``cpu_digits_vit`` when the
@@ -69,7 +70,7 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
     cfg = load_config(config)
     named = {"hierarchy": hierarchy, "arrangement": arrangement, "backbone.name": backbone, "data.spec": data,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
-             "data.workers": workers, "backbone.img_size": img_size}
+             "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabeled": unlabeled}
     from opera.configs import set_value
 
     for key, value in named.items():
@@ -79,6 +80,10 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
     from opera.hierarchy import parse_spec
 
     parse_spec(cfg.hierarchy)
+    from opera.data.labels import is_all, parse_labels
+
+    if not is_all(cfg.data.labels):
+        parse_labels(cfg.data.labels)  # a bad --labels fails here, in one line, before any launch
     return cfg
 
 
@@ -99,12 +104,18 @@ def pretrain(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (data order, augmentations, masks)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Images that keep their labels (the rest get -1, seen by self only): all, 10%, 13/class, or a FILE listing them one per line (SimCLR's 1%/10% split files). Class-balanced, seeded; the list goes to OUTPUT/labelled.txt."),
+    unlabeled: Optional[str] = typer.Option(None, "--unlabeled", help="Extra images without labels, seen by self every epoch: a folder of images, auto (the unlabeled/ folder beside train/ in --data), or any data spec (its labels ignored)."),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Pretrain a backbone with a supervision hierarchy (OPERA: --hierarchy self,full)."""
     cfg = build_pretrain_config(config, hierarchy, arrangement, backbone, data, epochs, batch_size, seed, device,
-                                workers, img_size, overrides)
-    out = output or default_output(cfg.hierarchy, cfg.backbone.name, cfg.data.spec)
+                                workers, img_size, overrides, labels=labels, unlabeled=unlabeled)
+    from opera.data.labels import is_all
+
+    where = cfg.data.spec + ("" if is_all(cfg.data.labels) else f"_labels-{Path(cfg.data.labels).name}") \
+        + (f"_unlabeled-{Path(cfg.data.unlabeled).name}" if cfg.data.unlabeled else "")
+    out = output or default_output(cfg.hierarchy, cfg.backbone.name, where)
     from opera.engine.pretrain import run_pretrain
 
     dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)

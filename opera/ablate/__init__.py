@@ -10,6 +10,7 @@ one from its ``last.pt``. :func:`build_report` turns whatever has finished into 
     opera ablate arrangements --seeds 3          # Fig. 4: arrangements A, B, C of self + full
     opera ablate hierarchy                       # self (MoCo-v3), full (supervised), self+full (OPERA), naive
     opera ablate sweep --set full.layers=1,2,3,4 # Fig. 5-8: any config key(s), a grid
+    opera ablate labels --fractions 1%,10%,100%  # self, full, self+full as labels get scarce (--labels)
     opera report runs/ablate/arrangements        # rebuild the report from finished cells
 """
 

@@ -1,6 +1,6 @@
 """Typer commands of the ablation studies, for ``opera.cli`` to mount:
 
-    app.add_typer(ablate_app, name="ablate")   # opera ablate arrangements | hierarchy | sweep
+    app.add_typer(ablate_app, name="ablate")   # opera ablate arrangements | hierarchy | sweep | labels
     app.command("report")(report)              # opera report DIR
 
 Every study runs its cells (variant x seed: pretraining, then linear probe and kNN in-domain and
@@ -68,8 +68,10 @@ def command_line(ctx: Optional[typer.Context] = None) -> str:
     argv = list(sys.argv[1:])
     if ctx is None:
         return shlex.join(["opera"] + argv)
-    # e.g. ['ablate', 'sweep']: the path below the program, however it was started (opera, python -m opera)
-    sub = ctx.command_path[len(ctx.find_root().command_path):].split()
+    sub, c = [], ctx  # the subcommand names, e.g. ['ablate', 'sweep'] (also under 'python -m opera')
+    while c.parent is not None:
+        sub.insert(0, c.info_name)
+        c = c.parent
     if sub and any(argv[i: i + len(sub)] == sub for i in range(len(argv))):
         return shlex.join(["opera"] + argv[next(i for i in range(len(argv)) if argv[i: i + len(sub)] == sub):])
     parts = ["opera"] + sub
@@ -187,6 +189,38 @@ def hierarchy(
     _run("hierarchy", hierarchy_variants(names), output=output, default_name="hierarchy", seeds=seeds, config=config,
          overrides=overrides, data=data, transfer=transfer, evals=evals, eval_set=eval_set, device=device, jobs=jobs,
          threads=threads, dry_run=dry_run, launch=launch, ctx=ctx)
+
+
+@ablate_app.command("labels")
+@with_launch_options
+def labels(
+    ctx: typer.Context,
+    fractions: str = typer.Option("1%,10%,100%", "--fractions", "-f", help="Comma-separated --labels values (10%, 13/class, all): the images that keep their labels; the rest are seen by self only."),
+    variants: str = typer.Option("self,full,self+full", "--variants", "-v", help="Hierarchy variants as in 'opera ablate hierarchy'; one without a labelled space (self) runs once, not per fraction."),
+    seeds: int = typer.Option(3, "--seeds", help=SEEDS_HELP + " The labelled subset is drawn from the seed too."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    transfer: str = typer.Option("auto", "--transfer", help=TRANSFER_HELP),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    overrides: list[str] = typer.Option([], "--set", help=SET_HELP),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help=OUTPUT_HELP),
+    evals: str = typer.Option("linear,knn", "--evals", help=EVALS_HELP),
+    eval_set: list[str] = typer.Option([], "--eval-set", help=EVAL_SET_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    jobs: int = typer.Option(_default_jobs(), "--jobs", "-j", help=JOBS_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_HELP),
+    launch: LaunchOptions = None,
+) -> None:
+    """Label scarcity (omni-supervision): self, full, self+full pretrained with 1%, 10%, 100% of the labels.
+
+    The linear probe and kNN of every cell use all labels of their train split (they measure the
+    representation); the held-out classes are never labelled in pretraining at any fraction.
+    """
+    from opera.ablate.study import label_variants
+
+    _run("labels", label_variants(fractions, variants), output=output, default_name="labels", seeds=seeds,
+         config=config, overrides=overrides, data=data, transfer=transfer, evals=evals, eval_set=eval_set,
+         device=device, jobs=jobs, threads=threads, dry_run=dry_run, launch=launch, ctx=ctx)
 
 
 @ablate_app.command("sweep")

@@ -57,7 +57,7 @@ RECIPES = Path(__file__).parent / "recipes"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # .../opera
 DEFAULT_RECIPE = "ablate_digits"  # opera/ablate/recipes/ablate_digits.yaml
 EVALS = ("linear", "knn", "segmentation", "detection")
-KINDS = ("arrangements", "hierarchy", "sweep")
+KINDS = ("arrangements", "hierarchy", "sweep", "labels")
 
 #: Fig. 4: where the class space attaches (plus the naive sum of Eq. 4)
 ARRANGEMENT_NOTES = {
@@ -122,6 +122,28 @@ def hierarchy_variants(variants: str | list[str] | None = None) -> list[Variant]
                     f"{', '.join(HIERARCHY_VARIANTS)} or any hierarchy written with '+' (e.g. mask+self)") from None
             arrangement, note = None, ""
         out.append(Variant(name, [f"hierarchy={spec}", f"arrangement={arrangement if arrangement else 'null'}"], note))
+    return out
+
+
+def label_variants(fractions: str = "1%,10%,100%", variants: str = "self,full,self+full") -> list[Variant]:
+    """The label-fraction study (omni-supervision): every hierarchy variant at every ``--labels``
+    fraction, named ``<variant>@<fraction>``. A variant without a space that needs labels
+    (``self``) ignores them, so it is one variant (``self``, every label dropped or not, the same
+    run) instead of one per fraction."""
+    from opera.data.labels import is_all, parse_labels
+
+    fracs = split_list(fractions, "fractions")
+    for f in fracs:
+        if not is_all(f):
+            parse_labels(f)
+    out = []
+    for v in hierarchy_variants(variants):
+        spec = v.overrides[0].split("=", 1)[1]
+        if set(spec.split(",")) <= {"self", "mask"}:
+            out.append(Variant(v.name, v.overrides, (v.note + "; " if v.note else "") + "needs no labels: one run for every fraction"))
+            continue
+        for f in fracs:
+            out.append(Variant(f"{v.name}@{f}", v.overrides + [f"data.labels={f}"], f"{v.note or v.name}, --labels {f}"))
     return out
 
 

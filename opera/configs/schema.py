@@ -34,6 +34,9 @@ class DataConfig:
     flip: bool = True
     workers: int = 0  # DataLoader workers per process
     augment_on: str = "device"  # device: batched two-crop on the training device (in-memory data stays there) | workers: per image
+    labels: str = "all"  # which training images keep their labels: all | 10% | 13/class | FILE (opera.data.labels; -1 for the rest)
+    unlabeled: str = ""  # extra images without labels, seen by self: a folder of images, auto (<data>/unlabeled) or a data spec
+    labeled_per_batch: int = 0  # > 0: exactly this many labelled images in every global batch (opera.data.labels); 0: plain random
 
 
 @dataclass

@@ -160,6 +160,76 @@ class ShardedBatchSampler(Sampler[list]):
             yield [(self.epoch, i) for i in batch] if self.seeded else batch
 
 
+class LabelledShareBatchSampler(Sampler[list]):
+    """Per-rank batches with exactly ``labeled_per_batch`` labelled images per *global* batch
+    (``data.labeled_per_batch``; ``labeled_per_batch / world_size`` on every rank).
+
+    The labelled and the unlabelled images are two streams, each an endless sequence of seeded
+    permutations of its pool (cycle ``c`` of a pool: drawn from ``(seed, c)``); global step ``s``
+    of epoch ``e`` takes the next ``k`` labelled and ``B - k`` unlabelled items, so every batch is a
+    function of ``(seed, epoch, step)`` alone (exact mid-epoch resume via ``start_step``) and at
+    1% labels the few labelled images recur, instead of a batch of 256 holding about 2 of them.
+    An epoch has as many steps as :class:`ShardedBatchSampler`'s (``len // global batch``).
+    """
+
+    def __init__(self, labelled: list[int], unlabelled: list[int], batch_size: int, labeled_per_batch: int, *,
+                 seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
+                 seeded: bool = False):
+        global_batch, k = batch_size * world_size, int(labeled_per_batch)
+        if not 0 < k <= global_batch:
+            raise OperaError(f"data.labeled_per_batch {k} is outside 1..{global_batch} (the global batch); "
+                             "use --set data.labeled_per_batch=N with 0 < N <= the batch size, or 0 for random batches")
+        if k % world_size:
+            raise OperaError(f"data.labeled_per_batch {k} is not divisible by the {world_size} processes; "
+                             f"use a multiple of {world_size}")
+        if not labelled:
+            raise OperaError("data.labeled_per_batch needs labelled images, but none has a label; check --labels")
+        if len(labelled) < k:
+            raise OperaError(f"data.labeled_per_batch {k} is more than the {len(labelled)} labelled images; "
+                             f"use --set data.labeled_per_batch={len(labelled) - len(labelled) % world_size} or fewer")
+        if len(unlabelled) < global_batch - k:
+            raise OperaError(f"data.labeled_per_batch {k} leaves {global_batch - k} places per batch for the "
+                             f"{len(unlabelled)} unlabelled images; use a larger data.labeled_per_batch or 0")
+        self.labelled, self.unlabelled = list(labelled), list(unlabelled)
+        self.batch_size, self.k = int(batch_size), k
+        self.seed, self.rank, self.world_size, self.seeded = int(seed), int(rank), int(world_size), seeded
+        self.n_steps = ((len(self.labelled) + len(self.unlabelled)) // world_size) // self.batch_size
+        self.set_epoch(epoch, start_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not (0 <= start_step <= self.n_steps):
+            raise ValueError(f"start_step {start_step} is outside 0..{self.n_steps} (steps per epoch)")
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def steps_in_epoch(self) -> int:
+        return self.n_steps
+
+    def __len__(self) -> int:
+        return self.n_steps - self.start_step
+
+    @staticmethod
+    def _stream(pool: list[int], g: int, per_global: int, offset: int, count: int, seed: int, tag: int) -> list[int]:
+        """Items ``offset..offset+count`` of global step ``g``'s ``per_global`` items of ``pool``: cycle
+        ``c`` holds ``len(pool) // per_global`` whole steps of one permutation (its remainder is
+        dropped), so no global batch repeats an image."""
+        steps_per_cycle = len(pool) // per_global
+        c = g // steps_per_cycle
+        perm = epoch_permutation(len(pool), sample_seed(seed, tag, c), c)
+        start = (g % steps_per_cycle) * per_global + offset
+        return [pool[j] for j in perm[start: start + count]]
+
+    def __iter__(self) -> Iterator[list]:
+        k_rank = self.k // self.world_size
+        u_rank = self.batch_size - k_rank
+        u_global = self.batch_size * self.world_size - self.k
+        for step in range(self.start_step, self.n_steps):
+            g = self.epoch * self.n_steps + step  # the global step: the streams run on across epochs
+            batch = self._stream(self.labelled, g, self.k, self.rank * k_rank, k_rank, self.seed, -3)
+            if u_rank:
+                batch += self._stream(self.unlabelled, g, u_global, self.rank * u_rank, u_rank, self.seed, -4)
+            yield [(self.epoch, i) for i in batch] if self.seeded else batch
+
+
 def steps_per_epoch(
     len_dataset: int, global_batch: int, world_size: int = 1, drop_last: bool = True
 ) -> int:
@@ -193,6 +263,7 @@ def build_loader(
     pin_memory: bool | str = "auto",
     persistent_workers: bool | str = "auto",
     prefetch_factor: int | str | None = "auto",
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` over this rank's batches of epoch ``epoch`` (``batch_size`` per process).
 
@@ -220,7 +291,7 @@ def build_loader(
         )
     ds = dataset if isinstance(dataset, SeededDataset) else SeededDataset(dataset, seed)
     ds.set_epoch(epoch)
-    sampler = ShardedBatchSampler(
+    sampler = batch_sampler or ShardedBatchSampler(
         n,
         batch_size,
         shuffle=shuffle,
@@ -288,7 +359,8 @@ class PretrainFeed:
     """
 
     def __init__(self, dataset, *, img_size: int, crop_min: float, flip: bool, seed: int, augment_on: str = "device",
-                 device: torch.device | str = "cpu", workers: int = 0, target_sets: dict | None = None):
+                 device: torch.device | str = "cpu", workers: int = 0, target_sets: dict | None = None,
+                 labeled_per_batch: int = 0):
         from opera.data.datasets import dataset_label_sets, dataset_target_sets
         from opera.data.device_augment import BatchTwoCrop, CropForDevice
         from opera.data.transforms import PretrainTransform
@@ -306,6 +378,11 @@ class PretrainFeed:
             if len(values) != len(dataset):
                 raise OperaError(f"label set {name!r} has {len(values)} labels for {len(dataset)} images; give one per image")
         self.target_sets = {name: torch.as_tensor(values, dtype=torch.int64).to(self.device) for name, values in sets.items()}
+        self.labeled_per_batch = int(labeled_per_batch)
+        if self.labeled_per_batch:  # "labelled" = has a label in the class set (or in any set without one)
+            has = torch.as_tensor(sets["class"] if "class" in sets else next(iter(sets.values()))) >= 0
+            self.labelled_index = torch.nonzero(has).flatten().tolist()
+            self.unlabelled_index = torch.nonzero(~has).flatten().tolist()
         if self.in_memory:
             self.images = images.to(self.device)  # once; every step indexes it on the device
             dataset.transform = None
@@ -319,6 +396,15 @@ class PretrainFeed:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def batch_sampler(self, batch_size: int, epoch: int, rank: int, world_size: int, start_step: int,
+                      seeded: bool) -> Sampler | None:
+        """The :class:`LabelledShareBatchSampler` when ``labeled_per_batch`` is set, else None (plain)."""
+        if not self.labeled_per_batch:
+            return None
+        return LabelledShareBatchSampler(self.labelled_index, self.unlabelled_index, batch_size, self.labeled_per_batch,
+                                         seed=self.seed, epoch=epoch, rank=rank, world_size=world_size,
+                                         start_step=start_step, seeded=seeded)
+
     def epoch(self, batch_size: int, epoch: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
               shuffle: bool = True, drop_last: bool = True) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
         """``(views, targets)`` on the device for this rank's batches of ``epoch`` from ``start_step``
@@ -328,7 +414,8 @@ class PretrainFeed:
             yield from self._in_memory_epoch(batch_size, epoch, rank, world_size, start_step, shuffle, drop_last)
             return
         loader = build_loader(self.dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=self.workers,
-                              seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, start_step=start_step)
+                              seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, start_step=start_step,
+                              batch_sampler=self.batch_sampler(batch_size, epoch, rank, world_size, start_step, True))
         for items, _, index in loader:
             targets = self.targets_of(index.to(self.device, non_blocking=True))
             if self.augment_on == "workers":
@@ -346,8 +433,9 @@ class PretrainFeed:
         if drop_last and batch_size * world_size > n:
             raise OperaError(f"batch size {batch_size * world_size} is larger than the dataset ({n} images); "
                              f"use --batch-size <= {n}")
-        sampler = ShardedBatchSampler(n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=self.seed, epoch=epoch,
-                                      rank=rank, world_size=world_size, start_step=start_step)
+        sampler = self.batch_sampler(batch_size, epoch, rank, world_size, start_step, False) or ShardedBatchSampler(
+            n, batch_size, shuffle=shuffle, drop_last=drop_last, seed=self.seed, epoch=epoch, rank=rank,
+            world_size=world_size, start_step=start_step)
         hw = tuple(self.images.shape[-2:])
         for batch in sampler:
             params = self.two_crop.sample_seeded([sample_seed(self.seed, epoch, i) for i in batch], [hw] * len(batch))

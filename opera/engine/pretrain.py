@@ -162,7 +162,8 @@ class PretrainSession:
 def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner: RunLock | NoLock,
                    stop: GracefulStop) -> PretrainSession:
     """Process group, data, hierarchy, optimizer, resume, DDP, config.yaml and loggers."""
-    from opera.data import PretrainFeed, build_dataset, steps_per_epoch
+    from opera.data import PretrainFeed, steps_per_epoch
+    from opera.data.labels import pretrain_data
 
     env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -172,9 +173,16 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
     seed_step(cfg.train.seed, rank, 0)
 
     b = cfg.backbone
-    feed = PretrainFeed(build_dataset(cfg.data.spec, "train"), img_size=b.img_size, crop_min=cfg.data.crop_min,
-                        flip=cfg.data.flip, seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device,
-                        workers=cfg.data.workers)
+    train_data, target_sets, label_summary = pretrain_data(cfg.data, cfg.train.seed, output, main,
+                                                           distributed.barrier if world > 1 else None)
+    if main and label_summary:
+        print(f"labels: {label_summary['labelled_images']} of {label_summary['labelled_set_images']} images of "
+              f"{cfg.data.spec} keep their labels (--labels {cfg.data.labels})"
+              + (f", plus {label_summary['unlabelled_images']} unlabelled ({cfg.data.unlabeled})"
+                 if "unlabelled_images" in label_summary else ""), flush=True)
+    feed = PretrainFeed(train_data, img_size=b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip,
+                        seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device, workers=cfg.data.workers,
+                        target_sets=target_sets, labeled_per_batch=cfg.data.labeled_per_batch)
     train_set = feed.dataset
     batch = cfg.train.batch_size
     if batch % world:
@@ -228,7 +236,7 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
     resolved = config_to_dict(cfg)
     resolved["resolved"] = {"optimizer": opt_name, "lr": lr, "world_size": world, "per_rank_batch": batch // world,
                             "steps_per_epoch": n_steps, "num_classes": feed.label_sets.get("class"), "device": str(device),
-                            **hierarchy.describe()}
+                            **label_summary, **hierarchy.describe()}
     if main:
         (output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     total_steps = n_steps * cfg.train.epochs

@@ -160,6 +160,7 @@ def finetune(
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA) | bf16 | off."),
     crop_min: Optional[float] = typer.Option(None, "--crop-min", help="RandomResizedCrop minimum scale (1: no crop)."),
     save_every_steps: Optional[int] = typer.Option(None, "--save-every-steps", help="Also write last.pt every this many steps within an epoch (default: at epoch ends)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Semi-supervised protocol: fine-tune on these labelled images only (10%, 13/class, FILE, or run: the pretraining run's labelled.txt, also used when it holds the same spec); top-1 on the full val split."),
     sets: list[str] = _set_option(),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
@@ -172,7 +173,7 @@ def finetune(
                           weight_decay=weight_decay, warmup_epochs=warmup_epochs, layer_decay=layer_decay,
                           drop_path=drop_path, label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix,
                           randaug_magnitude=randaug_magnitude, reprob=reprob, crop_min=crop_min,
-                          save_every_steps=save_every_steps)
+                          save_every_steps=save_every_steps, labels=labels)
     _launch(run_finetune, _with_sets(cfg, sets, "finetune"), launch)
 
 

@@ -83,6 +83,7 @@ class FinetuneConfig(EvalConfig):
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit; smoke tests)
     save_every_steps: int = 0  # last.pt within an epoch every this many steps (0: at epoch ends only)
     sync_bn: bool = True  # under several processes, BatchNorm over the global batch (timm/DeiT --sync-bn)
+    labels: str = "all"  # semi-supervised protocol: train on these labelled images only (opera.data.labels.labelled_subset)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -276,6 +277,7 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
     from timm.loss import SoftTargetCrossEntropy
 
     from opera.data import EvalTransform, build_dataset
+    from opera.data.labels import labelled_subset
 
     rank, world, main = env.rank, env.world_size, env.rank == 0
     run = EvalRun(protocol, cfg, main=main)
@@ -284,6 +286,7 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
     size = loaded.img_size
     train = build_dataset(cfg.data, "train", FinetuneTrainTransform(size, cfg.crop_min, cfg.flip, cfg.randaug_ops,
                                                                      cfg.randaug_magnitude, cfg.reprob))
+    train = labelled_subset(train, cfg.labels, cfg.data, cfg.seed, cfg.checkpoint)  # --labels 10%: SimCLR's protocol
     val = build_dataset(cfg.data, "val", EvalTransform(size))
     k = train.num_classes
     model = build_classifier(loaded, k, cfg.drop_path).to(device)

@@ -26,6 +26,8 @@ def test_dry_run_lists_cells(tmp_path):
     assert res.exit_code == 0, res.output
     assert "4 variants x 2 seeds = 8 cells" in res.output and "mask+self+full left out" in res.output
     assert not (tmp_path / "h").exists()
+    res = runner.invoke(make_app(), ["ablate", "labels", "--fractions", "1%,10%", "--dry-run", "-o", str(tmp_path / "l")])
+    assert res.exit_code == 0 and "5 variants x 3 seeds = 15 cells" in res.output and "full@1%" in res.output
     res = runner.invoke(make_app(), ["ablate", "sweep", "--set", "full.layers=1,2,3", "--set", "train.epochs=2", "--dry-run"])
     assert res.exit_code == 0 and "3 variants x 3 seeds = 9 cells" in res.output and "2 epochs" in res.output
 

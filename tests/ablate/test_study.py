@@ -13,6 +13,7 @@ from opera.ablate.study import (
     cell_config,
     create_study,
     hierarchy_variants,
+    label_variants,
     run_cell,
     run_study,
     split_values,
@@ -36,6 +37,20 @@ def test_arrangement_and_hierarchy_variants():
         arrangement_variants("A,D")
     with pytest.raises(OperaError, match="unknown hierarchy variant"):
         hierarchy_variants("self,fulll")
+
+
+def test_label_variants_run_self_once_and_the_others_per_fraction():
+    vs = label_variants("1%,10%,100%", "self,full,self+full")
+    assert [v.name for v in vs] == ["self", "full@1%", "full@10%", "full@100%", "self+full@1%", "self+full@10%",
+                                    "self+full@100%"]
+    by = {v.name: v.overrides for v in vs}
+    assert by["self"] == ["hierarchy=self", "arrangement=null"]  # labels do not reach it: one run, not three
+    assert by["self+full@1%"] == ["hierarchy=self,full", "arrangement=C", "data.labels=1%"]
+    assert len({v.dirname for v in vs}) == len(vs)
+    with pytest.raises(OperaError, match="--labels '0%'"):
+        label_variants("0%,10%", "full")
+    with pytest.raises(OperaError, match="repeats"):
+        label_variants("10%,10%", "full")
 
 
 def test_sweep_axes_grid_and_fixed_values():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -120,3 +121,16 @@ def test_usage_errors_exit_2_without_traceback(capsys):
     assert code == 2 and "Traceback" not in err and "--epochs" in err
     code, _, err = run_cli(["run", "nosuch"], capsys)
     assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--labels", "0%"], "--labels 10%"),
+    (["--labels", "12"], "10%"),
+    (["--labels", "0/class"], "13/class"),
+    (["--labels", "900/class"], "or fewer"),
+    (["--unlabeled", "no/such/folder"], "no/such/folder"),
+    (["--labels", "10%", "--set", "data.labeled_per_batch=7", "--batch-size", "4"], "labeled_per_batch"),
+])
+def test_bad_labels_and_unlabeled_are_one_line(tmp_path, capsys, args, needle):
+    code, _, err = run_cli(["run", "pretrain", *FAST, *args, "--output", str(tmp_path / "run")], capsys)
+    assert_one_line_error(code, err, needle)

@@ -65,11 +65,15 @@ def grads(h: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in h.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("partly_labelled", [False, True], ids=["labelled", "partly-labelled"])
 @pytest.mark.parametrize("name", NAMES)
-def test_per_view_step_equals_the_joint_step(name):
-    """Backward view by view (reusing the step's teacher outputs and masks) = backward of the joint loss."""
+def test_per_view_step_equals_the_joint_step(name, partly_labelled):
+    """Backward view by view (reusing the step's teacher outputs and masks) = backward of the joint
+    loss; also with images without labels (-1 in every label set: --labels, --unlabeled)."""
     h = build(name)
     views, targets = batch(h)
+    if partly_labelled:
+        targets = {k: v.index_fill(0, torch.tensor([0, 3, 4, 6]), -1) for k, v in targets.items()}
     joint = copy.deepcopy(h)
     torch.manual_seed(5)
     out = joint(views=views, targets=targets)

@@ -227,6 +227,28 @@ def test_run_pretrain_two_processes_rank0_writes_and_both_resume(tmp_path):
     assert (out / "backbone.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_two_processes_with_labels_share_one_list_and_exact_labelled_counts(tmp_path):
+    """--labels 10% with data.labeled_per_batch=8 under 2 processes: rank 0 alone writes labelled.txt
+    (rank 1 writes nothing), both ranks train on the same subset, and every global batch holds 8
+    labelled images (the class loss's global count), 4 per rank."""
+    from opera.configs import apply_overrides
+    from opera.data import build_dataset
+    from opera.data.labels import LABELLED_FILE, read_labels_file, select_labelled
+
+    out, rec = tmp_path / "run", tmp_path / "rec"
+    rec.mkdir()
+    cfg = apply_overrides(pretrain_cfg(3), ["data.labels=10%", "data.labeled_per_batch=8"])
+    ranks = launch_local(pretrain_recording_writes, (cfg, str(out), str(rec)), nproc=2, timeout=TIMEOUT_S)
+    assert [r["global_step"] for r in ranks] == [3, 3]
+    assert json.loads((rec / "rank1.json").read_text()) == []
+    assert any(LABELLED_FILE in w for w in json.loads((rec / "rank0.json").read_text()))
+    names, spec = read_labels_file(out / LABELLED_FILE)
+    assert spec == "10%" and len(names) == len(select_labelled(build_dataset("digits:0-1", "train"), "10%", cfg.train.seed))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["full/labelled"] for r in rows] == [8.0, 8.0, 8.0]
+
+
 # ------------------------------------------------------------------- a NaN on one rank stops every rank
 def nan_on_rank1_worker() -> dict:
     """Two DDP ranks; at step 1 rank 1's class loss is NaN (its class head's last weight is poisoned

@@ -114,18 +114,18 @@ def test_metrics_rows_name_every_loss(run_dir):
 def test_knn_monitor_queries_the_held_out_split(monkeypatch):
     """The bank is the training split and the queries are the held-out split: querying the
     training split would let each query find itself and inflate the headline number."""
-    import opera.evals.knn as knn
+    import opera.engine.monitors as monitors
 
     cfg = apply_overrides(load_config("cpu_digits"), ["data.spec=digits:0-3"])
     seen = {}
-    real = knn.knn_accuracy
+    real = monitors.knn_accuracy_sharded
 
     def spy(bank, bank_labels, queries, query_labels, *args, **kwargs):
         seen.update(bank=bank, bank_labels=bank_labels, query_labels=query_labels)
         seen["result"] = real(bank, bank_labels, queries, query_labels, *args, **kwargs)
         return seen["result"]
 
-    monkeypatch.setattr(knn, "knn_accuracy", spy)
+    monkeypatch.setattr(monitors, "knn_accuracy_sharded", spy)
     backbone = create_backbone("resnet_tiny", img_size=cfg.backbone.img_size)
     top1 = knn_monitor(backbone, cfg, torch.device("cpu"), rank=0, world=1)
     train, val = build_dataset("digits:0-3", "train"), build_dataset("digits:0-3", "val")

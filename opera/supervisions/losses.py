@@ -48,15 +48,17 @@ def labelled_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, glob
     DistributedDataParallel averages the ranks' gradients, so the step follows the gradient of
     the mean over all labelled samples - not a mean of per-rank means, and exact (zero, with a
     graph) on a rank without any labelled sample. With every sample labelled and equal per-rank
-    batches it is the plain mean of ``class_cross_entropy``, computed as such.
+    batches it is the plain mean of ``class_cross_entropy``, computed as such (the choice is a
+    ``torch.where`` on the device, so the step waits for no host sync).
     """
     world = distributed.get_world_size()
-    local = labels.shape[0]
-    if int(global_count) == local * world:  # everything labelled: exactly the official loss
-        return class_cross_entropy(logits, labels, label_smoothing)
-    per_sample = F.cross_entropy(logits, labels.clamp_min(0), reduction="none", label_smoothing=label_smoothing)
+    targets = labels.clamp_min(0)
+    official = class_cross_entropy(logits, targets, label_smoothing)  # the plain mean: exact when all are labelled
+    per_sample = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     labelled = (labels >= 0).to(per_sample.dtype)
-    return (per_sample * labelled).sum() * world / global_count.clamp_min(1).to(per_sample.dtype)
+    masked = (per_sample * labelled).sum() * world / global_count.clamp_min(1).to(per_sample.dtype)
+    # chosen on the device: no host sync in the training step (the count lives on the GPU)
+    return torch.where(global_count == labels.shape[0] * world, official, masked)
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

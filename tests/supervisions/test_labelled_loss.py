@@ -44,6 +44,11 @@ def test_masked_class_loss_is_the_mean_over_labelled_rows_by_hand():
     # every row labelled: exactly F.cross_entropy's mean (the official loss, same arithmetic)
     full = torch.tensor([2, 3, 0, 4, 1, 1])
     assert torch.equal(labelled_mean_cross_entropy(logits, full, torch.tensor(6)), F.cross_entropy(logits, full))
+    # ... and so are its gradients (the masked branch, not taken, adds exact zeros)
+    a, b = logits.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
+    labelled_mean_cross_entropy(a, full, torch.tensor(6)).backward()
+    F.cross_entropy(b, full).backward()
+    assert torch.equal(a.grad, b.grad)
 
 
 def test_full_space_ignores_unlabelled_images_and_logs_the_count():

@@ -5,8 +5,9 @@ that call it, ``opera run linear`` / ``finetune``):
 
 * :class:`RunLock` - one writer per run directory. ``OUTPUT/.opera.lock`` is created complete by a
   hard link (atomic, failing if it exists, on local filesystems and NFS) and holds the owner (host, pid,
-  process start, SLURM job id, start time) and a heartbeat that a thread refreshes every
-  ``OPERA_LOCK_HEARTBEAT_S`` seconds. A second run refuses in one line naming the holder. A lock
+  process start, SLURM job id, start time); its heartbeat is the file's modification time, which a
+  thread touches every ``OPERA_LOCK_HEARTBEAT_S`` seconds (the file is never rewritten, so a
+  heartbeat cannot overwrite a takeover). A second run refuses in one line naming the holder. A lock
   is *stale*, and taken over with one line saying so, when its process is gone (same host: the
   pid is dead or reused), when it belongs to this very SLURM job (a requeue), or when its
   heartbeat is older than ``OPERA_LOCK_STALE_S`` (another host that died).
@@ -129,12 +130,21 @@ class Holder:
 
 
 def _read_holder(path: Path) -> Holder | None:
+    """The lock file's owner; its ``heartbeat`` is the later of the one written at creation and the
+    file's modification time (what the owner's heartbeat thread touches)."""
     try:
-        return Holder(**json.loads(path.read_text()))
+        with open(path) as f:
+            text, mtime = f.read(), os.fstat(f.fileno()).st_mtime
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError):  # an empty or torn lock file: its writer died while creating it
+    except OSError:
         return Holder("?", -1, 0.0, 0.0, "", None, None)
+    try:
+        holder = Holder(**json.loads(text))
+    except (ValueError, TypeError):  # an empty or torn lock file: its writer died while creating it
+        return Holder("?", -1, 0.0, 0.0, "", None, None)
+    holder.heartbeat = max(float(holder.heartbeat), mtime)
+    return holder
 
 
 class RunLock:
@@ -229,13 +239,12 @@ class RunLock:
             if holder is None or holder.token != self.me.token:
                 self.lost_to = holder
                 return
-            self.me.heartbeat = time.time()
-            tmp = self.path.with_name(f"{LOCK}.{self.me.token}.tmp")
+            # Touch, never rewrite: a takeover landing between the check above and this line only
+            # gets its own fresh heartbeat, and this run notices it lost the lock at the next beat.
             try:
-                tmp.write_text(json.dumps(self.me.__dict__))
-                os.replace(tmp, self.path)
-            except OSError:  # a full disk must not kill the run; the next beat tries again
-                tmp.unlink(missing_ok=True)
+                os.utime(self.path)
+            except OSError:  # vanished, or a hiccup of the filesystem: the next beat judges again
+                pass
 
     def check_owner(self) -> None:
         """Raise if another run took the directory over (it judged this one dead)."""

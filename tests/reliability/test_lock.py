@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from opera.engine.rundir import LOCK, Holder, RunLock
+from opera.engine import rundir
+from opera.engine.rundir import LOCK, Holder, RunLock, _read_holder
 from opera.errors import OperaError
 
 
@@ -20,6 +21,7 @@ def write_lock(run, **fields) -> None:
     holder = Holder.me().__dict__ | fields
     tmp = run / f"{LOCK}.test.tmp"  # whole, then renamed: as a real run writes it
     tmp.write_text(json.dumps(holder))
+    os.utime(tmp, (holder["heartbeat"], holder["heartbeat"]))  # a lock last touched at its heartbeat
     tmp.replace(run / LOCK)
 
 
@@ -76,11 +78,13 @@ def test_torn_lock_file_is_taken_over(tmp_path, capsys):
 def test_heartbeat_advances_and_a_lost_lock_is_noticed(tmp_path, monkeypatch):
     monkeypatch.setenv("OPERA_LOCK_HEARTBEAT_S", "0.05")
     lock = RunLock(tmp_path).acquire()
-    first = json.loads((tmp_path / LOCK).read_text())["heartbeat"]
+    written = (tmp_path / LOCK).read_text()
+    first = _read_holder(tmp_path / LOCK).heartbeat
     deadline = time.time() + 30
-    while json.loads((tmp_path / LOCK).read_text())["heartbeat"] == first and time.time() < deadline:
+    while _read_holder(tmp_path / LOCK).heartbeat == first and time.time() < deadline:
         time.sleep(0.05)
-    assert json.loads((tmp_path / LOCK).read_text())["heartbeat"] > first
+    assert _read_holder(tmp_path / LOCK).heartbeat > first
+    assert (tmp_path / LOCK).read_text() == written  # touched, never rewritten
     lock.check_owner()  # still ours
     write_lock(tmp_path, host="gpu-node-9", pid=31337)  # another run judged us dead and took over
     while lock.lost_to is None and time.time() < deadline:
@@ -89,3 +93,28 @@ def test_heartbeat_advances_and_a_lost_lock_is_noticed(tmp_path, monkeypatch):
         lock.check_owner()
     lock.release()
     assert json.loads((tmp_path / LOCK).read_text())["pid"] == 31337  # their lock is left alone
+
+
+def test_a_takeover_landing_inside_a_heartbeat_is_not_overwritten(tmp_path, monkeypatch):
+    """The race window: the heartbeat has just read its own lock when another run takes over. The
+    beat must not clobber the newcomer's lock; the old run finds out at the next beat."""
+    monkeypatch.setenv("OPERA_LOCK_HEARTBEAT_S", "0.05")
+    real_read, raced = rundir._read_holder, []
+
+    def read_then_lose_the_race(path):
+        holder = real_read(path)
+        if not raced and path == tmp_path / LOCK and holder is not None and holder.pid == os.getpid():
+            raced.append(True)
+            write_lock(tmp_path, host="gpu-node-9", pid=31337)  # lands after the check, before the touch
+        return holder
+
+    lock = RunLock(tmp_path).acquire()
+    monkeypatch.setattr(rundir, "_read_holder", read_then_lose_the_race)
+    deadline = time.time() + 30
+    while lock.lost_to is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert raced
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == 31337  # the newcomer's lock survived the beat
+    with pytest.raises(OperaError, match="lost the lock .* to pid 31337 on host gpu-node-9"):
+        lock.check_owner()
+    lock.release()

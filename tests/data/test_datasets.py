@@ -291,3 +291,26 @@ def test_batch_larger_than_dataset():
     with pytest.raises(OperaError) as e:
         steps_per_epoch(100, 10, 3)
     assert "multiple of 3" in _one_line(e)
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Item ``i``: three draws from torch's global RNG (what a transform consumes)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(3), i
+
+
+def test_seeded_items_draw_the_sample_seeds_stream_and_leave_the_callers_rng_alone():
+    from opera.data.loader import sample_seed
+
+    ds = SeededDataset(_Draws(), seed=5)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    got = ds[(2, 3)][0]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+    torch.manual_seed(sample_seed(5, 2, 3))  # the stream runs of earlier versions drew (resume stays exact)
+    assert torch.equal(got, torch.rand(3))
+    assert not torch.equal(got, ds[(2, 2)][0]) and not torch.equal(got, ds[(1, 3)][0])

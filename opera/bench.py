@@ -216,18 +216,21 @@ def bench_step(steps: int = 20, warmup: int = 3, roofline: bool = True, **config
 
 
 class TreeMemory:
-    """Peak memory of this process and its children (DataLoader workers), sampled every
-    ``interval`` s from /proc in a thread: ``peak_rss_mb`` is the largest sum of their RSS (pages
-    that forked workers share with the parent count once per process, as ``ps`` and SLURM's
-    accounting do), ``peak_pss_mb`` the largest sum of PSS (shared pages split between sharers).
-    Off Linux only the process's own ``ru_maxrss`` is known."""
+    """Peak memory of this process and its children (DataLoader workers), read from /proc by
+    :meth:`sample`, which :func:`time_pipeline` calls *between* timed steps, never beside them.
 
-    def __init__(self, interval: float = 0.05):
-        import threading
+    ``peak_rss_mb`` is the sum over the processes of each one's own RSS high-water mark
+    (``VmHWM``, kept by the kernel, so a peak inside a step is not missed; pages that forked
+    workers share with the parent count once per process, as ``ps`` and SLURM's accounting do).
+    It bounds the peak of the sum from above. ``peak_pss_mb`` is the largest sum of PSS (shared
+    pages split between sharers) seen between steps. Why not a sampling thread: reading
+    ``smaps_rollup`` walks a process's page tables under its memory-map lock, so the process
+    cannot fault pages in meanwhile; sampled every 50 ms beside the steps, it slowed the timed
+    pipeline by ~40% (BENCHMARKS.md). Off Linux only the process's own ``ru_maxrss`` is known."""
 
-        self.interval, self.peak_rss_mb, self.peak_pss_mb = interval, 0.0, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self) -> None:
+        self.peak_rss_mb, self.peak_pss_mb = 0.0, 0.0
+        self.proc = os.path.isdir("/proc/self/task")
 
     @staticmethod
     def _pids() -> list[int]:
@@ -255,27 +258,19 @@ class TreeMemory:
         return 0.0
 
     def sample(self) -> None:
+        if not self.proc:
+            self.peak_rss_mb = _peak_rss_mb()
+            return
         pids = self._pids()
-        rss = sum(self._kb(f"/proc/{p}/status", "VmRSS:") for p in pids) / 1024
+        rss = sum(self._kb(f"/proc/{p}/status", "VmHWM:") for p in pids) / 1024
         pss = sum(self._kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
         self.peak_rss_mb, self.peak_pss_mb = max(self.peak_rss_mb, rss), max(self.peak_pss_mb, pss)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
     def __enter__(self) -> "TreeMemory":
-        if os.path.isdir("/proc/self/task"):
-            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-            self.sample()
-        else:
-            self.peak_rss_mb = self.peak_pss_mb = _peak_rss_mb()
+        self.sample()
 
 
 def time_pipeline(batches, step, steps: int, warmup: int, batch_size: int, sync=lambda: None) -> dict[str, Any]:
@@ -302,6 +297,7 @@ def time_pipeline(batches, step, steps: int, warmup: int, batch_size: int, sync=
             if i >= warmup:
                 waits.append(t1 - t0)
                 computes.append(t2 - t1)
+            mem.sample()  # between steps, outside the timed spans (see TreeMemory)
     wall = sum(waits) + sum(computes)
     return {"steps": steps, "warmup": warmup, "img_per_s": batch_size * steps / wall,
             "s_per_step": statistics.median([w + c for w, c in zip(waits, computes)]),

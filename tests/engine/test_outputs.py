@@ -178,3 +178,25 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     good = load_state(tmp_path / "last.pt")
     assert good["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_a_step_the_fp16_scaler_skipped_stays_out_of_the_epoch_means(tmp_path, monkeypatch):
+    """A non-finite step (what GradScaler skips under train.amp=fp16) must not turn the epoch's
+    mean loss into inf/NaN: the epoch row averages the finite steps only."""
+    import dataclasses
+
+    real_step, seen = pretrain.train_step, []
+
+    def one_step_overflows(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if len(seen) == 3:
+            out = dataclasses.replace(out, loss=torch.tensor(float("inf")))
+        seen.append(float(out.loss))
+        return out
+
+    monkeypatch.setattr(pretrain, "train_step", one_step_overflows)
+    result = run_pretrain(apply_overrides(load_config("cpu_digits"), SMALL + ["train.epochs=1", "train.knn_every=0"]), tmp_path)
+    finite = [v for v in seen if math.isfinite(v)]
+    assert len(seen) > 4 and len(finite) == len(seen) - 1
+    assert result["loss"] == pytest.approx(sum(finite) / len(finite), rel=1e-6)
+    assert all(math.isfinite(v) for k, v in result.items() if k.startswith("loss"))

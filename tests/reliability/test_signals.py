@@ -28,8 +28,29 @@ def logged_step(output: Path) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
+def _default_signals() -> None:
+    """In the child, before Python starts: SIGINT/SIGTERM at their defaults. A shell without job
+    control starts background commands with SIGINT ignored, and an ignored signal is inherited;
+    Python then installs no Ctrl-C handler, and opera rightly leaves an ignored signal alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+
+
+def first_line(proc: subprocess.Popen) -> str:
+    """The child's next non-empty stderr line; fails (instead of spinning on EOF) if it exits first."""
+    while True:
+        line = proc.stderr.readline()
+        if line.strip():
+            return line
+        if not line:  # EOF: the child is gone without a word
+            proc.wait(timeout=60)
+            pytest.fail(f"the run exited ({proc.returncode}) before printing anything on stderr; "
+                        f"stdout ends: {proc.stdout.read()[-2000:]!r}")
 
 
 def wait_for_step(proc: subprocess.Popen, output: Path, step: int) -> None:
@@ -71,9 +92,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path, child):
     proc = start(opera_argv(out, *LONG, "--batch-size", "256"), env)  # long steps: the second signal lands mid-step
     wait_for_step(proc, out, 1)  # step 2 has just begun
     proc.send_signal(signal.SIGINT)
-    first = ""
-    while not first.strip():  # the handler ran (its line): the step is still finishing
-        first = proc.stderr.readline()
+    first = first_line(proc)  # the handler ran (its line): the step is still finishing
     assert "SIGINT received: finishing the current step" in first
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
@@ -101,7 +120,11 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_not_an_error(tmp_path):
         with Interrupted(tmp, "w") as f:
             torch.save({"global_step": 2, "w": torch.randn(1 << 16)}, f)
 
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(tmp_path / LAST, write)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if inherited ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(tmp_path / LAST, write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert int(load_state(tmp_path / LAST)["global_step"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]

@@ -52,6 +52,23 @@ def test_side_by_side_reports_images_per_second_of_each_pipeline(jpegs, monkeypa
     assert (r["pil_img_per_s"], r["v2_img_per_s"], r["speedup"], r["images"]) == (2.0, 1.0, 0.5, 4)
 
 
+def test_the_device_half_is_timed_beside_the_two_per_image_pipelines(jpegs, monkeypatch):
+    """Three pipelines alternate batch by batch; on a clock where PIL batches take 1 s, v2 2 s and
+    the crop-only worker half 4 s: 2, 1 and 0.5 img/s. The crop half gives two uint8 crops and
+    their parameter rows, the same for the same index."""
+    clock = itertools.accumulate(itertools.cycle([1.0, 0.0, 2.0, 0.0, 4.0, 0.0]), initial=0.0)
+    monkeypatch.setattr(data_pipeline, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    r = data_pipeline.compare_pipelines(jpegs, img_size=24, batches=2, batch_size=2, workers=0, device_half=True)
+    assert (r["pil_img_per_s"], r["v2_img_per_s"], r["crop_img_per_s"], r["crop_speedup"]) == (2.0, 1.0, 0.5, 0.25)
+    ds = data_pipeline.CropFiles(opera_bench.image_files(jpegs), 24)
+    crops, params = ds[1]
+    assert crops.shape == (2, 3, 24, 24) and crops.dtype == torch.uint8 and params.shape[0] == 2
+    again, same = ds[1]
+    assert torch.equal(crops, again) and torch.equal(params, same)
+    with pytest.raises(OperaError, match="--workers 0"):
+        data_pipeline.compare_pipelines(jpegs, img_size=24, batches=1, batch_size=2, workers=1, device_half=True)
+
+
 def test_opera_bench_data_times_opera_pipeline_alone(jpegs, monkeypatch):
     """6 images after the warm-up, read 3 s apart on the fake clock: 2 img/s; the files are
     augmented by opera's own two-crop transform."""

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-
 from collections.abc import Iterator
 
 import torch
@@ -67,7 +66,7 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (what the transforms draw from, and all that fork_rng restores):
             # torch.manual_seed would also reseed every CUDA generator (left changed) and, before
-            # CUDA is initialised, format three stack traces per call (~10% of a worker's time).
+            # CUDA is initialised, format three stack traces per call (a quarter of a worker's time).
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             return self.dataset[index]
 

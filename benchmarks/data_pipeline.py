@@ -71,9 +71,9 @@ class PILFiles(torch.utils.data.Dataset):
 
 class CropFiles(torch.utils.data.Dataset):
     """The worker half of ``data.augment_on=device`` (the default): decode, then the two uint8
-    RandomResizedCrops with their parameters (``CropForDevice``), under the sample's seed as
-    ``SeededDataset`` draws it. Flip, jitter, grayscale, blur, solarize and normalisation run
-    batched on the training device afterwards, not in the worker."""
+    RandomResizedCrops with their parameters (``CropForDevice``). Flip, jitter, grayscale, blur,
+    solarize and normalisation run batched on the training device afterwards, not in the worker.
+    :func:`crop_files` adds the per-sample seeding a training worker does."""
 
     def __init__(self, files: list[str], img_size: int):
         from opera.data.device_augment import BatchTwoCrop, CropForDevice
@@ -85,11 +85,15 @@ class CropFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         from opera.data.datasets import decode_image_file
-        from opera.data.loader import sample_seed
 
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(0, 0, i))
-            return self.crop(decode_image_file(self.files[i]))
+        return self.crop(decode_image_file(self.files[i]))
+
+
+def crop_files(files: list[str], img_size: int, seed: int = 0):
+    """:class:`CropFiles` under ``SeededDataset``, as a training worker runs it (seed, epoch 0, index)."""
+    from opera.data.loader import SeededDataset
+
+    return SeededDataset(CropFiles(files, img_size), seed)
 
 
 def _time_in_process(pil_ds, v2_ds, n_images: int, batch_size: int, crop_ds=None) -> tuple[float, ...]:
@@ -120,7 +124,7 @@ def compare_pipelines(folder: str, img_size: int = 224, batches: int = 4, batch_
                       device_half: bool = False) -> dict:
     """``{"v2_img_per_s", "pil_img_per_s", "speedup", "images", "img_size", "workers"}``, per worker;
     ``device_half`` (in-process only) adds ``crop_img_per_s`` and ``crop_speedup``: the worker's
-    share of ``augment_on=device`` (:class:`CropFiles`) against the official per-image PIL work."""
+    share of ``augment_on=device`` (:func:`crop_files`) against the official per-image PIL work."""
     if batches < 1 or batch_size < 1 or workers < 0:
         raise OperaError("batches and batch_size must be >= 1 and workers >= 0")
     if device_half and workers:
@@ -131,7 +135,7 @@ def compare_pipelines(folder: str, img_size: int = 224, batches: int = 4, batch_
     pil_ds, v2_ds = PILFiles(files, img_size), TwoCropFiles(files, img_size)
     extra = {}
     if workers == 0:
-        rates = _time_in_process(pil_ds, v2_ds, n, batch_size, CropFiles(files, img_size) if device_half else None)
+        rates = _time_in_process(pil_ds, v2_ds, n, batch_size, crop_files(files, img_size) if device_half else None)
         pil, v2 = rates[:2]
         if device_half:
             extra = {"crop_img_per_s": rates[2], "crop_speedup": rates[2] / pil}

@@ -60,7 +60,7 @@ def test_the_device_half_is_timed_beside_the_two_per_image_pipelines(jpegs, monk
     monkeypatch.setattr(data_pipeline, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     r = data_pipeline.compare_pipelines(jpegs, img_size=24, batches=2, batch_size=2, workers=0, device_half=True)
     assert (r["pil_img_per_s"], r["v2_img_per_s"], r["crop_img_per_s"], r["crop_speedup"]) == (2.0, 1.0, 0.5, 0.25)
-    ds = data_pipeline.CropFiles(opera_bench.image_files(jpegs), 24)
+    ds = data_pipeline.crop_files(opera_bench.image_files(jpegs), 24)
     crops, params = ds[1]
     assert crops.shape == (2, 3, 24, 24) and crops.dtype == torch.uint8 and params.shape[0] == 2
     again, same = ds[1]

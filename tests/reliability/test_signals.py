@@ -28,17 +28,23 @@ def logged_step(output: Path) -> int:
     return max((r.get("step", 0) for r in rows), default=0)
 
 
-def _default_signals() -> None:
-    """In the child, before Python starts: SIGINT/SIGTERM at their defaults. A shell without job
-    control starts background commands with SIGINT ignored, and an ignored signal is inherited;
-    Python then installs no Ctrl-C handler, and opera rightly leaves an ignored signal alone."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_signals)
+    """Start a child whose SIGINT/SIGTERM are at their defaults, whatever this process inherited.
+
+    A shell without job control starts background commands with SIGINT ignored; an ignored signal
+    survives ``exec`` (Python then installs no Ctrl-C handler, and opera rightly leaves an ignored
+    signal alone), a caught one is reset to the default. So catch both here while the child starts
+    (``Popen`` returns once it has exec'd), instead of a ``preexec_fn``, which is unsafe in a
+    process with threads."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler == signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler)
+    try:
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def first_line(proc: subprocess.Popen) -> str:

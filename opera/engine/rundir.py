@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from opera.engine.checkpoint import LAST, PREV, load_state
 from opera.errors import OperaError
@@ -413,12 +413,14 @@ class Stopped(OperaError):
 class GracefulStop:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
 
-    Only signals still at their default disposition are taken (under submitit, its own SIGTERM
-    and USR2 handlers stay in charge of requeueing). A second signal aborts at once
+    Only signals still at their default disposition are taken (under submitit, SIGTERM stays
+    submitit's; its USR2 is deferred to :meth:`request` by :class:`opera.launch.slurm.Requeueable`,
+    which requeues once the loop has written ``last.pt``). A second signal aborts at once
     (``KeyboardInterrupt``); the previous handlers are restored on exit.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    _active: ClassVar[list[GracefulStop]] = []  # entered and not yet exited, innermost last
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -431,12 +433,25 @@ class GracefulStop:
                 if current in (signal.SIG_DFL, signal.default_int_handler):
                     self._previous[sig] = current
                     signal.signal(sig, self._handle)
+            GracefulStop._active.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in GracefulStop._active:
+            GracefulStop._active.remove(self)
+
+    @classmethod
+    def active(cls) -> GracefulStop | None:
+        """The innermost stop request in force in this process (a loop that checkpoints at its step
+        boundaries is running), or ``None``. The SLURM wrapper defers submitit's USR2 to it."""
+        return cls._active[-1] if cls._active else None
+
+    def request(self, signum: int) -> None:
+        """Ask the loop to stop after its current step (what a first SIGINT/SIGTERM does)."""
+        self.signum = self.signum or signum
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
@@ -444,7 +459,7 @@ class GracefulStop:
             print(f"{signal.Signals(signum).name} again: aborting at once; the last checkpoint written is intact, rerun "
                   "the same command to resume from it", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
-        self.signum = signum
+        self.request(signum)
         print(f"\n{signal.Signals(signum).name} received: finishing the current step, then writing last.pt "
               "(send it again to abort at once)", file=sys.stderr, flush=True)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,13 +101,39 @@ class Requeueable:
 
     ``fn`` must be picklable (a module-level function) and resume by itself from what it saved
     (opera's training resumes from ``<output>/last.pt``, where it saves).
+
+    In the job, submitit's USR2 handler requeues and then calls ``sys.exit`` wherever the main thread
+    happens to be - inside ``torch.save`` of a checkpoint, say, whose writer then fails on the
+    interrupted file and turns the requeue into a failed job. So while ``fn`` runs, USR2 goes to
+    :class:`DeferredRequeue` instead: with a training loop running (a
+    :class:`~opera.engine.rundir.GracefulStop` is active) the loop finishes its step, writes
+    ``last.pt`` and raises :class:`~opera.engine.rundir.Stopped`, and only then does submitit
+    requeue. A loop that reaches no step boundary within ``grace_s`` seconds (half the signal's
+    lead on the time limit by default) is requeued where it stands, as submitit would.
     """
 
-    def __init__(self, fn: Callable[..., Any]):
+    def __init__(self, fn: Callable[..., Any], grace_s: float = 45.0):
         self.fn = fn
+        self.grace_s = grace_s
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
+        from opera.engine.rundir import Stopped
+
+        with DeferredRequeue(getattr(self, "grace_s", 45.0)) as deferred:
+            try:
+                return self.fn(*args, **kwargs)
+            except Stopped as stop:
+                if deferred.signum is None or stop.signum != deferred.signum:
+                    raise
+                print(f"stopped at step {stop.step} with last.pt written; requeueing the job", file=sys.stderr,
+                      flush=True)
+                deferred.requeue_now()  # task 0: requeue and SystemExit; UncompletedJobError if not requeueable
+                deferred.wait_for_requeue()  # other tasks: task 0's requeue ends them
+                raise
+            except BaseException:
+                if deferred.requeued:  # the job is requeued: whatever the exit unwound into is not a failure
+                    raise SystemExit(-1) from None
+                raise
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         import submitit
@@ -114,6 +142,84 @@ class Requeueable:
 
     def __repr__(self) -> str:
         return f"Requeueable({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+class DeferredRequeue:
+    """Hold submitit's USR2 handler back until the running loop has checkpointed (see
+    :class:`Requeueable`). Outside submitit (USR2 not handled by a Python function) it does nothing.
+    """
+
+    SIGNAL = getattr(signal, "SIGUSR2", None)
+    WAIT_S = 600.0  # how long a task other than 0 waits for task 0's requeue to end it
+
+    def __init__(self, grace_s: float = 45.0):
+        self.grace_s = grace_s
+        self.signum: int | None = None  # the signal deferred to the loop
+        self.requeued = False  # submitit's handler requeued the job (and is exiting)
+        self._handler: Callable[..., Any] | None = None
+        self._timer: threading.Timer | None = None
+        self._called = False
+
+    def __enter__(self) -> DeferredRequeue:
+        if self.SIGNAL is None or threading.current_thread() is not threading.main_thread():
+            return self
+        current = signal.getsignal(self.SIGNAL)
+        if callable(current):
+            self._handler = current
+            signal.signal(self.SIGNAL, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._handler is not None:
+            signal.signal(self.SIGNAL, self._handler)
+            self._handler = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        from opera.engine.rundir import GracefulStop
+
+        stop = GracefulStop.active()
+        if self.signum is None and stop is not None:
+            self.signum = signum
+            stop.request(signum)
+            print(f"{signal.Signals(signum).name} (preemption or time limit): finishing the current step and writing "
+                  f"last.pt, then requeueing (at once if that takes over {self.grace_s:.0f}s)", file=sys.stderr,
+                  flush=True)
+            self._timer = threading.Timer(self.grace_s, signal.pthread_kill, (threading.main_thread().ident, signum))
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        if self.signum is not None:
+            print(f"{signal.Signals(signum).name}: no step boundary within {self.grace_s:.0f}s; requeueing at once "
+                  "(the run resumes from its previous checkpoint)", file=sys.stderr, flush=True)
+        self._call(signum, frame)
+
+    def _call(self, signum: int, frame: Any) -> None:
+        if self._called:  # the grace timer's signal and the loop's own stop may both arrive
+            return
+        self._called = True
+        try:
+            self._handler(signum, frame)  # submitit: task 0 requeues and exits; the other tasks return
+        except SystemExit:
+            self.requeued = True
+            raise
+
+    def requeue_now(self) -> None:
+        """The loop has written ``last.pt``: let submitit requeue (task 0 does not return from it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._handler is not None and self.signum is not None:
+            self._call(self.signum, None)
+
+    def wait_for_requeue(self, timeout_s: float | None = None) -> None:
+        """Tasks other than 0: the requeue of the job by task 0 stops this process; wait for it
+        (bounded, in case task 0 could not requeue) instead of ending with a result of our own."""
+        if self._handler is None:
+            return
+        deadline = time.monotonic() + (self.WAIT_S if timeout_s is None else timeout_s)
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def make_executor(options: SlurmOptions, folder: str | Path | None = None):
@@ -141,7 +247,7 @@ def submit(fn: Callable[..., Any], *args: Any, options: SlurmOptions | None = No
     options = options or SlurmOptions()
     executor = make_executor(options, folder)
     with _sbatch_errors(options):
-        return executor.submit(Requeueable(fn), *args, **kwargs)
+        return executor.submit(Requeueable(fn, grace_s=options.signal_delay_s / 2), *args, **kwargs)
 
 
 def submit_array(fn: Callable[..., Any], list_of_args: Sequence[tuple | list], options: SlurmOptions | None = None,
@@ -153,7 +259,7 @@ def submit_array(fn: Callable[..., Any], list_of_args: Sequence[tuple | list], o
     if not calls:
         return []
     executor = make_executor(options, folder)
-    wrapped = Requeueable(fn)
+    wrapped = Requeueable(fn, grace_s=options.signal_delay_s / 2)
     jobs = []
     with _sbatch_errors(options):
         with executor.batch():

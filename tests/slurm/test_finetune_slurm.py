@@ -58,11 +58,15 @@ def test_preempted_finetune_job_requeues_resumes_and_matches_an_uninterrupted_ru
     job._interrupt()  # preemption as submitit simulates it: USR2 -> checkpoint() -> requeue
     result = wait_and_tail(job, timeout=TIMEOUT_S, tail=False)
     log = Path(str(describe(job).stdout)).read_text(errors="replace")
+    err = Path(str(describe(job).stderr)).read_text(errors="replace")
     resumed = re.findall(r"resuming from (\S+) at epoch \d+, step (\d+)", log)
+    # the USR2 was held back until the step ended and last.pt was written; the job resumes at that very step
+    stopped = re.findall(r"stopped at step (\d+) with last.pt written; requeueing the job", err)
+    assert len(stopped) == 1, err[-3000:]
     print(f"\nfinetune job {job.job_id}: preempted with last.pt at step {before}, requeued, resumed at "
           f"{resumed[0][1] if resumed else '?'}; top1 {result['metrics']['top1']:.2f}")
     assert len(resumed) == 1 and Path(resumed[0][0]) == out / "last.pt", log[-3000:]
-    assert before <= int(resumed[0][1]) < TOTAL_STEPS
+    assert before <= int(resumed[0][1]) == int(stopped[0]) < TOTAL_STEPS
     assert f"opera task 0/1 (job {job.job_id}, restart 1)" in log
     assert result["metrics"]["steps"] == TOTAL_STEPS == saved_step(out)
 

@@ -114,6 +114,9 @@ def test_preempted_job_requeues_and_resumes_from_last_checkpoint(slurm_accountin
           f"and finished {finished_in:.1f}s after the interrupt")
     assert Path(path) == out / "last.pt"  # resume path == save path
     assert before <= step < TOTAL_STEPS, "the requeued job did not resume from the step it had saved"
+    # both ranks finished the step the USR2 landed in; then task 0 wrote last.pt and requeued; resumed there
+    err = Path(str(describe(job).stderr)).read_text(errors="replace")
+    assert re.findall(r"stopped at step (\d+) with last.pt written; requeueing the job", err) == [str(step)], err[-3000:]
     assert "opera task 0/2 (job %s, restart 1)" % job.job_id in log and "opera task 1/2 (job %s, restart 1)" % job.job_id in task_log(job, 1)
     assert result["global_step"] == TOTAL_STEPS and result["finished"]
     assert saved_step(out) == TOTAL_STEPS

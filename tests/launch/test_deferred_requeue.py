@@ -124,14 +124,23 @@ def test_other_tasks_stop_at_the_step_then_wait_for_task_0s_requeue(submitit_usr
 
 def test_sigint_under_submitit_is_a_plain_stop_not_a_requeue(submitit_usr2, tmp_path):
     fake = submitit_usr2()
-    with pytest.raises(Stopped) as stopped:
-        Requeueable(train)(tmp_path, 10, 4, sig=signal.SIGINT)
+    # Python's own Ctrl-C handler, as in a terminal (a suite started in the background inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            Requeueable(train)(tmp_path, 10, 4, sig=signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert stopped.value.signum == signal.SIGINT and stopped.value.step == 4
     assert fake.calls == []
 
 
-def test_outside_submitit_usr2_is_left_alone(tmp_path):
-    assert signal.getsignal(USR2) == signal.SIG_DFL
-    seen = []
-    assert Requeueable(lambda: seen.append(signal.getsignal(USR2)) or 7)() == 7
-    assert seen == [signal.SIG_DFL]
+@pytest.mark.parametrize("disposition", [signal.SIG_DFL, signal.SIG_IGN])
+def test_outside_submitit_usr2_is_left_alone(disposition):
+    previous = signal.signal(USR2, disposition)
+    try:
+        seen = []
+        assert Requeueable(lambda: seen.append(signal.getsignal(USR2)) or 7)() == 7
+        assert seen == [disposition] and signal.getsignal(USR2) == disposition
+    finally:
+        signal.signal(USR2, previous)

@@ -329,6 +329,57 @@ def pretrain_data(data_cfg, seed: int, run_dir: Path | None, main: bool = True,
     return dataset, sets, summary
 
 
+# ----------------------------------------------------------------------------- resuming on the same data
+def _relative_names(dataset) -> list[str]:
+    """The names of every image of ``dataset`` in order, as :func:`item_name` gives them (paths
+    relative to their data folder; ``digits[123]`` for data in memory), through the wrappers a
+    run builds (:class:`WithUnlabelled`, ``Subset``)."""
+    if isinstance(dataset, WithUnlabelled):
+        return _relative_names(dataset.labelled) + _relative_names(dataset.unlabelled)
+    if isinstance(dataset, torch.utils.data.Subset):
+        names = _relative_names(dataset.dataset)
+        return [names[int(i)] for i in dataset.indices]
+    from opera.data.datasets import _unwrap
+
+    base = _unwrap(dataset)
+    root = getattr(base, "root", None) if isinstance(base, UnlabelledImages) else getattr(getattr(base, "spec", None), "root", None)
+    prefix = os.path.join(root, "") if root else None
+    out = []
+    for i in range(len(dataset)):
+        name = base.describe_item(i)
+        if prefix is not None:
+            name = name[len(prefix):] if name.startswith(prefix) else item_name(dataset, i)
+        out.append(name.replace(os.sep, "/"))
+    return out
+
+
+def data_identity(dataset) -> dict[str, object]:
+    """What a resumed run must find again in its training data: how many images there are and a
+    digest of their names in order. The sampler's order, the labelled subset and the steps per
+    epoch all follow from them, so a folder that gained or lost images since the run began would
+    silently train on other data from the resumed step on."""
+    import hashlib
+
+    names = _relative_names(dataset)
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    unlabelled = len(dataset.unlabelled) if isinstance(dataset, WithUnlabelled) else 0
+    return {"images": len(names), "unlabelled": unlabelled, "digest": digest}
+
+
+def check_same_data(saved: dict | None, now: dict, path: Path | str, what: str = "--data / --unlabeled") -> None:
+    """Refuse (one line) to resume ``path`` on training data other than the data it was saved on.
+    Checkpoints written before the data was recorded (``saved`` None) are not checked."""
+    if not saved or saved == now:
+        return
+    if saved.get("images") != now.get("images") or saved.get("unlabelled") != now.get("unlabelled"):
+        change = (f"it was trained on {saved.get('images')} images ({saved.get('unlabelled')} unlabelled), this run "
+                  f"finds {now.get('images')} ({now.get('unlabelled')} unlabelled)")
+    else:
+        change = f"it was trained on {saved.get('images')} images and this run finds as many, but other files or in another order"
+    raise OperaError(f"{path}: the training data changed since the run began: {change}; restore {what} as they were "
+                     "to resume, or choose a new --output to train on the new data")
+
+
 # ----------------------------------------------------------------------------- evaluations
 def _header_field(path: Path, field: str) -> str | None:
     first = next((line for line in path.read_text().splitlines() if line.startswith(_HEADER)), "")

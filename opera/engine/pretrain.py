@@ -66,27 +66,35 @@ def resolve_optimizer_name(cfg: PretrainConfig, hierarchy: SupervisionHierarchy)
     return name
 
 
-def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed by this run."""
+def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run (``data``: the training data's
+    :func:`~opera.data.labels.data_identity`)."""
     spec = get_spec(hierarchy.backbone)
-    return {"hierarchy": hierarchy.spec, "arrangement": hierarchy.arrangement,
+    want = {"hierarchy": hierarchy.spec, "arrangement": hierarchy.arrangement,
             "backbone": spec.name if spec else None, "num_classes": hierarchy.label_sets.get("class"),
             "label_sets": dict(hierarchy.label_sets)}
+    if data is not None:
+        want["data"] = data
+    return want
 
 
 #: identity keys that checkpoints of older versions lack (not compared when absent)
-_NEWER_IDENTITY = ("label_sets",)
+_NEWER_IDENTITY = ("label_sets", "data")
 
 
 def check_resumable(state: dict[str, Any], want: dict[str, Any], path: Path) -> None:
+    from opera.data.labels import check_same_data
+
     have = state.get("identity") or {}
     diffs = [f"{k} {have.get(k)!r} (this run: {v!r})" for k, v in want.items()
-             if have.get(k) != v and not (k in _NEWER_IDENTITY and k not in have)]
+             if k != "data" and have.get(k) != v and not (k in _NEWER_IDENTITY and k not in have)]
     if diffs:
         raise OperaError(
             f"checkpoint {path} was trained with a different setup: {'; '.join(diffs)}; "
             "resume with the same settings or choose a new --output"
         )
+    if "data" in want:
+        check_same_data(have.get("data"), want["data"], path)
 
 
 def seed_step(seed: int, rank: int, global_step: int) -> None:
@@ -163,7 +171,7 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
                    stop: GracefulStop) -> PretrainSession:
     """Process group, data, hierarchy, optimizer, resume, DDP, config.yaml and loggers."""
     from opera.data import PretrainFeed, steps_per_epoch
-    from opera.data.labels import pretrain_data
+    from opera.data.labels import data_identity, pretrain_data
 
     env = distributed.init(cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -196,7 +204,7 @@ def setup_pretrain(cfg: PretrainConfig, output: Path, resume: str | None, owner:
     nhwc = None if device.type == "cuda" and cfg.train.channels_last else False  # None: CNN backbones only
     hierarchy = prepare_model(hierarchy, device, channels_last=nhwc)
     channels_last = hierarchy.opera_channels_last
-    want = identity(cfg, hierarchy)
+    want = identity(cfg, hierarchy, data_identity(train_data))
     opt_name = resolve_optimizer_name(cfg, hierarchy)
     lr = cfg.optim.base_lr * batch / 256
     optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas,

@@ -313,7 +313,7 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
 
     epoch, start, step, best = 0, 0, 0, 0.0
     metrics: dict[str, Any] = {}
-    want = eval_identity(protocol, cfg, loaded)
+    want = eval_identity(protocol, cfg, loaded, train)
     source, state = load_eval_state(cfg.output, main)
     if state is not None:
         check_same_run(state, want, source)

@@ -260,7 +260,7 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
     heads = LinearHeads(val_feats.shape[1], val.num_classes, specs).to(device)
     if world > 1:
         heads = distributed.convert_sync_batchnorm(heads)  # BN over the global batch, as in one process
-    best = _fit_heads(cfg, heads, specs, sampler, batches, (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs),
+    best = _fit_heads(cfg, heads, specs, sampler, batches, (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs, train_eval),
                       run, stop, world, main)
     check_frozen(model, reference)
     metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment)
@@ -360,8 +360,8 @@ def _fit_heads(cfg: LinearConfig, heads: LinearHeads, specs: list[HeadSpec], sam
     return best
 
 
-def eval_identity_linear(cfg: LinearConfig, loaded, specs: list[HeadSpec]) -> dict[str, Any]:
-    want = eval_identity("linear", cfg, loaded)
+def eval_identity_linear(cfg: LinearConfig, loaded, specs: list[HeadSpec], train=None) -> dict[str, Any]:
+    want = eval_identity("linear", cfg, loaded, train)
     want["options"]["heads"] = [s.name for s in specs]
     return want
 

@@ -19,13 +19,18 @@ from opera.errors import OperaError
 VOLATILE = ("output", "device", "workers", "tensorboard", "checkpoint")
 
 
-def eval_identity(protocol: str, cfg: Any, loaded: Any) -> dict[str, Any]:
+def eval_identity(protocol: str, cfg: Any, loaded: Any, train: Any = None) -> dict[str, Any]:
     """What a resumed run must share with the one that saved: the protocol, the backbone
-    (its file's sha256, or the random:/timm: source) and every option but :data:`VOLATILE`."""
+    (its file's sha256, or the random:/timm: source), every option but :data:`VOLATILE`, and
+    the training images (``train``: their :func:`~opera.data.labels.data_identity`)."""
+    from opera.data.labels import data_identity
     from opera.evals.common import config_dict
 
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config_dict(cfg).items() if k not in VOLATILE}
-    return {"protocol": protocol, "backbone": loaded.sha256 or loaded.source, "options": options}
+    want = {"protocol": protocol, "backbone": loaded.sha256 or loaded.source, "options": options}
+    if train is not None:
+        want["data"] = data_identity(train)
+    return want
 
 
 def load_eval_state(output: str | Path, main: bool) -> tuple[Path | None, dict[str, Any] | None]:
@@ -47,3 +52,7 @@ def check_same_run(state: dict[str, Any], want: dict[str, Any], path: Path) -> N
     if diffs:
         raise OperaError(f"{path} was written by another evaluation: {'; '.join(diffs[:4])}; rerun with the original "
                          "options to resume it, or choose a new --output")
+    if "data" in want:
+        from opera.data.labels import check_same_data
+
+        check_same_data(have.get("data"), want["data"], path, what="--data")

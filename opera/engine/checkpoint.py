@@ -70,7 +70,8 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
 
 def _cause(exc: BaseException | None, kind: type, errnos: tuple[int, ...] = ()) -> BaseException | None:
     """The ``kind`` exception (with one of ``errnos``, if given) behind ``exc``: torch wraps what a
-    Python file's write raised (ENOSPC, or a KeyboardInterrupt from a signal handler) in a RuntimeError."""
+    Python file's write raised (ENOSPC, or a KeyboardInterrupt or SystemExit from a signal handler)
+    in a RuntimeError."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -128,6 +129,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None], need: int | Non
     except Exception as exc:
         if _cause(exc, KeyboardInterrupt) is not None:  # a second Ctrl-C inside torch.save's writes
             raise KeyboardInterrupt from None
+        exiting = _cause(exc, SystemExit)  # sys.exit from a signal handler (submitit's requeue) inside the writes
+        if exiting is not None:
+            raise SystemExit(exiting.code) from None
         full = _cause(exc, OSError, (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
         if full is None:
             raise

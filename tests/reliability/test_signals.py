@@ -134,3 +134,33 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_not_an_error(tmp_path):
         signal.signal(signal.SIGINT, previous)
     assert int(load_state(tmp_path / LAST)["global_step"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
+
+
+def test_sys_exit_inside_torch_save_is_that_exit_not_an_error(tmp_path):
+    """submitit's requeue handler calls sys.exit wherever the process is; inside a checkpoint write
+    torch turned that into ``RuntimeError: ... unexpected pos`` (a landing CI failure). The write
+    must end as the same SystemExit, leaving the previous file and no temporary one."""
+    save_state({"global_step": 1}, tmp_path / LAST)
+
+    def requeue_and_exit(signum, frame):
+        raise SystemExit(-1)
+
+    def write(tmp: str) -> None:
+        class Requeued(io.FileIO):
+            def write(self, b):
+                if self.tell() > 0:
+                    os.kill(os.getpid(), signal.SIGUSR1)  # its Python handler raises before the next line
+                return super().write(b)
+
+        with Requeued(tmp, "w") as f:
+            torch.save({"global_step": 2, "w": torch.randn(1 << 16)}, f)
+
+    previous = signal.signal(signal.SIGUSR1, requeue_and_exit)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            atomic_write(tmp_path / LAST, write)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert exited.value.code == -1
+    assert int(load_state(tmp_path / LAST)["global_step"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]

@@ -326,6 +326,13 @@ def finish_epoch(s: PretrainSession, epoch_row: dict[str, float]) -> dict[str, A
     if s.main:
         export_backbone(s.hierarchy.backbone, s.output / BACKBONE, {"identity": s.want, "epoch": state.epoch})
     s.progress.epoch_end(state.epoch - 1 if epoch_done else state.epoch, epochs, state.global_step, s.total_steps, epoch_row)
+    # A stop requested during the epoch's end (the kNN monitor can take minutes on ImageNet) stops
+    # here, with last.pt just written, rather than after the first step of the next epoch; under
+    # SLURM the deferred requeue then needs no data loader started for an epoch it will not train.
+    more = state.global_step < s.total_steps and not (cfg.train.max_steps and state.global_step >= cfg.train.max_steps)
+    signum = s.stop.requested(s.world)
+    if signum and more:
+        raise Stopped(state.global_step, signum)
     return {"epoch": state.epoch, "global_step": state.global_step, **epoch_row}
 
 

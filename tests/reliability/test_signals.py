@@ -164,3 +164,38 @@ def test_sys_exit_inside_torch_save_is_that_exit_not_an_error(tmp_path):
     assert exited.value.code == -1
     assert int(load_state(tmp_path / LAST)["global_step"]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
+
+
+def test_a_stop_during_the_epoch_end_stops_there_with_last_pt_of_the_epoch(tmp_path, monkeypatch):
+    """A signal landing in the epoch-end work (the kNN monitor, minutes on ImageNet) stops the run
+    right after the epoch's last.pt instead of after the first step of the next epoch; a signal in
+    the final epoch's end lets the finished run finish."""
+    from opera.configs import apply_overrides, load_config
+    from opera.engine import pretrain
+    from opera.engine.rundir import GracefulStop, Stopped
+
+    cfg = apply_overrides(load_config("cpu_digits"), [
+        "data.spec=digits:0-1", "train.epochs=3", "train.batch_size=64", "train.device=cpu", "train.knn_every=1",
+        "self.mlp_dim=32", "self.dim=16", "full.hidden=16", "backbone.img_size=16", "train.save_every_epochs=0"])
+    calls = []
+
+    def knn_then_sigterm(*args) -> float:
+        calls.append(True)
+        GracefulStop.active().request(signal.SIGTERM)  # as the handler does when SIGTERM arrives now
+        return 50.0
+
+    monkeypatch.setattr(pretrain, "knn_monitor", knn_then_sigterm)
+    with pytest.raises(Stopped) as stopped:
+        pretrain.run_pretrain(cfg, tmp_path)
+    per_epoch = 4  # 288 training images of digits 0-1, batches of 64, drop_last
+    assert stopped.value.step == per_epoch and stopped.value.signum == signal.SIGTERM and len(calls) == 1
+    assert int(load_state(tmp_path / LAST)["global_step"]) == per_epoch == logged_step(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["knn_top1"] for r in rows if "knn_top1" in r] == [50.0]
+
+    with pytest.raises(Stopped) as again:  # resumed at the epoch boundary: one more epoch, stopped at its end
+        pretrain.run_pretrain(cfg, tmp_path)
+    assert again.value.step == 2 * per_epoch and len(calls) == 2
+    result = pretrain.run_pretrain(cfg, tmp_path)  # the last epoch's stop request does not stop a finished run
+    assert result["global_step"] == 3 * per_epoch == int(load_state(tmp_path / LAST)["global_step"]) and len(calls) == 3
+    assert (tmp_path / "backbone.safetensors").is_file()

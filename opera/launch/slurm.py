@@ -123,7 +123,7 @@ class Requeueable:
             try:
                 return self.fn(*args, **kwargs)
             except Stopped as stop:
-                if deferred.signum is None or stop.signum != deferred.signum:
+                if deferred.signum is None:  # a plain SIGINT/SIGTERM stop: not a preemption
                     raise
                 print(f"stopped at step {stop.step} with last.pt written; requeueing the job", file=sys.stderr,
                       flush=True)
@@ -190,9 +190,9 @@ class DeferredRequeue:
             self._timer.daemon = True
             self._timer.start()
             return
-        if self.signum is not None:
-            print(f"{signal.Signals(signum).name}: no step boundary within {self.grace_s:.0f}s; requeueing at once "
-                  "(the run resumes from its previous checkpoint)", file=sys.stderr, flush=True)
+        if self.signum is not None and not self._called:
+            print(f"{signal.Signals(signum).name} again, or no step boundary within {self.grace_s:.0f}s: requeueing at "
+                  "once (the run resumes from its previous checkpoint)", file=sys.stderr, flush=True)
         self._call(signum, frame)
 
     def _call(self, signum: int, frame: Any) -> None:

@@ -52,7 +52,7 @@ def submitit_usr2(tmp_path):
         signal.signal(USR2, previous)
 
 
-def train(out: Path, steps: int, signal_at: int, sig: int = USR2) -> None:
+def train(out: Path, steps: int, signal_at: int, sig: int | tuple[int, ...] = USR2) -> None:
     """A loop that checkpoints every step; at ``signal_at`` the signal arrives in the middle of the write."""
     with GracefulStop() as stop:
         for step in range(1, steps + 1):
@@ -60,7 +60,8 @@ def train(out: Path, steps: int, signal_at: int, sig: int = USR2) -> None:
                 with open(tmp, "w") as f:
                     f.write(f"step {step} ")
                     if step == signal_at:
-                        os.kill(os.getpid(), sig)  # its Python handler runs before the next line
+                        for one in sig if isinstance(sig, tuple) else (sig,):
+                            os.kill(os.getpid(), one)  # its Python handler runs before the next line
                     f.write("complete")
 
             atomic_write(out / "last.pt", write)
@@ -144,3 +145,14 @@ def test_outside_submitit_usr2_is_left_alone(disposition):
         assert seen == [disposition] and signal.getsignal(USR2) == disposition
     finally:
         signal.signal(USR2, previous)
+
+
+def test_a_preemption_after_a_sigint_still_requeues(submitit_usr2, tmp_path):
+    fake = submitit_usr2()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit):
+            Requeueable(train)(tmp_path, 10, 2, sig=(signal.SIGINT, USR2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert fake.calls == ["step 2 complete"]

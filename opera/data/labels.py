@@ -57,10 +57,6 @@ def item_name(dataset, index: int) -> str:
     return name.replace(os.sep, "/")
 
 
-def _names(dataset) -> list[str]:
-    return [item_name(dataset, i) for i in range(len(dataset))]
-
-
 # ----------------------------------------------------------------------------- selection
 def is_all(spec: str | None) -> bool:
     return spec is None or str(spec).strip().lower() in ALL
@@ -121,7 +117,7 @@ def read_labels_file(path: str | Path) -> tuple[list[str], str | None]:
 
 
 def _match_file(dataset, names: list[str], path: str) -> list[int]:
-    all_names = _names(dataset)
+    all_names = _relative_names(dataset)
     exact = {n: i for i, n in enumerate(all_names)}
     by_base: dict[str, list[int]] = {}
     for i, n in enumerate(all_names):

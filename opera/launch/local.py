@@ -52,11 +52,23 @@ def _child(local_rank: int, fn: Callable[..., Any], args: tuple, nproc: int, por
     except OperaError as e:  # re-raised as such in the parent: the CLI shows one line
         out.write_bytes(pickle.dumps(("opera_error", str(e))))
         raise
+    _leave_group()
     try:
         payload = pickle.dumps(("ok", result))
     except Exception:  # an unpicklable result is not an error of the run
         payload = pickle.dumps(("ok", None))
     out.write_bytes(payload)
+
+
+def _leave_group() -> None:
+    """Every rank has returned: meet once more, then close the process group, so that no rank
+    exits (closing its gloo sockets and, on rank 0, the store) while another is still finishing
+    its last collective - which aborted that rank with SIGABRT in a CI run of ``knn --nproc 2``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launch_local(fn: Callable[..., Any], args: tuple = (), nproc: int = 2, *, timeout: float | None = None,

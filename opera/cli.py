@@ -198,7 +198,7 @@ def _click_exception_types() -> tuple[type, ...]:
 
 def main() -> None:
     """Console entry point: one line per user error, exit code 2."""
-    from opera.engine.rundir import Stopped
+    from opera.engine.stop import Stopped
 
     try:
         code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130, returned here

@@ -284,6 +284,30 @@ def init(device: str = "cpu", timeout_min: int = 30) -> DistEnv:
     return DistEnv(rank, world, local_rank, backend)
 
 
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` as a device (``auto`` and ``cuda``: this process's
+    ``cuda:local_rank``); a one-line error for an unknown name or CUDA asked for where there is none."""
+    from opera.errors import OperaError
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OperaError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OperaError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+    return torch.device("cuda", local_rank) if name == "cuda" else dev
+
+
+def join(device: str = "auto") -> tuple[DistEnv, torch.device]:
+    """Join the process group the launcher described (torchrun, ``--nproc``, SLURM; none alone)
+    and pick this process's device (``cuda:LOCAL_RANK`` for ``auto`` / ``cuda``)."""
+    dev = resolve_device(device)
+    env = init(dev.type)
+    return env, resolve_device(device, env.local_rank)
+
+
 def shutdown() -> None:
     if is_initialized():
         dist.destroy_process_group()

@@ -72,9 +72,11 @@ class RunLogger:
 
 
 class ProgressDisplay:
-    """Epoch, step, ETA and the live losses; a line per epoch when stdout is not a terminal."""
+    """Rank 0's progress on stdout: a line every ``log_every`` steps and one per epoch, on a
+    terminal or not (a SLURM or nohup log follows the run); on a terminal also a progress bar with
+    the epoch, the step, the ETA and the live losses."""
 
-    def __init__(self, enabled: bool, total_steps: int, done_steps: int):
+    def __init__(self, enabled: bool, total_steps: int, done_steps: int, what: str = "pretraining"):
         self.enabled = enabled
         self.console = Console(stderr=False)
         self.interactive = enabled and sys.stdout.isatty()
@@ -85,7 +87,7 @@ class ProgressDisplay:
                 TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=self.console,
             )
-            self._task = self._progress.add_task("pretrain", total=total_steps, completed=done_steps, epoch="-", losses="")
+            self._task = self._progress.add_task(what, total=total_steps, completed=done_steps, epoch="-", losses="")
             self._progress.start()
 
     def update(self, step: int, epoch: int, losses: dict[str, float]) -> None:
@@ -93,16 +95,26 @@ class ProgressDisplay:
             text = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
             self._progress.update(self._task, completed=step, epoch=epoch, losses=text)
 
+    def step_line(self, step: int, total: int, epoch: int, epochs: int, row: dict[str, float]) -> None:
+        """``step S/T (epoch E/N) loss=... [Xs]`` at the log cadence, and the bar moved on."""
+        if not self.enabled:
+            return
+        self.update(step, epoch, {k: v for k, v in row.items() if k.startswith("loss")})
+        text = " ".join(f"{k}={_plain(v):.4g}" for k, v in row.items() if isinstance(_plain(v), (int, float)))
+        self._print(f"step {step}/{total} (epoch {epoch}/{epochs}) {text} [{time.time() - self._t0:.0f}s]")
+
+    def _print(self, line: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(line, highlight=False, markup=False)
+        else:
+            print(line, flush=True)
+
     def epoch_end(self, epoch: int, epochs: int, step: int, total: int, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
         text = " ".join(f"{k}={_plain(v):.4g}" for k, v in row.items() if isinstance(_plain(v), (int, float)))
         elapsed = time.time() - self._t0
-        line = f"epoch {epoch + 1}/{epochs} step {step}/{total} {text} [{elapsed:.0f}s]"
-        if self._progress is not None:
-            self._progress.console.print(line)
-        else:
-            print(line, flush=True)
+        self._print(f"epoch {epoch + 1}/{epochs} step {step}/{total} {text} [{elapsed:.0f}s]")
 
     def close(self) -> None:
         if self._progress is not None:

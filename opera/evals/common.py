@@ -49,10 +49,28 @@ class EvalConfig:
     seed: int = 0
     workers: int = 0  # DataLoader workers
     tensorboard: bool = True
+    log_every: int = 10  # protocols that train: steps between a stdout line and a metrics.jsonl row (0: epoch ends only)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+#: options that may differ between the run that saved a checkpoint and the one that resumes it
+VOLATILE = ("output", "device", "workers", "tensorboard", "checkpoint", "log_every")
+
+
+def eval_identity(protocol: str, cfg: Any, loaded: Any, train: Any = None) -> dict[str, Any]:
+    """What a resumed evaluation must share with the one that saved: the protocol, the backbone
+    (its file's sha256, or the random:/timm: source), every option but :data:`VOLATILE`, and the
+    training images (``train``: their :func:`~opera.data.labels.data_identity`)."""
+    from opera.data.labels import data_identity
+
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config_dict(cfg).items() if k not in VOLATILE}
+    want = {"protocol": protocol, "backbone": loaded.sha256 or loaded.source, "options": options}
+    if train is not None:
+        want["data"] = data_identity(train)
+    return want
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -63,18 +81,6 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise OperaError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OperaError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    return dev
 
 
 def sha256_file(path: str | Path) -> str:
@@ -268,24 +274,10 @@ def check_frozen(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------- distributed
 def eval_env(device: str) -> tuple[Any, torch.device]:
-    """Join the process group the launcher described (torchrun, ``--nproc``, SLURM; none alone)
-    and pick this rank's device (``cuda:LOCAL_RANK`` for auto/cuda under several processes)."""
+    """Join the process group and pick this rank's device (:func:`opera.distributed.join`)."""
     from opera import distributed
 
-    dev = resolve_device(device)
-    env = distributed.init(dev.type)
-    if env.distributed and dev.type == "cuda" and device in ("auto", "cuda"):
-        dev = torch.device("cuda", env.local_rank)
-    return env, dev
-
-
-def reseed(seed: int, rank: int, step: int) -> None:
-    """Seed torch/numpy/random from (seed, rank, step): the augmentations and drop-path masks of a
-    step are then a function of the step, so a resumed run replays the uninterrupted one."""
-    s = (seed * 1_000_003 + rank * 7_919 + step) % (2**31 - 1)
-    torch.manual_seed(s)
-    random.seed(s)
-    np.random.seed(s)
+    return distributed.join(device)
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -490,9 +482,9 @@ def choose(name: str, value: str, choices: tuple[str, ...] | list[str]) -> str:
 
 
 __all__ = [
-    "EvalConfig", "EvalRun", "GlobalBatchSampler", "check_global_batch", "eval_env", "gathered_accuracy", "reseed",
+    "EvalConfig", "EvalRun", "GlobalBatchSampler", "check_global_batch", "eval_env", "gathered_accuracy", "eval_identity",
     "shard_of", "FrozenBackboneError", "LoadedBackbone", "RESULTS", "accuracy", "check_frozen",
     "check_output", "choose", "config_dict", "default_img_size", "extract_features", "is_vit", "load_eval_backbone",
-    "make_loader", "parse_data", "print_metrics", "resolve_device", "seed_everything", "sha256_file",
+    "make_loader", "parse_data", "print_metrics", "seed_everything", "sha256_file",
     "snapshot_state", "topk_correct",
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from opera import distributed
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
@@ -36,7 +37,6 @@ from opera.evals.common import (
     load_eval_backbone,
     make_loader,
     parse_data,
-    resolve_device,
     seed_everything,
 )
 
@@ -164,7 +164,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict:
         raise OperaError(f"--num-images must be at least 4, got {cfg.num_images}")
     if cfg.data:
         parse_data(cfg.data)
-    device = resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
     run = EvalRun("diagnose", cfg)
     loaded = load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, cfg.data or "digits", cfg.seed)
     run_data = (loaded.run_config or {}).get("data") or {}

@@ -18,9 +18,9 @@ images). Precedence, lowest first: dataclass defaults, the recipe, explicit opti
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from opera import distributed
-from opera.engine.checkpoint import LAST, save_state
+from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
-from opera.engine.rundir import GracefulStop, Stopped, owns_output
+from opera.engine.step import autocast_context
 from opera.errors import OperaError, suggest
 from opera.evals.common import (
     EvalConfig,
@@ -38,18 +38,18 @@ from opera.evals.common import (
     GlobalBatchSampler,
     LoadedBackbone,
     check_global_batch,
+    check_output,
     choose,
     eval_env,
+    eval_identity,
     gathered_accuracy,
     load_eval_backbone,
     make_loader,
     parse_data,
-    reseed,
     seed_everything,
     shard_of,
     topk_correct,
 )
-from opera.evals.resume import check_same_run, eval_identity, load_eval_state
 
 RECIPES = Path(__file__).parent / "recipes"
 
@@ -240,14 +240,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> dict[s
     return gathered_accuracy(counts, n)
 
 
-def _autocast(device: torch.device, amp: str):
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 # ----------------------------------------------------------------------------- the protocol
-@owns_output("fine-tuning", stop_at_once=False)
 def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, protocol: str = "finetune") -> dict:
     """Fine-tune ``cfg.checkpoint`` end to end on ``cfg.data``; returns the results dict.
 
@@ -259,20 +252,117 @@ def run_finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None = None, prot
     the steps of one process, up to the per-process draws of the augmentations and of Mixup
     (which, as in DeiT, mixes within each rank's share). Validation is sharded without padding.
 
-    Resumable like pretraining: rank 0 writes ``OUTPUT/last.pt`` at every epoch end, every
-    ``save_every_steps`` steps and when SIGINT/SIGTERM stops the run; rerunning the same command
-    (or a requeued SLURM job) continues from it. Every step reseeds from (seed, rank, step), so
-    with ``workers=0`` a resumed run replays the uninterrupted one exactly; with workers, the
-    augmentations after a mid-epoch resume are drawn anew (the same images in the same order).
+    Resumable like pretraining, in the same loop (:mod:`opera.engine.loop`): rank 0 writes
+    ``OUTPUT/last.pt`` at every epoch end, every ``save_every_steps`` steps and when SIGINT/SIGTERM
+    stops the run; rerunning the same command (or a requeued SLURM job) continues from it. Every
+    step reseeds from (seed, rank, step), so with ``workers=0`` a resumed run replays the
+    uninterrupted one exactly; with workers, the augmentations after a mid-epoch resume are drawn
+    anew (the same images in the same order).
     """
     _validate(cfg)
+    check_output(cfg.output, create=False)
     env, device = eval_env(cfg.device)
-    with GracefulStop() as stop:
-        return _finetune(cfg, loaded, protocol, env, device, stop)
+    with run_directory(cfg.output, env.rank == 0) as run:
+        return _finetune(cfg, loaded, protocol, env, device, run)
+
+
+@dataclass
+class FinetuneProtocol:
+    """Fine-tuning's :class:`~opera.engine.loop.TrainingProtocol`: the classifier (backbone +
+    head) with AdamW, Mixup/CutMix, label smoothing, layer-wise lr decay (DeiT / BEiT recipes)."""
+
+    cfg: FinetuneConfig
+    model: nn.Module  # the classifier (SyncBatchNorm'd under DDP with sync_bn)
+    net: nn.Module  # what the step calls: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sampler: GlobalBatchSampler
+    loader: Any
+    val_loader: Any
+    mixup: Any
+    criterion: nn.Module
+    lr: float
+    device: torch.device
+    world: int
+    want: dict[str, Any]
+    run: EvalRun
+    tag: str  # the protocol's name in results.json and TensorBoard ("finetune", "transfer-...")
+    name: str = "fine-tuning"
+    skips_nonfinite: bool = False
+    best: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)  # the last validation
+
+    def __post_init__(self) -> None:
+        self.sizes = self.sampler.global_sizes()
+        self.total, self.seen, self.cur = 0.0, 0, 0.0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size
+
+    def autocast(self):
+        return autocast_context(self.device, self.cfg.amp)
+
+    def identity(self) -> dict[str, Any]:
+        return self.want
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "best": self.best, "metrics": self.metrics}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.best, self.metrics = float(state["best"]), dict(state.get("metrics") or {})
+
+    def batches(self, at: Position) -> Iterator[Any]:
+        self.net.train()
+        self.sampler.set_epoch(at.epoch, at.step_in_epoch)
+        self.total, self.seen = 0.0, 0
+        return iter(self.loader)  # made now, before the loop seeds the first step (its augmentations are the step's)
+
+    def step(self, batch: Any, at: Position) -> dict[str, torch.Tensor]:
+        cfg, (x, y) = self.cfg, batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        self.cur = lr_at(at.epoch + at.step_in_epoch / max(1, len(self.sampler)), cfg.epochs, cfg.warmup_epochs, self.lr)
+        for g in self.opt.param_groups:
+            g["lr"] = self.cur * g["lr_scale"]
+        with self.autocast():
+            logits = self.net(x)
+        # this rank's sum over its share / the global batch size; x world undoes DDP's mean over ranks
+        n_global = self.sizes[at.step_in_epoch]
+        loss = self.criterion(logits.float(), y) * (len(x) * self.world / n_global)
+        if not torch.isfinite(loss):
+            return {"loss": loss.detach()}  # the loop ends the run in one line, last.pt intact
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.opt.step()
+        self.total += float(loss.detach()) * n_global / self.world
+        self.seen += len(x)
+        return {"loss": loss.detach()}
+
+    def log_row(self, at: Position) -> dict[str, float]:
+        return {"lr": self.cur}
+
+    def end_epoch(self, at: Position, finished_epoch: bool) -> dict[str, float]:
+        """Validation every ``eval_every`` epochs and at the end of the run (also a ``max_steps`` end)."""
+        cfg, epoch = self.cfg, at.epoch - 1 if finished_epoch else at.epoch
+        self.run.log(f"{self.tag}/train_loss", self.total / max(self.seen, 1), epoch)
+        self.run.log(f"{self.tag}/lr", self.cur, epoch)
+        last = at.epoch >= cfg.epochs or bool(cfg.max_steps and at.global_step >= cfg.max_steps)
+        if not (last or (finished_epoch and at.epoch % cfg.eval_every == 0)):
+            return {}
+        self.metrics = evaluate(self.model, self.val_loader, self.device, self.autocast)
+        self.best = max(self.best, self.metrics["top1"])
+        self.run.log(f"{self.tag}/val_top1", self.metrics["top1"], epoch)
+        self.run.log(f"{self.tag}/val_top5", self.metrics["top5"], epoch)
+        return {"val_top1": self.metrics["top1"]}
 
 
 def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str, env, device: torch.device,
-              stop: GracefulStop) -> dict:
+              run_dir: RunDirectory) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
@@ -307,84 +397,19 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
     criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     lr = cfg.base_lr * cfg.batch_size / cfg.lr_batch_base
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    autocast = _autocast(device, cfg.amp)
     steps_per_epoch = max(1, len(sampler))
-    sizes = sampler.global_sizes()
-
-    epoch, start, step, best = 0, 0, 0, 0.0
-    metrics: dict[str, Any] = {}
     want = eval_identity(protocol, cfg, loaded, train)
-    source, state = load_eval_state(cfg.output, main)
-    if state is not None:
-        check_same_run(state, want, source)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        epoch, start, step, best = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]), float(state["best"])
-        metrics = dict(state.get("metrics") or {})
-        if main:
-            print(f"resuming from {source} at epoch {epoch + 1}, step {step}", flush=True)
     net: nn.Module = model
     if world > 1:
         if cfg.sync_bn:
             model = distributed.convert_sync_batchnorm(model)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def checkpoint(in_epoch: int) -> None:
-        if main:
-            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "step_in_epoch": in_epoch, "global_step": step, "best": best, "metrics": metrics,
-                        "identity": want}, Path(cfg.output) / LAST)
-        distributed.barrier()
-
-    cur = 0.0
-    finished = epoch >= cfg.epochs or bool(cfg.max_steps and step >= cfg.max_steps)
-    while not finished:
-        net.train()
-        sampler.set_epoch(epoch, start)
-        total, seen = 0.0, 0
-        batches = iter(loader)
-        for i in range(start, len(sampler)):
-            reseed(cfg.seed, rank, step)  # before the fetch: a batch's augmentations are a function of its step
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            cur = lr_at(epoch + i / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, lr)
-            for g in opt.param_groups:
-                g["lr"] = cur * g["lr_scale"]
-            with autocast():
-                logits = net(x)
-            # this rank's sum over its share / the global batch size; x world undoes DDP's mean over ranks
-            loss = criterion(logits.float(), y) * (len(x) * world / sizes[i])
-            if not torch.isfinite(loss):
-                raise OperaError(f"fine-tuning diverged (loss {float(loss)}) at epoch {epoch}; lower --base-lr or add --clip-grad")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            total += float(loss.detach()) * sizes[i] / world
-            seen += len(x)
-            step += 1
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-            signum = stop.requested(world)
-            if signum:
-                checkpoint(i + 1)
-                raise Stopped(step, signum)
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and i + 1 < steps_per_epoch:
-                checkpoint(i + 1)
-        start = 0
-        run.log(f"{protocol}/train_loss", total / max(seen, 1), epoch)
-        run.log(f"{protocol}/lr", cur, epoch)
-        finished = epoch == cfg.epochs - 1 or bool(cfg.max_steps and step >= cfg.max_steps)
-        if finished or (epoch + 1) % cfg.eval_every == 0:
-            metrics = evaluate(model, val_loader, device, autocast)
-            best = max(best, metrics["top1"])
-            run.log(f"{protocol}/val_top1", metrics["top1"], epoch)
-            run.log(f"{protocol}/val_top5", metrics["top5"], epoch)
-        epoch += 1
-        checkpoint(0)
+    p = FinetuneProtocol(cfg, model, net, opt, sampler, loader, val_loader, mixup, criterion, lr, device, world, want, run, protocol)
+    loop = TrainingLoop(run_dir, p, Cadence(cfg.epochs, steps_per_epoch, cfg.max_steps, cfg.save_every_steps, 0, cfg.log_every),
+                        seed=cfg.seed, rank=rank, world=world, tensorboard=False)
+    loop.resume()
+    loop.run_to_end()
+    epoch, step, best, metrics = loop.at.epoch, loop.at.global_step, p.best, p.metrics
     metrics = dict(metrics)
     metrics.update({"best_top1": best, "epochs_run": epoch, "steps": step, "lr": lr})
     scaling = {"rule": f"lr = base_lr * global_batch / {cfg.lr_batch_base}", "base_lr": cfg.base_lr,

@@ -34,7 +34,8 @@ and the BatchNorm of a head normalises over the global batch (synchronised), so 
 the steps of one. Validation features are sharded without padding and the correct counts summed
 over ranks: every image counts exactly once.
 
-Resumable: rank 0 writes ``OUTPUT/last.pt`` (heads, optimizer, epoch, step) atomically at every
+Resumable: the heads train in the one training loop (:mod:`opera.engine.loop`), which holds
+``OUTPUT``'s lock, writes ``OUTPUT/last.pt`` (heads, optimizer, epoch, step) atomically at every
 epoch end and when SIGINT/SIGTERM stops the run after its current step; rerunning the same
 command continues from it (a SLURM requeue does the same) and ends with the same heads.
 
@@ -45,7 +46,8 @@ every backbone parameter and buffer is compared with the loaded checkpoint (MoCo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
-from opera.engine.checkpoint import LAST, save_state
+from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
-from opera.engine.rundir import GracefulStop, Stopped, owns_output
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
@@ -64,19 +65,19 @@ from opera.evals.common import (
     GlobalBatchSampler,
     check_frozen,
     check_global_batch,
+    check_output,
     eval_env,
     extract_features,
     gathered_accuracy,
+    eval_identity,
     is_vit,
     load_eval_backbone,
     parse_data,
-    reseed,
     seed_everything,
     shard_of,
     snapshot_state,
     topk_correct,
 )
-from opera.evals.resume import check_same_run, eval_identity, load_eval_state
 
 #: C.1: base learning rates of the linear probe (scaled by batch / 256)
 BASE_LR_CNN = 0.1
@@ -218,16 +219,16 @@ def _all_reduce_grads(params: list[nn.Parameter]) -> None:
         i += g.numel()
 
 
-@owns_output("linear evaluation", stop_at_once=False)
 def run_linear(cfg: LinearConfig, loaded=None) -> dict:
     """Linear evaluation of ``cfg.checkpoint`` on ``cfg.data``; returns the results dict."""
     _validate(cfg)
+    check_output(cfg.output, create=False)
     env, device = eval_env(cfg.device)
-    with GracefulStop() as stop:
-        return _linear(cfg, loaded, env, device, stop)
+    with run_directory(cfg.output, env.rank == 0) as run:
+        return _linear(cfg, loaded, env, device, run)
 
 
-def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: GracefulStop) -> dict:
+def _linear(cfg: LinearConfig, loaded, env, device: torch.device, run_dir: RunDirectory) -> dict:
     from opera.data import EvalTransform, build_dataset
 
     rank, world, main = env.rank, env.world_size, env.rank == 0
@@ -256,30 +257,34 @@ def _linear(cfg: LinearConfig, loaded, env, device: torch.device, stop: Graceful
     hold = features(torch.utils.data.Subset(train_eval, hold_idx)) if hold_idx else None
     sampler = GlobalBatchSampler(train_idx, cfg.batch_size, cfg.seed, rank, world, drop_last=augment and len(train_idx) > cfg.batch_size)
     cached = None if augment else tuple(distributed.all_gather_uneven(t) for t in features(train_eval))
-    batches = _batches(cfg, model, train, sampler, device, rank, cached)
     heads = LinearHeads(val_feats.shape[1], val.num_classes, specs).to(device)
     if world > 1:
         heads = distributed.convert_sync_batchnorm(heads)  # BN over the global batch, as in one process
-    best = _fit_heads(cfg, heads, specs, sampler, batches, (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs, train_eval),
-                      run, stop, world, main)
+    protocol = LinearProtocol(cfg, heads, specs, sampler, _batches(cfg, model, train, sampler, device, cached),
+                              (val_feats, val_labels), eval_identity_linear(cfg, loaded, specs, train_eval), run, world)
+    loop = TrainingLoop(run_dir, protocol, Cadence(cfg.epochs, max(1, len(sampler)), log_every=cfg.log_every), seed=cfg.seed,
+                        rank=rank, world=world, tensorboard=False)
+    loop.resume()
+    loop.run_to_end()
     check_frozen(model, reference)
-    metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, best, base_lr, world, augment)
+    metrics, extra = _linear_results(cfg, specs, heads, val_feats, val_labels, hold, protocol.best, base_lr, world, augment)
     return run.finish(metrics, loaded, extra=extra, data={
         "train": cfg.data, "val": cfg.data, "num_classes": val.num_classes, "train_images": len(train_idx),
         "holdout_images": len(hold_idx), "val_images": len(val)})
 
 
-def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSampler, device: torch.device, rank: int,
+def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSampler, device: torch.device,
              cached: tuple[torch.Tensor, torch.Tensor] | None):
-    """``batches(epoch)``: this rank's (features, labels) of every remaining step of the epoch:
-    fresh augmented views through the frozen backbone (``cached=None``), or rows of the cached
-    features of the whole training set (any image may fall in a rank's share)."""
+    """``batches()``: this rank's (features, labels) of every remaining step of the sampler's
+    epoch: fresh augmented views through the frozen backbone (``cached=None``), or rows of the
+    cached features of the whole training set (any image may fall in a rank's share). The loader
+    iterator is made at once, before the loop seeds the first step (its crops are the step's)."""
     from opera.backbones import pooled_features
 
     if cached is not None:
         feats, labels = cached
 
-        def from_cache(epoch: int):
+        def from_cache() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for idx in sampler:
                 idx_t = torch.as_tensor(idx, dtype=torch.long, device=device)
                 yield feats[idx_t], labels[idx_t]
@@ -288,76 +293,96 @@ def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSam
     loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
                                          pin_memory=device.type == "cuda")
 
-    def augmented(epoch: int):
+    def augmented() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         it = iter(loader)
-        for i in range(sampler.start, len(sampler)):
-            reseed(cfg.seed, rank, epoch * len(sampler) + i)  # a batch's crops are a function of its step
-            x, y = next(it)
-            with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
-                f = pooled_features(model, x.to(device, non_blocking=True)).float()
-            yield f, y.to(device)
+
+        def through_backbone() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y in it:
+                with torch.no_grad():  # (a yield inside it would leave the caller without gradients)
+                    f = pooled_features(model, x.to(device, non_blocking=True)).float()
+                yield f, y.to(device)
+
+        return through_backbone()
 
     return augmented
 
 
-def _fit_heads(cfg: LinearConfig, heads: LinearHeads, specs: list[HeadSpec], sampler: GlobalBatchSampler, batches,
-               val: tuple[torch.Tensor, torch.Tensor], want: dict[str, Any], run: EvalRun, stop: GracefulStop,
-               world: int, main: bool) -> list[float]:
-    """Train every head from ``OUTPUT/last.pt`` if there is one; checkpoint at epoch ends and on a
-    signal. Returns each head's best validation top-1 over epochs (reported, never used to choose)."""
-    params = list(heads.parameters())
-    opt = torch.optim.SGD([{"params": list(h.parameters()), "peak_lr": s.lr} for h, s in zip(heads.heads, specs)],
-                          lr=specs[0].lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch, sizes = max(1, len(sampler)), sampler.global_sizes()
-    epoch, start, step, best = 0, 0, 0, [0.0] * len(specs)
-    source, state = load_eval_state(cfg.output, main)
-    if state is not None:
-        check_same_run(state, want, source)
-        heads.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        epoch, start, step = int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
-        best = [float(b) for b in state["best"]]
-        if main:
-            print(f"resuming from {source} at epoch {epoch + 1}, step {step}", flush=True)
+@dataclass
+class LinearProtocol:
+    """The linear probe's :class:`~opera.engine.loop.TrainingProtocol`: every head of the grid
+    on the same frozen features, one SGD step each per global batch."""
 
-    def checkpoint(in_epoch: int) -> None:
-        if main:
-            save_state({"model": heads.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "step_in_epoch": in_epoch, "global_step": step, "best": torch.tensor(best),
-                        "identity": want}, Path(cfg.output) / LAST)
-        distributed.barrier()
+    cfg: LinearConfig
+    heads: LinearHeads
+    specs: list[HeadSpec]
+    sampler: GlobalBatchSampler
+    make_batches: Any  # () -> this rank's (features, labels) of the sampler's epoch
+    val: tuple[torch.Tensor, torch.Tensor]
+    want: dict[str, Any]
+    run: EvalRun
+    world: int
+    name: str = "linear evaluation"
+    skips_nonfinite: bool = False
+    best: list[float] = field(default_factory=list)  # each head's best validation top-1 over epochs (reported only)
 
-    while epoch < cfg.epochs:
-        heads.train()
-        sampler.set_epoch(epoch, start)
-        total, seen = 0.0, 0
-        for i, (x, y) in enumerate(batches(epoch), start=start):
-            n_global = sizes[i]
-            if n_global >= 2 or not any(s.bn for s in specs):  # BatchNorm needs two samples (all ranks agree)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(epoch + i / steps_per_epoch, cfg.epochs, cfg.warmup_epochs, g["peak_lr"])
-                # the cross-entropy summed over the global batch / its size, summed over ranks
-                loss = sum(F.cross_entropy(logits, y, reduction="sum") for logits in heads(x)) / n_global
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                _all_reduce_grads(params)
-                opt.step()
-                total += float(loss.detach()) * n_global / len(specs)
-                seen += n_global
-            step += 1
-            signum = stop.requested(world)
-            if signum:
-                checkpoint(i + 1)
-                raise Stopped(step, signum)
-        start = 0
-        accs = evaluate_heads(heads, *val)
-        best = [max(b, a["top1"]) for b, a in zip(best, accs)]
-        run.log("linear/train_loss", float(distributed.all_reduce_sum(torch.tensor([total]))[0]) / max(seen, 1), epoch)
-        run.log("linear/val_top1", accs[0]["top1"], epoch)
-        run.log("linear/lr", opt.param_groups[0]["lr"], epoch)
-        epoch += 1
-        checkpoint(0)
-    return best
+    def __post_init__(self) -> None:
+        self.params = list(self.heads.parameters())
+        self.opt = torch.optim.SGD([{"params": list(h.parameters()), "peak_lr": s.lr} for h, s in zip(self.heads.heads, self.specs)],
+                                   lr=self.specs[0].lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+        self.sizes = self.sampler.global_sizes()
+        self.best = [0.0] * len(self.specs)
+        self.total, self.seen = 0.0, 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size
+
+    def identity(self) -> dict[str, Any]:
+        return self.want
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.heads.state_dict(), "optimizer": self.opt.state_dict(), "best": torch.tensor(self.best)}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        self.heads.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.best = [float(b) for b in state["best"]]
+
+    def batches(self, at: Position) -> Iterator[Any]:
+        self.heads.train()
+        self.sampler.set_epoch(at.epoch, at.step_in_epoch)
+        self.total, self.seen = 0.0, 0
+        return self.make_batches()
+
+    def step(self, batch: Any, at: Position) -> dict[str, torch.Tensor]:
+        (x, y), i = batch, at.step_in_epoch
+        n_global = self.sizes[i]
+        if n_global < 2 and any(s.bn for s in self.specs):  # BatchNorm needs two samples (all ranks agree)
+            return {}
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(at.epoch + i / max(1, len(self.sampler)), self.cfg.epochs, self.cfg.warmup_epochs, g["peak_lr"])
+        # the cross-entropy summed over the global batch / its size, summed over ranks
+        loss = sum(F.cross_entropy(logits, y, reduction="sum") for logits in self.heads(x)) / n_global
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _all_reduce_grads(self.params)
+        self.opt.step()
+        self.total += float(loss.detach()) * n_global / len(self.specs)
+        self.seen += n_global
+        return {"loss": loss.detach() / len(self.specs)}
+
+    def log_row(self, at: Position) -> dict[str, float]:
+        return {"lr": self.opt.param_groups[0]["lr"]}
+
+    def end_epoch(self, at: Position, finished_epoch: bool) -> dict[str, float]:
+        """Every head on the validation features; the TensorBoard scalars of the epoch."""
+        accs = evaluate_heads(self.heads, *self.val)
+        self.best = [max(b, a["top1"]) for b, a in zip(self.best, accs)]
+        epoch = at.epoch - 1
+        self.run.log("linear/train_loss", float(distributed.all_reduce_sum(torch.tensor([self.total]))[0]) / max(self.seen, 1), epoch)
+        self.run.log("linear/val_top1", accs[0]["top1"], epoch)
+        self.run.log("linear/lr", self.opt.param_groups[0]["lr"], epoch)
+        return {"val_top1": accs[0]["top1"]}
 
 
 def eval_identity_linear(cfg: LinearConfig, loaded, specs: list[HeadSpec], train=None) -> dict[str, Any]:

@@ -106,8 +106,8 @@ class Requeueable:
     happens to be - inside ``torch.save`` of a checkpoint, say, whose writer then fails on the
     interrupted file and turns the requeue into a failed job. So while ``fn`` runs, USR2 goes to
     :class:`DeferredRequeue` instead: with a training loop running (a
-    :class:`~opera.engine.rundir.GracefulStop` is active) the loop finishes its step, writes
-    ``last.pt`` and raises :class:`~opera.engine.rundir.Stopped`, and only then does submitit
+    :class:`~opera.engine.stop.GracefulStop` is active) the loop finishes its step, writes
+    ``last.pt`` and raises :class:`~opera.engine.stop.Stopped`, and only then does submitit
     requeue. A loop that reaches no step boundary within ``grace_s`` seconds (half the signal's
     lead on the time limit by default) is requeued where it stands, as submitit would.
     """
@@ -117,7 +117,7 @@ class Requeueable:
         self.grace_s = grace_s
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from opera.engine.rundir import Stopped
+        from opera.engine.stop import Stopped
 
         with DeferredRequeue(getattr(self, "grace_s", 45.0)) as deferred:
             try:
@@ -177,7 +177,7 @@ class DeferredRequeue:
             self._handler = None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        from opera.engine.rundir import GracefulStop
+        from opera.engine.stop import GracefulStop
 
         stop = GracefulStop.active()
         if self.signum is None and stop is not None:

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from opera.configs import apply_overrides, load_config
+import opera.engine.loop as loop
 import opera.engine.pretrain as pretrain
 from opera.backbones import create_backbone
 from opera.data import build_dataset
@@ -46,7 +47,7 @@ def run_dir(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LARS, "step", recording_step)
-        mp.setattr(pretrain, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+        mp.setattr(loop, "time", SimpleNamespace(time=lambda: float(next(ticks))))
         run_pretrain(apply_overrides(load_config("cpu_digits"), SMALL + [f"train.log_every={LOG_EVERY}"]), out)
     (out / "applied_lr.json").write_text(json.dumps(applied))
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from opera.engine.checkpoint import atomic_write
-from opera.engine.rundir import GracefulStop, Stopped
+from opera.engine.stop import GracefulStop, Stopped
 from opera.launch.slurm import DeferredRequeue, Requeueable
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")

@@ -28,7 +28,7 @@ def opera_argv(output: Path, *more: str) -> list[str]:
     return [sys.executable, "-m", "opera", *TINY, "--output", str(output), *more]
 
 
-HOLD = ("import sys, time; from opera.engine.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys, time; from opera.engine.lock import RunLock; RunLock(sys.argv[1]).acquire(); "
         "print('held', flush=True); time.sleep(600)")
 
 

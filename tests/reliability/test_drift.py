@@ -9,7 +9,8 @@ import pickle
 import pytest
 
 from opera.engine.checkpoint import CheckpointUnreadable
-from opera.engine.rundir import RESUMABLE_CHANGES, Stopped, check_config_drift, config_drift
+from opera.engine.resume import RESUMABLE_CHANGES, check_config_drift, config_drift
+from opera.engine.stop import Stopped
 from opera.errors import OperaError
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from opera.engine.rundir import LOCK
+from opera.engine.lock import LOCK
 
 LINEAR = ["run", "linear", "--checkpoint", "random:resnet_tiny", "--data", "digits:0-1", "--epochs", "1"]
 

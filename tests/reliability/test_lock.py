@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from opera.engine import rundir
-from opera.engine.rundir import LOCK, Holder, RunLock, _read_holder
+from opera.engine import lock as rundir
+from opera.engine.lock import LOCK, Holder, RunLock, _read_holder
 from opera.errors import OperaError
 
 

@@ -172,7 +172,7 @@ def test_a_stop_during_the_epoch_end_stops_there_with_last_pt_of_the_epoch(tmp_p
     the final epoch's end lets the finished run finish."""
     from opera.configs import apply_overrides, load_config
     from opera.engine import pretrain
-    from opera.engine.rundir import GracefulStop, Stopped
+    from opera.engine.stop import GracefulStop, Stopped
 
     cfg = apply_overrides(load_config("cpu_digits"), [
         "data.spec=digits:0-1", "train.epochs=3", "train.batch_size=64", "train.device=cpu", "train.knn_every=1",

@@ -23,10 +23,10 @@ def test_segmentation_runs_resumes_and_records(tmp_path):
     assert 0 <= m["mIoU"] <= 100 and set(m["IoU"]) == {"background", "7", "8", "9"}
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["recipe"] == "digits_segmentation" and saved["data"]["classes"] == ["background", "7", "8", "9"]
-    state = torch.load(tmp_path / "dense_last.pt", weights_only=True)
-    assert state["iter"] == 2  # written at iteration 2 of 4, not at the end
-    cfg.iters = 2  # a rerun finds the state at its last iteration: nothing left to train
-    again = run_dense(cfg)
+    state = torch.load(tmp_path / "last.prev.pt", weights_only=True)
+    assert state["global_step"] == 2  # written at iteration 2 of 4, then at the end (last.pt)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["global_step"] == 4
+    again = run_dense(cfg)  # a rerun finds the state at its last iteration: nothing left to train
     assert again["metrics"]["final_loss"] is None and 0 <= again["metrics"]["mIoU"] <= 100
 
 

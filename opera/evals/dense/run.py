@@ -23,16 +23,18 @@ Recipes (``opera/evals/dense/recipes``) hold every option; options given explici
 ``digits_detection_probe``     frozen backbone + Faster R-CNN on 32 px one-digit scenes, ~10 s.
 =============================  ======================================================================
 
-Long runs keep ``OUTPUT/dense_last.pt`` (model, optimizer, iteration, RNG; written atomically
-every ``save_every`` iterations, read back with ``weights_only=True``); rerunning the same command
-resumes from it.
+Training runs in the one training loop (:mod:`opera.engine.loop`), which holds ``OUTPUT``'s lock
+and keeps ``OUTPUT/last.pt`` (model, optimizer, iteration, the augmentations' generator; written
+atomically every ``save_every`` iterations and when SIGINT/SIGTERM stops the run, read back with
+``weights_only=True``); rerunning the same command resumes from it, and a checkpoint of other
+options or another backbone is refused in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +43,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from opera import distributed
+from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.errors import OperaError, suggest
-from opera.evals.common import EvalConfig, EvalRun, LoadedBackbone, choose, load_eval_backbone, resolve_device, seed_everything
+from opera.evals.common import (
+    EvalConfig,
+    EvalRun,
+    LoadedBackbone,
+    check_output,
+    choose,
+    eval_identity,
+    load_eval_backbone,
+    seed_everything,
+)
 
 RECIPES = Path(__file__).parent / "recipes"
 TASKS = ("segmentation", "detection")
-LAST = "dense_last.pt"
 
 
 @dataclass
@@ -69,7 +81,7 @@ class DenseConfig(EvalConfig):
     warmup_factor: float = 0.001
     freeze_backbone: bool = False  # a frozen-backbone probe instead of fine-tuning (not the paper's protocol)
     clip_grad: float | None = None
-    save_every: int = 0  # iterations between dense_last.pt writes (0: none)
+    save_every: int = 0  # iterations between last.pt writes (0: at the end only)
     eval_batch_size: int = 8
     # segmentation
     head: str = "upernet"  # upernet | fcn | linear
@@ -300,50 +312,81 @@ def _det_loss(cfg: DenseConfig, model: nn.Module, batch, gen: torch.Generator, d
     return model(imgs, targets)
 
 
-def train(cfg: DenseConfig, model: nn.Module, dataset, device: torch.device, run: EvalRun, out: Path) -> dict[str, float]:
-    """``cfg.iters`` iterations; resumes from ``OUTPUT/dense_last.pt`` when it is there."""
-    from opera.engine.checkpoint import load_state, save_state
+@dataclass
+class DenseProtocol:
+    """Dense transfer's :class:`~opera.engine.loop.TrainingProtocol`: ``cfg.iters`` iterations
+    of one "epoch" (the batches run through the training images epoch after epoch)."""
 
-    body = model.backbone.body
-    opt = build_optimizer(cfg, model)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    last = out / LAST
-    if last.is_file():
-        state = load_state(last)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start = int(state["iter"])
-        print(f"resuming dense training from {last} at iteration {start}/{cfg.iters}", flush=True)
-    step = _seg_loss if cfg.task == "segmentation" else _det_loss
-    norm_eval = cfg.norm_eval and cfg.task == "detection" or cfg.freeze_backbone
-    t0, final = time.time(), {}
-    if start >= cfg.iters:
-        return final
-    for it, batch in _batches(dataset, cfg.batch_size, gen, start):
-        set_train_mode(model, body, norm_eval)
-        for g in opt.param_groups:
+    cfg: DenseConfig
+    model: nn.Module
+    dataset: Any
+    device: torch.device
+    want: dict[str, Any]
+    run: EvalRun
+    name: str = "dense transfer"
+    skips_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        self.opt = build_optimizer(self.cfg, self.model)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)  # the augmentations' draws
+        self.loss_fn = _seg_loss if self.cfg.task == "segmentation" else _det_loss
+        self.norm_eval = self.cfg.norm_eval and self.cfg.task == "detection" or self.cfg.freeze_backbone
+        self.last: dict[str, float] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size
+
+    def identity(self) -> dict[str, Any]:
+        return self.want
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+
+    def batches(self, at: Position) -> Iterator[Any]:
+        return (batch for _, batch in _batches(self.dataset, self.cfg.batch_size, self.gen, at.global_step))
+
+    def step(self, batch: Any, at: Position) -> dict[str, torch.Tensor]:
+        cfg, it = self.cfg, at.global_step
+        set_train_mode(self.model, self.model.backbone.body, self.norm_eval)
+        for g in self.opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(cfg, it)
-        losses = step(cfg, model, batch, gen, device)
+        losses = self.loss_fn(cfg, self.model, batch, self.gen, self.device)
         loss = sum(losses.values())
+        values = {"loss": loss.detach(), **{f"loss/{k}": v.detach() for k, v in losses.items()}}
         if not torch.isfinite(loss):
-            raise OperaError(f"dense {cfg.task} loss is {loss.item()} at iteration {it} ({', '.join(f'{k}={v.item():.3g}' for k, v in losses.items())}); lower lr or raise warmup_iters")
-        opt.zero_grad(set_to_none=True)
+            return values  # the loop ends the run in one line, naming each term
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        final = {"loss": loss.item(), **{f"loss/{k}": v.item() for k, v in losses.items()}}
-        if it % 20 == 0 or it + 1 == cfg.iters:
-            for k, v in final.items():
-                run.log(f"{cfg.task}/{k}", v, it)
-            print(f"iter {it + 1}/{cfg.iters} loss={final['loss']:.4f} lr={opt.param_groups[0]['lr']:.3g} [{time.time() - t0:.0f}s]", flush=True)
-        if cfg.save_every and (it + 1) % cfg.save_every == 0 and it + 1 < cfg.iters:
-            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(), "iter": it + 1}, last)
-        if it + 1 >= cfg.iters:
-            break
-    return final
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.opt.step()
+        self.last = {k: float(v) for k, v in values.items()}
+        return values
+
+    def log_row(self, at: Position) -> dict[str, float]:
+        for k, v in self.last.items():
+            self.run.log(f"{self.cfg.task}/{k}", v, at.global_step - 1)
+        return {"lr": self.opt.param_groups[0]["lr"]}
+
+    def end_epoch(self, at: Position, finished_epoch: bool) -> dict[str, float]:
+        return {}
+
+
+def _train_identity(dataset) -> dict[str, Any]:
+    """The training images' :func:`~opera.data.labels.data_identity` where they are files; the
+    generated digit scenes are a function of the scene options, which the identity holds."""
+    from opera.data.labels import data_identity
+
+    try:
+        return data_identity(dataset)
+    except (AttributeError, TypeError, NotImplementedError):
+        return {"images": len(dataset), "unlabelled": 0}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -396,12 +439,20 @@ def evaluate_detection(cfg: DenseConfig, model: nn.Module, dataset, device: torc
 def run_dense(cfg: DenseConfig, loaded: LoadedBackbone | None = None, protocol: str | None = None) -> dict:
     """Build, fine-tune and score; write ``OUTPUT/results.json``. Headline metrics: ``mIoU``
     (segmentation) or ``box_AP`` / ``mask_AP`` (detection), in %."""
-    from opera.evals.dense.data import build_dense_dataset, parse_dense_spec
+    from opera.evals.dense.data import parse_dense_spec
 
     _validate(cfg)
     parse_dense_spec(cfg.data)
+    check_output(cfg.output, create=False)
+    with run_directory(cfg.output, main=True) as run_dir:
+        return _dense(cfg, loaded, protocol, run_dir)
+
+
+def _dense(cfg: DenseConfig, loaded: LoadedBackbone | None, protocol: str | None, run_dir: RunDirectory) -> dict:
+    from opera.evals.dense.data import build_dense_dataset
+
     run = EvalRun(protocol or cfg.task, cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
     scenes = scene_config(cfg)
     train_ds = build_dense_dataset(cfg.data, "train", cfg.task, scenes)
     val_ds = build_dense_dataset(cfg.data, "val", cfg.task, scenes)
@@ -410,8 +461,15 @@ def run_dense(cfg: DenseConfig, loaded: LoadedBackbone | None = None, protocol: 
     seed_everything(cfg.seed)
     model = build_model(cfg, loaded, train_ds.num_classes).to(device)
     pretrained = {k: v.detach().cpu().clone() for k, v in model.backbone.body.state_dict().items()}
-    out = run.path("")
-    losses = train(cfg, model, train_ds, device, run, out)
+    want = eval_identity(protocol or cfg.task, cfg, loaded)
+    want["data"] = _train_identity(train_ds)
+    p = DenseProtocol(cfg, model, train_ds, device, want, run)
+    loop = TrainingLoop(run_dir, p, Cadence(1, cfg.iters, save_every_steps=cfg.save_every, log_every=cfg.log_every),
+                        seed=cfg.seed, tensorboard=False)
+    loop.resume()
+    ran = not loop.done
+    loop.run_to_end()
+    losses = p.last if ran else {}
     if cfg.freeze_backbone:
         from opera.evals.common import check_frozen
 

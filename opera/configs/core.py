@@ -187,14 +187,15 @@ def resolve_key(cfg: Any, key: str, command: str | None = None) -> tuple[Any, da
     return obj, leaves[parts[-1]]
 
 
-def set_value(cfg: Any, key: str, value: Any, command: str | None = None) -> None:
+def set_value(cfg: Any, key: str, value: Any, command: str | None = None, *, shown: str | None = None) -> None:
     """Set dotted ``key`` (``train.epochs``, ``self.dim``; ``epochs`` on a flat config) to
-    ``value``, type-checked (the range is checked by :func:`validate`)."""
+    ``value``, type-checked (the range is checked by :func:`validate`). ``shown``: how an error
+    names the key (default: ``key``)."""
     obj, f = resolve_key(cfg, key, command)
     value = _word(value, f)
     if "choices" in f.metadata:
-        check_value(key, value, f)  # before the type: YAML's bare on/yes is a bool, not a word
-    setattr(obj, f.name, coerce(value, _hints(type(obj))[f.name], key))
+        check_value(shown or key, value, f)  # before the type: YAML's bare on/yes is a bool, not a word
+    setattr(obj, f.name, coerce(value, _hints(type(obj))[f.name], shown or key))
 
 
 def apply_overrides(cfg: T, items: Iterable[str], *, command: str | None = None, flag: str = "--set",

@@ -138,11 +138,6 @@ class PretrainConfig:
 TOP_LEVEL = ("hierarchy", "arrangement")
 
 
-def valid_keys() -> list[str]:
-    """Every key of the pretraining config (``hierarchy``, ``train.epochs``, ``self.dim`` ...)."""
-    return core.valid_keys(PretrainConfig())
-
-
 def _choices(cls: type, name: str) -> tuple[str, ...]:
     return next(f.metadata["choices"] for f in fields(cls) if f.name == name)
 
@@ -151,9 +146,6 @@ def _choices(cls: type, name: str) -> tuple[str, ...]:
 CHOICES: dict[str, tuple[str, ...]] = {"train.amp": _choices(TrainConfig, "amp"),
                                        "data.augment_on": _choices(DataConfig, "augment_on"),
                                        "optim.name": _choices(OptimConfig, "name")}
-
-#: the type check of one value, by the configs' shared rules
-_coerce = core.coerce
 
 
 def config_from_dict(data: dict[str, Any], base: PretrainConfig | None = None) -> PretrainConfig:
@@ -193,8 +185,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     return core.load_recipe(name_or_path, PretrainConfig, RECIPES, overrides=list(overrides or []))
 
 
+#: the one implementation of every config (nested like this one, or flat like the evaluations')
 apply_overrides = core.apply_overrides
-set_value = core.set_value
-parse_override = core.parse_override
 load_yaml = core.load_yaml
 merge_dicts = core.merge_dicts

@@ -51,13 +51,15 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
                           batch_size: Optional[int], seed: Optional[int], device: Optional[str],
                           workers: Optional[int], img_size: Optional[int], overrides: list[str],
                           labels: Optional[str] = None, unlabeled: Optional[str] = None):
-    """Defaults <- recipe <- named options <- ``--set`` overrides.
+    """Defaults <- recipe <- named options <- ``--set`` overrides, validated once all are applied
+    (every value against its field's range or choices, then the rules over several keys), so a
+    bad value is a one-line error before anything is launched.
 
     Without ``--config``, the CPU recipe is ``cpu_digits`` (ResNet), or ``cpu_digits_vit`` when the
     hierarchy has ``mask`` (masked image modeling needs a token backbone) and no ``--backbone``
     is named; a CNN named with ``mask`` keeps its one-line error.
     """
-    from opera.configs import apply_overrides, load_config
+    from opera.configs import apply_overrides, load_config, set_value
 
     if config is None:
         config = DEFAULT_RECIPE
@@ -71,20 +73,10 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
     named = {"hierarchy": hierarchy, "arrangement": arrangement, "backbone.name": backbone, "data.spec": data,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
              "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabeled": unlabeled}
-    from opera.configs import set_value
-
     for key, value in named.items():
         if value is not None:
             set_value(cfg, key, value)
-    cfg = apply_overrides(cfg, overrides)
-    from opera.hierarchy import parse_spec
-
-    parse_spec(cfg.hierarchy)
-    from opera.data.labels import is_all, parse_labels
-
-    if not is_all(cfg.data.labels):
-        parse_labels(cfg.data.labels)  # a bad --labels fails here, in one line, before any launch
-    return cfg
+    return apply_overrides(cfg, overrides)  # validates: hierarchy, --labels, ranges, before any launch
 
 
 @run_app.command("pretrain")
@@ -161,8 +153,8 @@ def configs_list() -> None:
     """List the shipped recipes (paper rows and the CPU default)."""
     from rich.table import Table
 
-    from opera.configs import list_recipes, recipe_path
-    from opera.configs.schema import RECIPES, load_yaml
+    from opera.configs import list_recipes, load_yaml, recipe_path
+    from opera.configs.schema import RECIPES
 
     table = Table("recipe", "description")
     for name in list_recipes():

@@ -103,13 +103,17 @@ def _run(kind: str, variants: list, *, output: Optional[Path], default_name: str
          overrides: list[str], data: Optional[str], transfer: str, evals: str, eval_set: list[str],
          device: Optional[str], jobs: int, threads: Optional[int], dry_run: bool,
          launch: Optional[LaunchOptions] = None, ctx: Optional[typer.Context] = None) -> dict:
-    from opera.ablate.study import base_config, create_study, run_study
+    from opera.ablate.study import check_run_options, create_study, plan_study, run_study
 
     out = output or Path("runs") / "ablate" / default_name
-    if dry_run:
-        cfg = base_config(config, overrides)
+    check_run_options(jobs, threads)  # before anything is written; run_study checks them again
+    if dry_run:  # every check of the real run (plan_study is create_study's), nothing written
+        study = plan_study(kind, variants, command=command_line(ctx), seeds=seeds, config=config, overrides=overrides,
+                           data=data, transfer=transfer, evals=evals, eval_options=eval_set, device=device)
+        base = study.base
         console.print(f"[bold]{kind}[/] into {out}: {len(variants)} variants x {seeds} seeds = {len(variants) * seeds} cells "
-                      f"({cfg.backbone.name}, {cfg.train.epochs} epochs, data {data or cfg.data.spec})")
+                      f"({base['backbone']['name']}, {base['train']['epochs']} epochs, data {study.data}"
+                      + (f", transfer {study.transfer}" if study.transfer else "") + ")")
         for v in variants:
             console.print(f"  {v.name}: {' '.join('--set ' + o for o in v.overrides)}" + (f"  ({v.note})" if v.note else ""),
                           markup=False, highlight=False)

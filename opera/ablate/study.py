@@ -171,13 +171,13 @@ def sweep_variants(sets: list[str]) -> tuple[list[Variant], list[str]]:
     ``hierarchy=self,self+full``); ``key=v`` (one value) is a fixed override of every variant.
     Several axes make a grid (their product), named ``k1=a k2=b``.
     """
+    from opera.configs.core import split_override
+
     axes: list[tuple[str, list[str]]] = []
     fixed: list[str] = []
     for item in sets:
-        if "=" not in item:
-            raise OperaError(f"--set {item!r} is not key=value; write e.g. --set full.layers=1,2,3,4")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        values = split_values(raw)
+        key, raw = split_override(item)  # the --set parser of every config; each value is read by it too
+        values = split_values(raw.strip())
         if any(v == "" for v in values):
             raise OperaError(f"--set {item!r} has an empty value; write e.g. --set {key}=1,2,3")
         if len(set(values)) != len(values):
@@ -220,12 +220,11 @@ def _source_name(config: str | None) -> str:
 
 
 def base_config(config: str | None, overrides: list[str]):
-    """Defaults <- recipe (default ``ablate_digits``) <- ``key=value`` overrides."""
-    from opera.configs import PretrainConfig, apply_overrides, config_from_dict
-    from opera.configs.schema import RECIPES, load_yaml
+    """Defaults <- recipe (default ``ablate_digits``) <- ``key=value`` overrides, validated."""
+    from opera.configs import PretrainConfig, load_recipe
+    from opera.configs.schema import RECIPES
 
-    cfg = config_from_dict(load_yaml(recipe_file(config), RECIPES), PretrainConfig())
-    return apply_overrides(cfg, list(overrides))
+    return load_recipe(recipe_file(config), PretrainConfig, RECIPES, overrides=list(overrides))
 
 
 def cell_config(study: Study, variant: Variant, seed: int):
@@ -272,30 +271,28 @@ _EVAL_OWNED = ("checkpoint", "data", "output", "seed", "device", "task")
 
 def parse_eval_options(items: list[str], evals: list[str]) -> dict[str, dict[str, Any]]:
     """``--eval-set linear.epochs=30 --eval-set knn.k=10`` -> ``{"linear": {"epochs": 30}, "knn": {"k": 10}}``,
-    type-checked against the protocols' config dataclasses."""
-    import typing
-
-    import yaml
-
-    from opera.configs.schema import _coerce
+    read by the ``--set`` parser of every config and set on (and validated with) the protocol's
+    config dataclass."""
+    from opera.configs import parse_override, set_value, validate
+    from opera.configs.core import leaf_fields
 
     out: dict[str, dict[str, Any]] = {e: {} for e in evals}
+    configs: dict[str, Any] = {}
     for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
+        key, value = parse_override(item, "--eval-set")
+        if "." not in key:
             raise OperaError(f"--eval-set {item!r} is not protocol.key=value; write e.g. --eval-set linear.epochs=30")
-        key, raw = item.split("=", 1)
         protocol, name = (s.strip() for s in key.split(".", 1))
         if protocol not in evals:
             raise OperaError(f"--eval-set {item!r} names {protocol!r}, which is not among --evals {','.join(evals)}")
-        cls = _eval_config_class(protocol)
-        hints = typing.get_type_hints(cls)
-        if name not in hints or name in _EVAL_OWNED:
-            valid = [k for k in hints if k not in _EVAL_OWNED]
+        cfg = configs.setdefault(protocol, _eval_config_class(protocol)())
+        valid = [k for k in leaf_fields(cfg) if k not in _EVAL_OWNED]
+        if name not in valid:
             raise OperaError(f"unknown {protocol} option {name!r}{suggest(name, valid)}; valid: {', '.join(valid)}")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        if isinstance(value, str) and value.lower() in ("none", "null"):
-            value = None
-        out[protocol][name] = _coerce(value, hints[name], f"{protocol}.{name}")
+        set_value(cfg, name, value, shown=f"{protocol}.{name}")
+        out[protocol][name] = getattr(cfg, name)
+    for protocol, cfg in configs.items():
+        validate(cfg, prefix=f"{protocol}.")
     return out
 
 
@@ -344,16 +341,58 @@ def _is_vit_name(name: str) -> bool:
     return any(t in n for t in ("vit", "deit", "beit", "eva"))
 
 
+def check_run_options(jobs: Any, threads: Any) -> None:
+    """``--jobs`` and ``--threads``: positive integers (``threads`` may be None: the default)."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise OperaError(f"--jobs must be a positive integer, got {jobs!r}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise OperaError(f"--threads must be a positive integer, got {threads!r}")
+
+
 def create_study(kind: str, variants: list[Variant], *, output: str | Path, command: str, seeds: int = 3,
                  config: str | None = None, overrides: list[str] | None = None, data: str | None = None,
                  transfer: str | None = "auto", evals: list[str] | str = "linear,knn",
                  eval_options: list[str] | None = None, device: str | None = None) -> Study:
-    """Validate a study and write ``OUT/study.json`` (or check it against the one already there).
+    """Validate a study (:func:`plan_study`) and write ``OUT/study.json`` (or check it against the
+    one already there).
 
     ``transfer``: ``"auto"`` (the held-out digits classes of ``digits:<classes>``), ``None``/``"none"``
     (no transfer evaluation) or a data spec.
     """
-    from opera.configs import config_to_dict, set_value
+    study = plan_study(kind, variants, command=command, seeds=seeds, config=config, overrides=overrides, data=data,
+                       transfer=transfer, evals=evals, eval_options=eval_options, device=device)
+    out = Path(output)
+    path = out / STUDY_FILE
+    invocation = {"command": command, "at": study.created_at, "seeds": study.seeds}
+    if path.is_file():
+        old = load_study(out)
+        if json_roundtrip(old.identity()) != json_roundtrip(study.identity()):
+            diff = [k for k, v in json_roundtrip(study.identity()).items() if json_roundtrip(old.identity()).get(k) != v]
+            raise OperaError(
+                f"{out} holds another study (its {', '.join(diff)} differ{'s' if len(diff) == 1 else ''}: first run as "
+                f"'{old.command}'); rerun that command to resume it, or choose another --output")
+        old.seeds = study.seeds
+        for sec, key in RUN_PLACE:
+            old.base.setdefault(sec, {})[key] = study.base.get(sec, {}).get(key)
+        old.invocations = old.invocations + [invocation]
+        study = old
+    else:
+        study.invocations = [invocation]
+    from opera.engine.pretrain import check_output_dir
+
+    check_output_dir(out)
+    write_json(path, study.to_dict())
+    return study
+
+
+def plan_study(kind: str, variants: list[Variant], *, command: str = "", seeds: int = 3, config: str | None = None,
+               overrides: list[str] | None = None, data: str | None = None, transfer: str | None = "auto",
+               evals: list[str] | str = "linear,knn", eval_options: list[str] | None = None,
+               device: str | None = None) -> Study:
+    """Every check of a study, nothing written: the kind, seeds, variants (each variant's config
+    built and validated, its hierarchy built on the meta device), evaluations and their options,
+    the data. :func:`create_study` and ``--dry-run`` both go through it."""
+    from opera.configs import config_to_dict, set_value, validate
     from opera.data import parse_data_spec
 
     if kind not in KINDS:
@@ -376,6 +415,7 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
         set_value(cfg, "data.spec", data)
     if device is not None:
         set_value(cfg, "train.device", device)
+    validate(cfg)
     parse_data_spec(cfg.data.spec)
     if transfer == "auto":
         transfer = default_transfer(cfg.data.spec)
@@ -391,29 +431,12 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
                   config_source=_source_name(config), overrides=overrides,
                   created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     for v in variants:
-        _check_variant(cell_config(study, v, study.seeds[0]), v)
-
-    out = Path(output)
-    path = out / STUDY_FILE
-    invocation = {"command": command, "at": study.created_at, "seeds": study.seeds}
-    if path.is_file():
-        old = load_study(out)
-        if json_roundtrip(old.identity()) != json_roundtrip(study.identity()):
-            diff = [k for k, v in json_roundtrip(study.identity()).items() if json_roundtrip(old.identity()).get(k) != v]
-            raise OperaError(
-                f"{out} holds another study (its {', '.join(diff)} differ{'s' if len(diff) == 1 else ''}: first run as "
-                f"'{old.command}'); rerun that command to resume it, or choose another --output")
-        old.seeds = study.seeds
-        for sec, key in RUN_PLACE:
-            old.base.setdefault(sec, {})[key] = study.base.get(sec, {}).get(key)
-        old.invocations = old.invocations + [invocation]
-        study = old
-    else:
-        study.invocations = [invocation]
-    from opera.engine.pretrain import check_output_dir
-
-    check_output_dir(out)
-    write_json(path, study.to_dict())
+        try:
+            _check_variant(cell_config(study, v, study.seeds[0]), v)
+        except OperaError as exc:
+            if str(exc).startswith(f"variant {v.name!r}") or "needs a ViT backbone" in str(exc):
+                raise
+            raise OperaError(f"variant {v.name!r}: {exc}") from None
     return study
 
 
@@ -591,10 +614,7 @@ def run_study(study_dir: str | Path, launch: Any = None, console: Any = None,
     pending = pending_cells(study, study_dir)
     total = len(study.cells())
     skipped = total - len(pending)
-    if not isinstance(jobs, int) or jobs < 1:
-        raise OperaError(f"--jobs must be a positive integer, got {jobs!r}")
-    if threads is not None and threads < 1:
-        raise OperaError(f"--threads must be a positive integer, got {threads!r}")
+    check_run_options(jobs, threads)
     if skipped:
         console.print(f"[dim]{skipped} of {total} cells already finished in {study_dir}; not rerun[/]")
     if launch is not None and getattr(launch, "slurm", False):

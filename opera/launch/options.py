@@ -30,7 +30,7 @@ import inspect
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,24 +52,14 @@ class SlurmJobFailed(OperaError):
 
 
 @dataclass
-class LaunchOptions:
+class LaunchOptions(SlurmOptions):
     """Where a command runs. ``nproc`` processes here, or (``slurm``) a SLURM job described by the
-    :class:`~opera.launch.slurm.SlurmOptions` fields below; ``wait`` follows the job to its end."""
+    :class:`~opera.launch.slurm.SlurmOptions` fields it inherits (``partition``, ``nodes``,
+    ``gpus_per_node`` ...; ``additional`` holds ``--sbatch KEY=VALUE``); ``wait`` follows the job
+    to its end."""
 
     nproc: int = 1
     slurm: bool = False
-    partition: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int | None = None  # default: gpus_per_node, or nproc on a CPU-only cluster
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
-    timeout_min: int = 60
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    additional: dict[str, Any] = field(default_factory=dict)  # --sbatch KEY=VALUE
-    job_name: str = "opera"
     wait: bool = False
 
     @property
@@ -99,13 +89,12 @@ class LaunchOptions:
                                  f"to submit a job, or drop {'it' if one else 'them'} to run here")
 
     def slurm_options(self, log_dir: str | Path | None = None) -> SlurmOptions:
-        return SlurmOptions(
-            partition=self.partition, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
-            tasks_per_node=self.ntasks_per_node, cpus_per_task=self.cpus_per_task, mem_gb=self.mem_gb,
-            timeout_min=self.timeout_min, account=self.account, qos=self.qos, constraint=self.constraint,
-            job_name=self.job_name, additional=dict(self.additional),
-            log_dir=str(log_dir) if log_dir is not None else None,
-        )
+        """The inherited SLURM fields as a plain :class:`SlurmOptions`, with the task count resolved
+        (``--nproc`` tasks on a CPU-only cluster) and the job's log folder."""
+        values = {f.name: getattr(self, f.name) for f in fields(SlurmOptions)}
+        values.update(tasks_per_node=self.ntasks_per_node, additional=dict(self.additional),
+                      log_dir=str(log_dir) if log_dir is not None else self.log_dir)
+        return SlurmOptions(**values)
 
 
 #: options that mean nothing without --slurm (field -> flag)

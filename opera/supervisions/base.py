@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from opera.errors import OperaError, suggest
+from opera.fields import check_value
 from opera.registry import Registry
 
 # encode(x, view_ids) -> tokens: runs the backbone on views ``view_ids`` concatenated in ``x``.
@@ -214,10 +215,14 @@ SPACES: Registry[type[TaskSpace]] = Registry("task space")
 
 
 def make_options(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    """Build dataclass ``cls`` from ``values``, naming any unknown key and the valid ones."""
+    """Build dataclass ``cls`` from ``values``, naming any unknown key and the valid ones, and
+    checking every value against the range or choices its field states (:func:`opera.fields.option`)."""
     values = dict(values or {})
     valid = [f.name for f in fields(cls)]
     for key in values:
         if key not in valid:
             raise OperaError(f"unknown option {where}.{key}{suggest(key, valid)}; valid: {', '.join(valid)}")
-    return cls(**values)
+    options = cls(**values)
+    for f in fields(cls):
+        check_value(f"{where}.{f.name}", getattr(options, f.name), f)
+    return options

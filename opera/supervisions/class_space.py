@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from opera import distributed
+from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
 from opera.supervisions.losses import labelled_mean_cross_entropy
@@ -55,11 +56,12 @@ def labelled_count(stage: Stage, label_set: str, labels: torch.Tensor) -> torch.
 class ClassOptions:
     """Options of the class space (paper Fig. 6: layers, Fig. 8: hidden width)."""
 
-    layers: int = 2
-    hidden: int | None = None  # None: the instance embedding width self.dim (official), 256 without 'self'
-    weight: float = 0.5  # the official loss: 0.5 CE(view1) + 0.5 CE(view2)
-    label_smoothing: float = 0.0
-    labels: str = "class"  # the data's label set this space is supervised with
+    layers: int = option(2, help="layers of the class head MLP (Fig. 6)", min=1)
+    hidden: int | None = option(None, help="hidden width (Fig. 8); None: the instance embedding width self.dim "
+                                "(official), 256 without 'self'", min=1)
+    weight: float = option(0.5, help="loss weight: the official loss is 0.5 CE(view1) + 0.5 CE(view2)", min=0)
+    label_smoothing: float = option(0.0, help="label smoothing of the cross-entropy", min=0, max=1, max_exclusive=True)
+    labels: str = option("class", help="the data's label set this space is supervised with")
 
 
 @SPACES.register("full")

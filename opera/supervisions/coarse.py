@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opera.fields import option
 from opera.supervisions.base import SPACES
 from opera.supervisions.class_space import ClassOptions, ClassSpace
 
@@ -28,7 +29,7 @@ from opera.supervisions.class_space import ClassOptions, ClassSpace
 class CoarseOptions(ClassOptions):
     """``full``'s options, supervised by the ``coarse`` label set."""
 
-    labels: str = "coarse"
+    labels: str = option("coarse", help="the data's label set this space is supervised with")
 
 
 @SPACES.register("coarse")

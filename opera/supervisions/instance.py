@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from opera.errors import OperaError
+from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
 from opera.supervisions.losses import info_nce
@@ -22,13 +23,14 @@ from opera.supervisions.losses import info_nce
 class InstanceOptions:
     """Options of the instance space (MoCo-v3's ``--moco-dim``, ``--moco-mlp-dim``, ``--moco-t``)."""
 
-    dim: int = 256  # instance embedding width (paper Fig. 7)
-    mlp_dim: int = 4096  # hidden width of projector and predictor
-    projector_layers: int | None = None  # None: 2 for CNNs, 3 for ViTs (MoCo-v3)
-    predictor_layers: int = 2
-    temperature: float | None = None  # tau; None: MoCo-v3's 1.0 for CNNs (ResNet-50), 0.2 for ViTs
-    weight: float = 0.5  # the official loss: 0.5 (ctr(q1,k2) + ctr(q2,k1))
-    gather_distributed: bool = True  # negatives from every rank, as MoCo-v3
+    dim: int = option(256, help="instance embedding width (paper Fig. 7)", min=1)
+    mlp_dim: int = option(4096, help="hidden width of projector and predictor", min=1)
+    projector_layers: int | None = option(None, help="None: 2 for CNNs, 3 for ViTs (MoCo-v3)", min=1)
+    predictor_layers: int = option(2, help="layers of the predictor MLP", min=1)
+    temperature: float | None = option(None, help="tau; None: MoCo-v3's 1.0 for CNNs (ResNet-50), 0.2 for ViTs",
+                                       min=0, min_exclusive=True)
+    weight: float = option(0.5, help="loss weight: the official loss is 0.5 (ctr(q1,k2) + ctr(q2,k1))", min=0)
+    gather_distributed: bool = option(True, help="negatives from every rank, as MoCo-v3")
 
 
 @SPACES.register("self")

@@ -24,15 +24,17 @@ from einops import rearrange
 from torch import nn
 
 from opera.errors import OperaError
+from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, Encoder, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.losses import masked_patch_loss
 
 
 @dataclass
 class MaskOptions:
-    ratio: float = 0.5  # fraction of patches masked in each online view
-    weight: float = 1.0
-    norm_pix: bool = True  # per-patch normalised pixel targets (MAE)
+    ratio: float = option(0.5, help="fraction of patches masked in each online view", min=0, max=1,
+                          min_exclusive=True, max_exclusive=True)
+    weight: float = option(1.0, help="loss weight", min=0)
+    norm_pix: bool = option(True, help="per-patch normalised pixel targets (MAE)")
 
 
 def random_patch_mask(batch: int, num_patches: int, ratio: float, device: torch.device) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from opera import distributed
+from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.class_space import class_source, labelled_count
 from opera.supervisions.heads import build_mlp
@@ -34,13 +35,13 @@ from opera.supervisions.heads import build_mlp
 
 @dataclass
 class SupConOptions:
-    layers: int = 2  # MLP embed: Linear -> BN -> ReLU -> Linear (1: a linear map)
-    hidden: int | None = None  # None: the width of the representation it reads
-    dim: int = 128  # the embedding width (SupCon's 128)
-    temperature: float = 0.1  # SupCon's tau
-    weight: float = 0.5  # as full's 0.5 per view
-    labels: str = "class"
-    gather_distributed: bool = True  # keys and their labels from every rank
+    layers: int = option(2, help="MLP embed: Linear -> BN -> ReLU -> Linear (1: a linear map)", min=1)
+    hidden: int | None = option(None, help="None: the width of the representation it reads", min=1)
+    dim: int = option(128, help="the embedding width (SupCon's 128)", min=1)
+    temperature: float = option(0.1, help="SupCon's tau", min=0, min_exclusive=True)
+    weight: float = option(0.5, help="loss weight, as full's 0.5 per view", min=0)
+    labels: str = option("class", help="the data's label set this space is supervised with")
+    gather_distributed: bool = option(True, help="keys and their labels from every rank")
 
 
 def supcon_terms(q: torch.Tensor, keys: torch.Tensor, anchor_labels: torch.Tensor, key_labels: torch.Tensor,

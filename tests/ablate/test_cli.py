@@ -78,3 +78,46 @@ def test_command_line_names_opera_however_it_was_started(monkeypatch):
         ctx = click.Context(cmd, info_name="hierarchy", parent=ablate)
         ctx.params = {"seeds": 1}
         assert command_line(ctx) == "opera ablate hierarchy --seeds 1", prog
+
+
+BAD_STUDIES = [
+    (["sweep", "--set", "full.layerz=1,2"], "unknown config key 'full.layerz'"),
+    (["sweep", "--set", "full.layers=0,2"], "full.layers=0 is out of range"),
+    (["sweep", "--set", "full.layers=1,2", "--set", "optim.base_lr=-1"], "optim.base_lr=-1.0 is out of range"),
+    (["sweep", "--set", "full.layers=1,2", "--seeds", "0"], "--seeds must be a positive integer"),
+    (["sweep", "--set", "full.layers=1,2", "--jobs", "0"], "--jobs must be a positive integer"),
+    (["sweep", "--set", "full.layers=1,2", "--threads", "0"], "--threads must be a positive integer"),
+    (["sweep", "--set", "full.layers=1,2", "--eval-set", "linear.epochz=3"], "unknown linear option 'epochz'"),
+    (["sweep", "--set", "full.layers=1,2", "--eval-set", "knn.k=many"], "knn.k expects an integer"),
+    (["sweep", "--set", "full.layers=1,2", "--evals", "linear,finetune"], "unknown evaluation"),
+    (["arrangements", "--set", "train.epochs=0"], "train.epochs=0 is out of range"),
+    (["hierarchy", "--variants", "self,mask+self+full"], "needs a ViT backbone"),
+]
+
+
+def test_dry_run_refuses_what_the_real_run_refuses(tmp_path):
+    """--dry-run goes through the real run's checks: the same one-line error, and neither writes anything."""
+    for i, (args, needle) in enumerate(BAD_STUDIES):
+        out = tmp_path / f"s{i}"
+        dry = runner.invoke(make_app(), ["ablate", *args, "--dry-run", "-o", str(out)])
+        real = runner.invoke(make_app(), ["ablate", *args, "-o", str(out)])
+        for res in (dry, real):
+            assert isinstance(res.exception, OperaError), (args, res.output)
+            assert needle in str(res.exception) and "\n" not in str(res.exception), (args, str(res.exception))
+        assert str(dry.exception) == str(real.exception)
+        assert not out.exists(), args
+
+
+def test_dry_run_prints_the_validated_study(tmp_path):
+    res = runner.invoke(make_app(), ["ablate", "sweep", "--set", "full.layers=1,2", "--eval-set", "linear.epochs=3",
+                                     "--seeds", "1", "--dry-run", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    assert "2 variants x 1 seeds = 2 cells" in res.output and "transfer digits:7-9" in res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_eval_set_uses_the_config_parser():
+    from opera.ablate.study import parse_eval_options
+
+    opts = parse_eval_options(["linear.grid_lr_scales=[1, 2]", "linear.base_lr=none", "knn.temperature=1"], ["linear", "knn"])
+    assert opts == {"linear": {"grid_lr_scales": (1.0, 2.0), "base_lr": None}, "knn": {"temperature": 1.0}}

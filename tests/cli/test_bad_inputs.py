@@ -134,3 +134,22 @@ def test_usage_errors_exit_2_without_traceback(capsys):
 def test_bad_labels_and_unlabeled_are_one_line(tmp_path, capsys, args, needle):
     code, _, err = run_cli(["run", "pretrain", *FAST, *args, "--output", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--set", "optim.base_lr=-1"], "optim.base_lr"),
+    (["--set", "optim.ema_momentum=2"], "optim.ema_momentum"),
+    (["--set", "self.dim=0"], "self.dim"),
+    (["--epochs", "0"], "train.epochs"),
+    (["--set", "full.layers=0"], "full.layers"),
+    (["--set", "full.label_smoothing=2"], "full.label_smoothing"),
+    (["--set", "train.amp=fp32"], "train.amp"),
+    (["--set", "mask.ratio=1"], "mask.ratio"),
+])
+def test_out_of_range_values_are_one_line_before_training(tmp_path, capsys, args, key):
+    """Each of these would otherwise train (one step: train.max_steps=1) or fail with a traceback;
+    validated at load, it is one line naming the key and the fix, and no run directory is made."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "pretrain", *FAST, "--set", "train.max_steps=1", *args, "-o", str(out)], capsys)
+    assert_one_line_error(code, err, key, f"--set {key}=")
+    assert not out.exists()

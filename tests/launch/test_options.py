@@ -208,3 +208,23 @@ def test_failed_job_followed_with_wait_is_one_line_exit_1(tmp_path, monkeypatch)
     message = str(err.value)
     assert err.value.exit_code == 1 and "\n" not in message
     assert "SLURM job 77 did not finish: RuntimeError: boom" in message and "77_0_log.err" in message
+
+
+def test_launch_options_are_slurm_options_plus_where_to_run():
+    """LaunchOptions inherits every SLURM field (no second list to keep in step) and hands the
+    job a plain SlurmOptions with the task count resolved."""
+    from dataclasses import fields
+
+    from opera.launch.slurm import SlurmOptions
+
+    assert issubclass(LaunchOptions, SlurmOptions)
+    own = {f.name for f in fields(LaunchOptions)} - {f.name for f in fields(SlurmOptions)}
+    assert own == {"nproc", "slurm", "wait"}
+    launch = LaunchOptions(slurm=True, nproc=3, partition="p", cpus_per_task=2, mem_gb=8.0, timeout_min=9,
+                           account="a", qos="q", constraint="c", job_name="j", additional={"exclusive": True})
+    opts = launch.slurm_options(log_dir="logs/%j")
+    assert type(opts) is SlurmOptions and opts.tasks_per_node == 3 and opts.log_dir == "logs/%j"
+    for name in ("partition", "nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "account", "qos",
+                 "constraint", "job_name", "additional"):
+        assert getattr(opts, name) == getattr(launch, name), name
+    assert opts.additional is not launch.additional

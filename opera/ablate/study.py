@@ -378,7 +378,7 @@ def create_study(kind: str, variants: list[Variant], *, output: str | Path, comm
         study = old
     else:
         study.invocations = [invocation]
-    from opera.engine.pretrain import check_output_dir
+    from opera.engine.loop import check_output_dir
 
     check_output_dir(out)
     write_json(path, study.to_dict())

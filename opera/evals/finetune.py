@@ -18,7 +18,6 @@ images). Precedence, lowest first: dataclass defaults, the recipe, explicit opti
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from opera import distributed
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
 from opera.engine.step import autocast_context
-from opera.errors import OperaError, suggest
+from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
     EvalRun,
@@ -91,54 +90,24 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
-def recipe_path(name_or_path: str) -> Path:
-    p = Path(name_or_path).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise OperaError(f"recipe file {p} does not exist; pass a YAML file or one of {', '.join(list_recipes())}")
-        return p
-    if (RECIPES / f"{name_or_path}.yaml").is_file():
-        return RECIPES / f"{name_or_path}.yaml"
-    raise OperaError(f"unknown fine-tuning recipe {name_or_path!r}{suggest(name_or_path, list_recipes())}; valid: {', '.join(list_recipes())} or a YAML path")
-
-
-def load_recipe(name_or_path: str) -> dict[str, Any]:
-    from opera.configs.schema import load_yaml
-
-    path = recipe_path(name_or_path)
-    data = load_yaml(path, RECIPES)  # one recipe mechanism: YAML, with 'base:' inheritance
-    valid = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    for key in data:
-        if key not in valid:
-            raise OperaError(f"unknown key {key!r} in recipe {path}{suggest(key, sorted(valid))}")
-    if "betas" in data:
-        data["betas"] = tuple(data["betas"])
-    return data
-
-
 def default_recipe(data: str) -> str:
     """``digits`` for the embedded digits, ``finetune_100ep`` otherwise."""
     return "digits" if parse_data(data).name == "digits" else "finetune_100ep"
 
 
 def finetune_config(recipe: str | None = "auto", **options: Any) -> FinetuneConfig:
-    """Defaults < ``recipe`` < ``options`` (options that are None are ignored).
+    """Defaults < ``recipe`` < ``options`` (options that are None are ignored), validated
+    (:func:`opera.configs.load_recipe`, the one recipe reader of every protocol).
 
     ``recipe="auto"`` picks :func:`default_recipe` of ``options["data"]``; None uses the
     dataclass defaults (the 100-epoch ImageNet recipe) alone.
     """
+    from opera.configs import load_recipe
+
     if recipe == "auto":
         recipe = default_recipe(options.get("data") or FinetuneConfig.data)
-    values: dict[str, Any] = {}
-    if recipe:
-        values.update(load_recipe(recipe))
-    values.update({k: v for k, v in options.items() if v is not None})
-    values["recipe"] = recipe
-    valid = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    bad = [k for k in values if k not in valid]
-    if bad:
-        raise OperaError(f"unknown finetune option {bad[0]!r}{suggest(bad[0], sorted(valid))}")
-    return FinetuneConfig(**values)
+    return load_recipe(recipe, FinetuneConfig, RECIPES, values={**options, "recipe": recipe},
+                       command="run finetune", what="fine-tuning recipe")
 
 
 def _validate(cfg: FinetuneConfig) -> None:

@@ -201,20 +201,32 @@ def _without(cfg, *names):
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in names}
 
 
-def test_load_recipe_reads_every_finetune_recipe_as_its_own_loader_does():
+def _holds_every_value(cfg, path, recipes_dir):
+    from opera.configs import load_yaml
+
+    for key, value in load_yaml(path, recipes_dir).items():
+        if key == "description":
+            continue
+        have = getattr(cfg, key)
+        have = list(have) if isinstance(have, tuple) else have
+        assert have == (pytest.approx(value) if isinstance(value, float) else value), (path.name, key)
+
+
+def test_every_finetune_recipe_loads_validated_with_each_of_its_values():
     from opera.evals import finetune
 
     for name in finetune.list_recipes():
-        mine = load_recipe(name, finetune.FinetuneConfig, finetune.RECIPES, values={"recipe": name},
-                           what="fine-tuning recipe")
-        assert _without(mine) == _without(finetune.finetune_config(name)), name
+        cfg = finetune.finetune_config(name)
+        assert cfg.recipe == name
+        _holds_every_value(cfg, finetune.RECIPES / f"{name}.yaml", finetune.RECIPES)
 
 
-def test_load_recipe_reads_every_dense_recipe_as_its_own_loader_does():
+def test_every_dense_recipe_loads_validated_with_each_of_its_values():
+    from opera.configs import load_yaml
     from opera.evals.dense import run as dense
 
     for name in dense.list_recipes():
-        task = dense.load_recipe(name).get("task", "segmentation")
-        mine = load_recipe(name, dense.DenseConfig, dense.RECIPES, values={"task": task, "recipe": name},
-                           what="dense recipe")
-        assert _without(mine) == _without(dense.dense_config(task, name)), name
+        task = load_yaml(dense.RECIPES / f"{name}.yaml", dense.RECIPES).get("task", "segmentation")
+        cfg = dense.dense_config(task, name)
+        assert (cfg.recipe, cfg.task) == (name, task)
+        _holds_every_value(cfg, dense.RECIPES / f"{name}.yaml", dense.RECIPES)

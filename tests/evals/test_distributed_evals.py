@@ -130,7 +130,7 @@ def test_resuming_with_other_options_is_refused_naming_them(tmp_path):
 
     cfg = dict(checkpoint="random:resnet_tiny", data="digits:0-1", output=str(tmp_path), batch_size=64, tensorboard=False)
     run_linear(LinearConfig(epochs=1, **cfg))
-    with pytest.raises(OperaError, match=r"written by another evaluation: epochs 1 \(this run: 2\).*new --output"):
+    with pytest.raises(OperaError, match=r"written by another linear evaluation: epochs 1 \(this run: 2\).*new --output"):
         run_linear(LinearConfig(epochs=2, **cfg))
     again = run_linear(LinearConfig(epochs=1, **cfg))  # the same command: resumes its finished state
     assert again["metrics"]["frozen_check"] == "passed"

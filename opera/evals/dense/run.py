@@ -32,7 +32,6 @@ options or another backbone is refused in one line.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from torch import nn
 
 from opera import distributed
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
-from opera.errors import OperaError, suggest
+from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
     EvalRun,
@@ -133,39 +132,14 @@ def default_recipe(task: str, data: str) -> str:
     return "ade20k_upernet_160k" if task == "segmentation" else "coco_maskrcnn_r50_fpn_1x"
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-
-    path = Path(name).expanduser()
-    if path.suffix not in (".yaml", ".yml"):
-        path = RECIPES / f"{name}.yaml"
-        if not path.is_file():
-            raise OperaError(f"unknown dense recipe {name!r}{suggest(name, list_recipes())}; valid: {', '.join(list_recipes())} or a YAML path")
-    elif not path.is_file():
-        raise OperaError(f"dense recipe file {path} does not exist; pass a YAML file or one of {', '.join(list_recipes())}")
-    from opera.configs.schema import load_yaml
-
-    data = load_yaml(path, RECIPES)  # one recipe mechanism: YAML, with 'base:' inheritance
-    fields = {f.name: f for f in dataclasses.fields(DenseConfig)}
-    for key, value in data.items():
-        if key not in fields:
-            raise OperaError(f"unknown key {key!r} in dense recipe {path}{suggest(key, sorted(fields))}")
-        if isinstance(value, list):
-            data[key] = tuple(value)
-    return data
-
-
 def dense_config(task: str, recipe: str | None = "auto", **options: Any) -> DenseConfig:
-    """Defaults < recipe (``auto``: :func:`default_recipe`) < ``options`` that are not None."""
+    """Defaults < recipe (``auto``: :func:`default_recipe`) < ``options`` that are not None,
+    validated (:func:`opera.configs.load_recipe`, the one recipe reader of every protocol)."""
+    from opera.configs import load_recipe
+
     choose("--suite", task, TASKS)
-    data = options.get("data") or DenseConfig.data
-    name = default_recipe(task, data) if recipe in (None, "auto") else recipe
-    values = load_recipe(name)
-    values.update({k: v for k, v in options.items() if v is not None})
-    valid = {f.name for f in dataclasses.fields(DenseConfig)}
-    bad = [k for k in values if k not in valid]
-    if bad:
-        raise OperaError(f"unknown dense option {bad[0]!r}{suggest(bad[0], sorted(valid))}")
-    return DenseConfig(**{**values, "task": task, "recipe": name})
+    name = default_recipe(task, options.get("data") or DenseConfig.data) if recipe in (None, "auto") else recipe
+    return load_recipe(name, DenseConfig, RECIPES, values={**options, "task": task, "recipe": name}, what="dense recipe")
 
 
 def _validate(cfg: DenseConfig) -> None:

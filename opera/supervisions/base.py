@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -112,6 +112,13 @@ class Progress:
         return self.step / max(self.total_steps, 1)
 
 
+class TeacherRepresentations(Protocol):
+    """What a step may ask of the momentum teacher (:class:`opera.hierarchy.teacher.MomentumTeacher`):
+    its version of a representation of every view, computed once per step."""
+
+    def rep(self, stage: Stage, name: str) -> list[torch.Tensor]: ...
+
+
 @dataclass
 class Stage:
     """One training step's data as it climbs the hierarchy.
@@ -129,7 +136,7 @@ class Stage:
     reps: list[dict[str, torch.Tensor]]
     concat_views: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
-    teacher: Any = None  # the hierarchy's MomentumTeacher (or None)
+    teacher: TeacherRepresentations | None = None  # the hierarchy's momentum teacher
 
     def apply(self, module: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.concat_views and len(xs) > 1:

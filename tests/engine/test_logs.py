@@ -1,0 +1,30 @@
+"""What a run prints where no terminal is attached (a SLURM or nohup log): a step line every
+``train.log_every`` steps, not only one line per epoch."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from opera.configs import PretrainConfig
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \(epoch (\d+)/(\d+)\) loss=\S+ .*loss/self=\S+ .*loss/full=\S+ .*\[\d+s\]$")
+
+
+def test_pretraining_into_a_file_prints_a_step_line_within_the_first_log_every_steps(tmp_path):
+    log_every = PretrainConfig().train.log_every
+    log = tmp_path / "log"
+    with log.open("w") as out:  # stdout is a file, as under `opera run pretrain ... > log`
+        proc = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "self,full",
+                               "--output", str(tmp_path / "run"), "--set", f"train.max_steps={log_every}"],
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    lines = log.read_text().splitlines()
+    steps = [m for m in map(STEP_LINE.match, lines) if m]
+    assert steps, f"no step line in {lines}"
+    first = steps[0]
+    assert int(first.group(1)) == log_every and first.group(3) == "1"  # step 10, in the first epoch
+    assert not any("\x1b[" in line for line in lines)  # no progress-bar escapes off a terminal

@@ -59,7 +59,7 @@ def make_step(
     interleaves it with the official step in one process.
     """
     from opera.backbones import is_token_backbone
-    from opera.engine.optim import build_optimizer
+    from opera.engine.optim import build_optimizer, optimizer_name
     from opera.engine.step import make_grad_scaler, prepare_model, train_step
     from opera.hierarchy import SupervisionHierarchy, parse_spec
 
@@ -84,7 +84,7 @@ def make_step(
         concat_views=concat_views, backbone_options={"patch_size": patch_size} if patch_size else None, **options,
     )
     token = is_token_backbone(model.backbone)
-    opt_name = ("adamw" if token else "lars") if optimizer == "auto" else optimizer
+    opt_name = optimizer_name(optimizer, model)
     model = prepare_model(model, dev, channels_last=channels_last)
     optim = build_optimizer(model, opt_name, lr=0.1 if opt_name == "lars" else 1e-4,
                             weight_decay=1e-6 if opt_name == "lars" else 0.1)

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from opera.errors import OperaError
+
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as in MoCo-v3, vectorised with ``torch._foreach`` ops.
@@ -80,6 +82,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay, "lars": True},
         {"params": no_decay, "weight_decay": 0.0, "lars": False},
     ]
+
+
+def optimizer_name(name: str, model: nn.Module) -> str:
+    """``auto``: AdamW for token backbones (ViTs), LARS for CNNs, as MoCo-v3 / OPERA train them;
+    otherwise ``name`` (lars | adamw | sgd)."""
+    from opera.backbones import is_token_backbone
+
+    if name == "auto":
+        return "adamw" if is_token_backbone(getattr(model, "backbone", model)) else "lars"
+    if name not in ("lars", "adamw", "sgd"):
+        raise OperaError(f"unknown optimizer {name!r}; valid: auto, lars, adamw, sgd")
+    return name
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,

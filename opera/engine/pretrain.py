@@ -16,26 +16,17 @@ import torch
 import yaml
 
 from opera import distributed
-from opera.backbones import get_spec, is_token_backbone
+from opera.backbones import get_spec
 from opera.configs import PretrainConfig, config_to_dict
 from opera.engine.checkpoint import BACKBONE, export_backbone
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory, seed_step
 from opera.engine.monitors import FeatureTap, OnlineLinearMonitor, online_linear_setup, online_linear_step
-from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at
+from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at, optimizer_name
 from opera.engine.resume import check_config_drift
 from opera.engine.step import make_grad_scaler, prepare_model, train_step
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy, parse_spec
 from opera.supervisions.base import Progress
-
-def resolve_optimizer_name(cfg: PretrainConfig, hierarchy: SupervisionHierarchy) -> str:
-    name = cfg.optim.name
-    if name == "auto":
-        return "adamw" if is_token_backbone(hierarchy.backbone) else "lars"
-    if name not in ("lars", "adamw", "sgd"):
-        raise OperaError(f"unknown optimizer {name!r}; valid: auto, lars, adamw, sgd")
-    return name
-
 
 def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run (``data``: the training data's
@@ -183,7 +174,7 @@ def setup_pretrain(cfg: PretrainConfig, run: RunDirectory) -> PretrainProtocol:
     hierarchy = SupervisionHierarchy.from_config(cfg, feed.label_sets)
     nhwc = None if device.type == "cuda" and cfg.train.channels_last else False  # None: CNN backbones only
     hierarchy = prepare_model(hierarchy, device, channels_last=nhwc)
-    opt_name = resolve_optimizer_name(cfg, hierarchy)
+    opt_name = optimizer_name(cfg.optim.name, hierarchy)
     lr = cfg.optim.base_lr * batch / 256
     optimizer = build_optimizer(hierarchy, opt_name, lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.betas,
                                 exclude_1d=cfg.optim.exclude_1d_decay)

@@ -28,17 +28,18 @@ import torch
 import torch.nn.functional as F
 
 from opera import distributed
+from opera.configs import validate
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalConfig,
     EvalRun,
     LoadedBackbone,
-    choose,
     load_eval_backbone,
     make_loader,
     parse_data,
     seed_everything,
 )
+from opera.fields import option
 
 PAIRS = ("view", "same_class", "different_class")
 HISTOGRAM = "similarity_hist.png"
@@ -46,12 +47,12 @@ HISTOGRAM = "similarity_hist.png"
 
 @dataclass
 class DiagnoseConfig(EvalConfig):
-    data: str | None = None  # None: the run's pretraining data (config.yaml), else digits
-    split: str = "val"
-    num_images: int = 512
-    batch_size: int = 256
-    crop_min: float | None = None  # None: the run's data.crop_min, else 0.2
-    bins: int = 60
+    data: str | None = option(None, help="None: the run's pretraining data (config.yaml), else digits")
+    split: str = option("val", help="train | val", choices=("train", "val"))
+    num_images: int = option(512, help="images sampled (two augmented views each)", min=4)
+    batch_size: int = option(256, help="batch of the forward passes", min=1)
+    crop_min: float | None = option(None, help="None: the run's data.crop_min, else 0.2", min=0, max=1, min_exclusive=True)
+    bins: int = option(60, help="histogram bins", min=1)
 
 
 # ----------------------------------------------------------------------------- hierarchy
@@ -159,9 +160,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict:
     """Measure Corollary 1 for ``cfg.checkpoint``; returns the results dict."""
     from opera.data import PretrainTransform, build_dataset
 
-    choose("--split", cfg.split, ("train", "val"))
-    if cfg.num_images < 4:
-        raise OperaError(f"--num-images must be at least 4, got {cfg.num_images}")
+    validate(cfg)
     if cfg.data:
         parse_data(cfg.data)
     device = distributed.resolve_device(cfg.device)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from opera import distributed
+from opera.configs import load_recipe, validate
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
 from opera.engine.step import autocast_context
@@ -38,7 +39,6 @@ from opera.evals.common import (
     LoadedBackbone,
     check_global_batch,
     check_output,
-    choose,
     eval_env,
     eval_identity,
     gathered_accuracy,
@@ -49,40 +49,47 @@ from opera.evals.common import (
     shard_of,
     topk_correct,
 )
+from opera.fields import option
 
 RECIPES = Path(__file__).parent / "recipes"
 
 
 @dataclass
 class FinetuneConfig(EvalConfig):
-    recipe: str | None = None  # a recipe name (opera/evals/recipes) or a YAML path
-    epochs: int = 100
-    batch_size: int = 1024
-    base_lr: float = 5e-4
-    lr_batch_base: int = 512  # lr = base_lr * batch_size / lr_batch_base
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8  # AdamW's epsilon (timm --opt-eps, default 1e-8)
-    warmup_epochs: float = 5.0
-    layer_decay: float | None = None  # e.g. 0.75 for ViTs; None: off
-    drop_path: float = 0.1
-    label_smoothing: float = 0.1
-    mixup: float = 0.8  # Mixup alpha (0: off)
-    cutmix: float = 1.0  # CutMix alpha (0: off)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    randaug_ops: int = 2
-    randaug_magnitude: int = 9  # 0: RandAugment off
-    reprob: float = 0.25  # random erasing probability
-    crop_min: float = 0.08  # RandomResizedCrop minimum scale
-    flip: bool = True
-    clip_grad: float | None = None
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
-    eval_every: int = 1  # epochs between validations (the final one always runs)
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit; smoke tests)
-    save_every_steps: int = 0  # last.pt within an epoch every this many steps (0: at epoch ends only)
-    sync_bn: bool = True  # under several processes, BatchNorm over the global batch (timm/DeiT --sync-bn)
-    labels: str = "all"  # semi-supervised protocol: train on these labelled images only (opera.data.labels.labelled_subset)
+    recipe: str | None = option(None, help="a recipe name (opera/evals/recipes) or a YAML path")
+    epochs: int = option(100, help="fine-tuning epochs (Table 2: 100/150/200/300)", min=1)
+    batch_size: int = option(1024, help="global batch over all processes (C.1: 1024)", min=1)
+    base_lr: float = option(5e-4, help="AdamW lr per lr_batch_base images (C.1: 5e-4)", min=0, min_exclusive=True)
+    lr_batch_base: int = option(512, help="lr = base_lr * batch_size / lr_batch_base", min=1)
+    weight_decay: float = option(0.05, help="AdamW weight decay (not on biases, norms, position embeddings, class "
+                                 "tokens)", min=0)
+    betas: tuple[float, float] = option((0.9, 0.999), help="AdamW betas", min=0, max=1, max_exclusive=True,
+                                        example="[0.9,0.999]")
+    eps: float = option(1e-8, help="AdamW's epsilon (timm --opt-eps, default 1e-8)", min=0, min_exclusive=True)
+    warmup_epochs: float = option(5.0, help="linear warmup epochs before the per-iteration cosine decay", min=0)
+    layer_decay: float | None = option(None, help="layer-wise lr decay, e.g. 0.75 for ViTs; None: off",
+                                       min=0, max=1, min_exclusive=True)
+    drop_path: float = option(0.1, help="stochastic depth rate", min=0, max=1)
+    label_smoothing: float = option(0.1, help="label smoothing", min=0, max=1)
+    mixup: float = option(0.8, help="Mixup alpha (0: off)", min=0)
+    cutmix: float = option(1.0, help="CutMix alpha (0: off)", min=0)
+    mixup_prob: float = option(1.0, help="probability of mixing a batch", min=0, max=1)
+    mixup_switch_prob: float = option(0.5, help="probability of CutMix instead of Mixup when both are on", min=0, max=1)
+    randaug_ops: int = option(2, help="RandAugment operations per image", min=0)
+    randaug_magnitude: int = option(9, help="RandAugment magnitude (0: RandAugment off; 30 at most: 31 bins)",
+                                    min=0, max=30)
+    reprob: float = option(0.25, help="random erasing probability", min=0, max=1)
+    crop_min: float = option(0.08, help="RandomResizedCrop minimum scale", min=0, max=1, min_exclusive=True)
+    flip: bool = option(True, help="random horizontal flip")
+    clip_grad: float | None = option(None, help="gradient norm clipping (None or 0: off)", min=0)
+    amp: str = option("auto", help="auto (bf16 on CUDA) | bf16 | off", choices=("auto", "bf16", "off"))
+    eval_every: int = option(1, help="epochs between validations (the final one always runs)", min=1)
+    max_steps: int = option(0, help="stop after this many optimizer steps (0: no limit; smoke tests)", min=0)
+    save_every_steps: int = option(0, help="last.pt within an epoch every this many steps (0: at epoch ends only)",
+                                   min=0)
+    sync_bn: bool = option(True, help="under several processes, BatchNorm over the global batch (timm/DeiT --sync-bn)")
+    labels: str = option("all", help="semi-supervised protocol: train on these labelled images only "
+                         "(opera.data.labels.labelled_subset)")
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -102,8 +109,6 @@ def finetune_config(recipe: str | None = "auto", **options: Any) -> FinetuneConf
     ``recipe="auto"`` picks :func:`default_recipe` of ``options["data"]``; None uses the
     dataclass defaults (the 100-epoch ImageNet recipe) alone.
     """
-    from opera.configs import load_recipe
-
     if recipe == "auto":
         recipe = default_recipe(options.get("data") or FinetuneConfig.data)
     return load_recipe(recipe, FinetuneConfig, RECIPES, values={**options, "recipe": recipe},
@@ -111,22 +116,12 @@ def finetune_config(recipe: str | None = "auto", **options: Any) -> FinetuneConf
 
 
 def _validate(cfg: FinetuneConfig) -> None:
+    """Every field's type, range and choices (:func:`opera.configs.validate`), then what the
+    fields' metadata cannot state: the data spec parses, and Mixup/CutMix get an even batch."""
+    validate(cfg)
     parse_data(cfg.data)
-    choose("--amp", cfg.amp, ("auto", "bf16", "off"))
-    for name in ("epochs", "batch_size", "lr_batch_base", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise OperaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.base_lr <= 0:
-        raise OperaError(f"--base-lr must be positive, got {cfg.base_lr}")
-    if not 0 < cfg.crop_min <= 1:
-        raise OperaError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise OperaError(f"Mixup/CutMix mix a batch with its reverse and need an even --batch-size, got {cfg.batch_size}")
-    if cfg.layer_decay is not None and not 0 < cfg.layer_decay <= 1:
-        raise OperaError(f"--layer-decay must be in (0, 1], got {cfg.layer_decay}")
-    for name in ("drop_path", "label_smoothing", "reprob", "mixup_prob", "mixup_switch_prob"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise OperaError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
 
 
 # ----------------------------------------------------------------------------- pieces

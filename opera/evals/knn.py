@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opera.configs import validate
 from opera.distributed import all_gather_uneven
 from opera.errors import OperaError
 from opera.features import (  # noqa: F401  (re-exported)
@@ -47,43 +48,28 @@ from opera.evals.common import (
     shard_of,
     snapshot_state,
 )
+from opera.fields import option
 
 
 @dataclass
 class KNNConfig(EvalConfig):
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 256  # feature extraction batch
-    query_chunk: int = 1024  # test queries per similarity block
-    bank_chunk: int = 65536  # training features per similarity block
-    half_bank: bool = False  # store the training bank in float16 (halves memory on ImageNet)
-    train_data: str | None = None  # the bank's data spec; None: the train split of --data
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    k: int = option(20, help="neighbours", min=1)
+    temperature: float = option(0.07, help="T of the vote weight exp(cos / T)", min=0, min_exclusive=True)
+    batch_size: int = option(256, help="feature extraction batch", min=1)
+    query_chunk: int = option(1024, help="test queries per similarity block", min=1)
+    bank_chunk: int = option(65536, help="training features per similarity block", min=1)
+    half_bank: bool = option(False, help="store the training bank in float16 (halves memory on ImageNet)")
+    train_data: str | None = option(None, help="the bank's data spec; None: the train split of --data")
 
 
 def run_knn(cfg: KNNConfig, loaded=None) -> dict:
     """Weighted k-NN top-1/top-5 of ``cfg.checkpoint`` on ``cfg.data`` (bank: train split, queries: val)."""
     from opera.data import EvalTransform, build_dataset
 
+    validate(cfg)
     train_spec = cfg.train_data or cfg.data
     parse_data(cfg.data)
     parse_data(train_spec)
-    _check_args(cfg.k, cfg.temperature, torch.zeros(1, 1), torch.zeros(1, 1))
     env, device = eval_env(cfg.device)
     rank, world = env.rank, env.world_size
     run = EvalRun("knn", cfg, main=rank == 0)

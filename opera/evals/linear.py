@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
+from opera.configs import validate
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
 from opera.errors import OperaError
@@ -78,6 +79,7 @@ from opera.evals.common import (
     snapshot_state,
     topk_correct,
 )
+from opera.fields import option
 
 #: C.1: base learning rates of the linear probe (scaled by batch / 256)
 BASE_LR_CNN = 0.1
@@ -86,20 +88,23 @@ BASE_LR_VIT = 3.0
 
 @dataclass
 class LinearConfig(EvalConfig):
-    epochs: int = 90
-    batch_size: int = 1024
-    base_lr: float | None = None  # None: 0.1 for CNNs, 3.0 for ViTs; lr = base_lr * batch_size / 256
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
-    bn: bool = False  # BatchNorm1d(affine=False) before the linear layer (MAE-style; C.1/MoCo-v3: none)
-    augment: bool | None = None  # None: off for digits (cached features), on otherwise
-    crop_min: float = 0.08  # RandomResizedCrop scale of the augmented mode
-    feature_batch_size: int = 256  # batch of the frozen forward passes
-    grid: bool = False  # train the grid of heads below in the same pass, pick one on a held-out train split
-    grid_lr_scales: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)  # x the base lr (dinov2's linear eval: a grid of lrs)
-    grid_bn: tuple[bool, ...] = (False, True)  # each lr without and with BatchNorm1d(affine=False)
-    holdout_fraction: float = 0.1  # with grid: share of the training set held out to choose the head
+    epochs: int = option(90, help="training epochs of the linear classifier (C.1)", min=1)
+    batch_size: int = option(1024, help="global batch over all processes (C.1)", min=1)
+    base_lr: float | None = option(None, help="None: 0.1 for CNNs, 3.0 for ViTs; lr = base_lr * batch_size / 256",
+                                   min=0, min_exclusive=True)
+    momentum: float = option(0.9, help="SGD momentum", min=0, max=1)
+    weight_decay: float = option(0.0, help="SGD weight decay", min=0)
+    warmup_epochs: float = option(0.0, help="linear warmup epochs before the cosine decay", min=0)
+    bn: bool = option(False, help="BatchNorm1d(affine=False) before the linear layer (MAE-style; C.1/MoCo-v3: none)")
+    augment: bool | None = option(None, help="None: off for digits (cached features), on otherwise")
+    crop_min: float = option(0.08, help="RandomResizedCrop scale of the augmented mode", min=0, max=1, min_exclusive=True)
+    feature_batch_size: int = option(256, help="batch of the frozen forward passes", min=1)
+    grid: bool = option(False, help="train the grid of heads below in the same pass, pick one on a held-out train split")
+    grid_lr_scales: tuple[float, ...] = option((0.1, 0.3, 1.0, 3.0, 10.0), help="x the base lr (dinov2's linear eval: "
+                                               "a grid of lrs)", min=0, min_exclusive=True, example="[0.1,1,10]")
+    grid_bn: tuple[bool, ...] = option((False, True), help="each lr without and with BatchNorm1d(affine=False)")
+    holdout_fraction: float = option(0.1, help="with grid: share of the training set held out to choose the head",
+                                     min=0, max=1, min_exclusive=True, max_exclusive=True)
 
 
 class LinearHead(nn.Sequential):
@@ -140,22 +145,15 @@ def resolve_base_lr(cfg: LinearConfig, model: nn.Module) -> float:
 
 
 def _validate(cfg: LinearConfig) -> None:
+    """Every field's type, range and choices (:func:`opera.configs.validate`), then what the
+    fields' metadata cannot state: the data spec parses, and a grid has heads."""
+    validate(cfg)
     parse_data(cfg.data)
-    for name in ("epochs", "batch_size", "feature_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise OperaError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.base_lr is not None and cfg.base_lr <= 0:
-        raise OperaError(f"--base-lr must be positive, got {cfg.base_lr}")
-    if not 0 < cfg.crop_min <= 1:
-        raise OperaError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
     if cfg.grid:
-        if not cfg.grid_lr_scales or any(m <= 0 for m in cfg.grid_lr_scales):
-            raise OperaError(f"--grid-lrs must be positive lr multipliers, got {list(cfg.grid_lr_scales)}")
+        if not cfg.grid_lr_scales:
+            raise OperaError("the grid needs at least one lr multiplier; set --grid-lrs 0.1,0.3,1,3,10")
         if not cfg.grid_bn:
             raise OperaError("the grid needs at least one BatchNorm setting (grid_bn: [false, true])")
-        if not 0 < cfg.holdout_fraction < 1:
-            raise OperaError(f"--holdout-fraction must be in (0, 1) (the share of train images that picks the head), "
-                             f"got {cfg.holdout_fraction}")
 
 
 @dataclass

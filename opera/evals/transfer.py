@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from opera.configs import validate
 from opera.errors import OperaError
 from opera.evals.common import EvalConfig, EvalRun, choose, load_eval_backbone, parse_data
+from opera.fields import option
 
 SUITES = ("classification", "digits", "segmentation", "detection")
 DENSE_SUITES = ("segmentation", "detection")
@@ -37,18 +39,18 @@ DIGITS_PROTOCOLS = ("linear", "knn", "finetune")
 
 @dataclass
 class TransferConfig(EvalConfig):
-    suite: str = "digits"
-    data: str = ""  # unused: the suite names the data (recorded per dataset)
-    root: str | None = None  # classification: folder holding the torchvision datasets
-    datasets: str | None = None  # classification: comma-separated subset of cifar10,cifar100,flowers102,pets
-    target: str | None = None  # digits: held-out data spec; dense: the digit scenes spec
-    iters: int | None = None  # dense: overrides the recipe's iterations
-    protocols: str = "linear,knn,finetune"  # digits: which protocols
-    recipe: str = "auto"  # fine-tuning recipe: auto = transfer (classification) / digits
-    epochs: int | None = None  # overrides the recipe's fine-tuning epochs
-    batch_size: int | None = None  # overrides the recipe's fine-tuning batch
-    linear_epochs: int = 90  # digits: linear probe epochs
-    k: int = 20  # digits: k-NN neighbours
+    suite: str = option("digits", help="classification | digits | segmentation | detection", choices=SUITES)
+    data: str = option("", help="unused: the suite names the data (recorded per dataset)")
+    root: str | None = option(None, help="classification: folder holding the torchvision datasets")
+    datasets: str | None = option(None, help="classification: comma-separated subset of cifar10,cifar100,flowers102,pets")
+    target: str | None = option(None, help="digits: held-out data spec; dense: the digit scenes spec")
+    iters: int | None = option(None, help="dense: overrides the recipe's iterations", min=1)
+    protocols: str = option("linear,knn,finetune", help="digits: which protocols")
+    recipe: str = option("auto", help="fine-tuning recipe: auto = transfer (classification) / digits")
+    epochs: int | None = option(None, help="overrides the recipe's fine-tuning epochs", min=1)
+    batch_size: int | None = option(None, help="overrides the recipe's fine-tuning batch", min=1)
+    linear_epochs: int = option(90, help="digits: linear probe epochs", min=1)
+    k: int = option(20, help="digits: k-NN neighbours", min=1)
 
 
 def _split_list(text: str | None, valid: tuple[str, ...], what: str) -> list[str]:
@@ -129,7 +131,7 @@ def run_transfer(cfg: TransferConfig) -> dict:
 
     from opera.data import build_dataset
 
-    choose("--suite", cfg.suite, SUITES)
+    validate(cfg)
     if cfg.suite in DENSE_SUITES:
         return run_dense_transfer(cfg)
     if cfg.suite == "classification":

@@ -58,7 +58,7 @@ def test_diagnose_backbone_only_and_errors(tmp_path):
     res = run_diagnose(DiagnoseConfig(checkpoint="random:resnet_tiny", data="digits:0-2", output=str(tmp_path),
                                       num_images=32, tensorboard=False))
     assert res["spaces"] == ["backbone"]
-    with pytest.raises(OperaError, match="--split"):
+    with pytest.raises(OperaError, match=r"config key split must be one of train, val, got 'test'; set --set split="):
         run_diagnose(DiagnoseConfig(checkpoint="random:resnet_tiny", split="test", output=str(tmp_path)))
     with pytest.raises(OperaError, match="at least two"):
         run_diagnose(DiagnoseConfig(checkpoint="random:resnet_tiny", data="digits:3", output=str(tmp_path), num_images=8))

@@ -113,9 +113,9 @@ def test_bad_inputs_of_the_new_options_are_one_line_errors(tmp_path):
     out = str(tmp_path / "o")
     cases = [
         (lambda: run_linear(LinearConfig(checkpoint="random:resnet_tiny", output=out, grid=True, holdout_fraction=1.5)),
-         "--holdout-fraction must be in (0, 1)"),
+         "config key holdout_fraction=1.5 is out of range: must be in (0, 1); set --set holdout_fraction="),
         (lambda: run_linear(LinearConfig(checkpoint="random:resnet_tiny", output=out, grid=True, grid_lr_scales=(0.0,))),
-         "--grid-lrs must be positive"),
+         "config key grid_lr_scales=[0.0] is out of range: must be > 0 (each value)"),
         (lambda: check_global_batch(63, 2), "use a multiple of 2"),
         (lambda: _floats("--grid-lrs", "0.1,abc"), "not a comma-separated list of numbers"),
     ]

@@ -68,7 +68,9 @@ def test_transfer_classification_needs_local_datasets(tmp_path):
     assert "cifar-10-batches-py" in msg and "never downloads" in msg
     _raises("did you mean pets", run_transfer,
             TransferConfig(checkpoint="random:resnet_tiny", suite="classification", root=str(tmp_path), datasets="pet", output=out))
-    _raises("unknown --suite 'digit'", run_transfer, TransferConfig(checkpoint="random:resnet_tiny", suite="digit", output=out))
+    msg = _raises("config key suite must be one of classification, digits, segmentation, detection, got 'digit'",
+                  run_transfer, TransferConfig(checkpoint="random:resnet_tiny", suite="digit", output=out))
+    assert "--set suite=" in msg
     _raises("unknown --protocols entry 'linaer'", run_transfer,
             TransferConfig(checkpoint="random:resnet_tiny", protocols="linaer", output=out))
 
@@ -76,8 +78,10 @@ def test_transfer_classification_needs_local_datasets(tmp_path):
 def test_bad_options(tmp_path):
     out = str(tmp_path / "o")
     _raises("unknown fine-tuning recipe 'finetune_100'", finetune_config, "finetune_100", checkpoint="random:resnet_tiny", output=out)
-    _raises("--epochs must be at least 1", run_linear, LinearConfig(checkpoint="random:resnet_tiny", epochs=0, output=out))
-    _raises("--amp", run_finetune, finetune_config(checkpoint="random:resnet_tiny", amp="fp8", output=out))
+    _raises(r"config key epochs=0 is out of range: must be >= 1; set --set epochs=", run_linear,
+            LinearConfig(checkpoint="random:resnet_tiny", epochs=0, output=out))
+    _raises("config key amp must be one of auto, bf16, off, got 'fp8'", finetune_config, checkpoint="random:resnet_tiny",
+            amp="fp8", output=out)
     from opera.backbones import create_backbone
     from opera.engine.checkpoint import export_backbone
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
+from opera.configs import load_recipe, validate
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.errors import OperaError
 from opera.evals.common import (
@@ -55,6 +56,7 @@ from opera.evals.common import (
     load_eval_backbone,
     seed_everything,
 )
+from opera.fields import option
 
 RECIPES = Path(__file__).parent / "recipes"
 TASKS = ("segmentation", "detection")
@@ -62,60 +64,69 @@ TASKS = ("segmentation", "detection")
 
 @dataclass
 class DenseConfig(EvalConfig):
-    task: str = "segmentation"  # segmentation | detection
-    data: str = "digit_scenes"  # digit_scenes[:classes] | coco=ROOT | ade20k=ROOT
-    recipe: str | None = None
-    iters: int = 160000
-    batch_size: int = 16
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "poly"  # poly | step | cosine
-    poly_power: float = 0.9
-    min_lr: float = 1e-4
-    lr_steps: tuple[float, ...] = (2 / 3, 8 / 9)  # step: fractions of iters where lr *= lr_gamma
-    lr_gamma: float = 0.1
-    warmup_iters: int = 0
-    warmup_factor: float = 0.001
-    freeze_backbone: bool = False  # a frozen-backbone probe instead of fine-tuning (not the paper's protocol)
-    clip_grad: float | None = None
-    save_every: int = 0  # iterations between last.pt writes (0: at the end only)
-    eval_batch_size: int = 8
+    task: str = option("segmentation", help="segmentation | detection", choices=TASKS)
+    data: str = option("digit_scenes", help="digit_scenes[:classes] | coco=ROOT | ade20k=ROOT")
+    recipe: str | None = option(None, help="a recipe name (opera/evals/dense/recipes) or a YAML path")
+    iters: int = option(160000, help="training iterations", min=1)
+    batch_size: int = option(16, help="training batch", min=1)
+    optimizer: str = option("sgd", help="sgd | adamw", choices=("sgd", "adamw"))
+    lr: float = option(0.01, help="base learning rate", min=0, min_exclusive=True)
+    momentum: float = option(0.9, help="SGD momentum", min=0, max=1)
+    weight_decay: float = option(5e-4, help="weight decay", min=0)
+    schedule: str = option("poly", help="poly | step | cosine", choices=("poly", "step", "cosine"))
+    poly_power: float = option(0.9, help="poly: lr factor (1 - it/iters)^poly_power", min=0)
+    min_lr: float = option(1e-4, help="poly: the lr it decays to", min=0)
+    lr_steps: tuple[float, ...] = option((2 / 3, 8 / 9), help="step: fractions of iters where lr *= lr_gamma",
+                                         min=0, max=1, example="[0.667,0.889]")
+    lr_gamma: float = option(0.1, help="step: lr factor at each of lr_steps", min=0, min_exclusive=True)
+    warmup_iters: int = option(0, help="linear warmup iterations", min=0)
+    warmup_factor: float = option(0.001, help="lr factor the warmup starts from", min=0, max=1)
+    freeze_backbone: bool = option(False, help="a frozen-backbone probe instead of fine-tuning (not the paper's protocol)")
+    clip_grad: float | None = option(None, help="gradient norm clipping (None or 0: off)", min=0)
+    save_every: int = option(0, help="iterations between last.pt writes (0: at the end only)", min=0)
+    eval_batch_size: int = option(8, help="batch of the validation passes", min=1)
     # segmentation
-    head: str = "upernet"  # upernet | fcn | linear
-    channels: int = 512
-    aux_channels: int = 256  # 0: no auxiliary FCN head
-    aux_weight: float = 0.4
-    output_stride: int | None = None  # 8: dilated CNN (R50-D8 of FCN)
-    crop_size: int | None = 512
-    scale: tuple[int, int] | None = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    flip: bool = True
+    head: str = option("upernet", help="upernet | fcn | linear", choices=("upernet", "fcn", "linear"))
+    channels: int = option(512, help="segmentation head channels", min=1)
+    aux_channels: int = option(256, help="channels of the auxiliary FCN head (0: no auxiliary head)", min=0)
+    aux_weight: float = option(0.4, help="loss weight of the auxiliary FCN head", min=0)
+    output_stride: int | None = option(None, help="8: dilated CNN (R50-D8 of FCN); None: the backbone's own",
+                                       choices=(8, 16, 32))
+    crop_size: int | None = option(512, help="training crop side (None: no crop)", min=1)
+    scale: tuple[int, int] | None = option((2048, 512), help="resize scale (long, short side) before the ratio range "
+                                           "(None: none)", min=1, example="[2048,512]")
+    ratio_range: tuple[float, float] = option((0.5, 2.0), help="random resize ratios of scale", min=0, min_exclusive=True,
+                                              example="[0.5,2.0]")
+    flip: bool = option(True, help="random horizontal flip")
     # detection
-    masks: bool = True  # Mask R-CNN (box + mask AP) or Faster R-CNN (box AP)
-    fpn_channels: int = 256
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
-    min_size: int = 800
-    max_size: int = 1333
-    box_representation: int = 1024
-    mask_channels: int = 256
-    mask_convs: int = 4
-    rpn_batch: int = 256
-    roi_batch: int = 512
-    rpn_pre_nms: tuple[int, int] = (2000, 1000)
-    rpn_post_nms: tuple[int, int] = (2000, 1000)
-    norm_eval: bool = True  # backbone BatchNorm statistics frozen (mmdet's R50 norm_eval)
-    frozen_stages: int = 1  # CNN stages frozen: 0 none, 1 the stem + layer1 (mmdet's R50)
-    vit_channels: int = 256  # ViTs: channels of the simple feature pyramid
+    masks: bool = option(True, help="Mask R-CNN (box + mask AP) or Faster R-CNN (box AP)")
+    fpn_channels: int = option(256, help="FPN channels", min=1)
+    anchor_sizes: tuple[int, ...] = option((32, 64, 128, 256, 512), help="RPN anchor sizes, one per FPN level", min=1,
+                                           example="[32,64,128,256,512]")
+    min_size: int = option(800, help="resize: shorter side", min=1)
+    max_size: int = option(1333, help="resize: longer side at most", min=1)
+    box_representation: int = option(1024, help="box head representation size", min=1)
+    mask_channels: int = option(256, help="mask head channels", min=1)
+    mask_convs: int = option(4, help="mask head convolutions", min=1)
+    rpn_batch: int = option(256, help="RPN anchors sampled per image", min=1)
+    roi_batch: int = option(512, help="RoIs sampled per image", min=1)
+    rpn_pre_nms: tuple[int, int] = option((2000, 1000), help="RPN proposals before NMS (train, test)", min=1,
+                                          example="[2000,1000]")
+    rpn_post_nms: tuple[int, int] = option((2000, 1000), help="RPN proposals after NMS (train, test)", min=1,
+                                           example="[2000,1000]")
+    norm_eval: bool = option(True, help="backbone BatchNorm statistics frozen (mmdet's R50 norm_eval)")
+    frozen_stages: int = option(1, help="CNN stages frozen: 0 none, 1 the stem + layer1 (mmdet's R50)", min=0, max=4)
+    vit_channels: int = option(256, help="ViTs: channels of the simple feature pyramid", min=1)
     # digit scenes
-    scene_canvas: int = 64
-    scene_digits: tuple[int, int] = (2, 4)
-    scene_scale: tuple[int, int] = (16, 32)
-    scene_train: int = 600
-    scene_val: int = 200
-    scene_seed: int = 0
-    scene_texture: float = 1.0  # background contrast of the scenes (0: black, as the digits)
+    scene_canvas: int = option(64, help="digit scenes: canvas side in pixels", min=1)
+    scene_digits: tuple[int, int] = option((2, 4), help="digit scenes: (min, max) digits per scene", min=1,
+                                           example="[2,4]")
+    scene_scale: tuple[int, int] = option((16, 32), help="digit scenes: (min, max) side of a digit in pixels", min=4,
+                                          example="[16,32]")
+    scene_train: int = option(600, help="digit scenes: training scenes", min=1)
+    scene_val: int = option(200, help="digit scenes: validation scenes", min=1)
+    scene_seed: int = option(0, help="digit scenes: seed of the generated scenes")
+    scene_texture: float = option(1.0, help="background contrast of the scenes (0: black, as the digits)", min=0)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -135,23 +146,15 @@ def default_recipe(task: str, data: str) -> str:
 def dense_config(task: str, recipe: str | None = "auto", **options: Any) -> DenseConfig:
     """Defaults < recipe (``auto``: :func:`default_recipe`) < ``options`` that are not None,
     validated (:func:`opera.configs.load_recipe`, the one recipe reader of every protocol)."""
-    from opera.configs import load_recipe
-
     choose("--suite", task, TASKS)
     name = default_recipe(task, options.get("data") or DenseConfig.data) if recipe in (None, "auto") else recipe
     return load_recipe(name, DenseConfig, RECIPES, values={**options, "task": task, "recipe": name}, what="dense recipe")
 
 
 def _validate(cfg: DenseConfig) -> None:
-    choose("--suite", cfg.task, TASKS)
-    choose("optimizer", cfg.optimizer, ("sgd", "adamw"))
-    choose("schedule", cfg.schedule, ("poly", "step", "cosine"))
-    choose("head", cfg.head, ("upernet", "fcn", "linear"))
-    for name in ("iters", "batch_size", "eval_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise OperaError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
-        raise OperaError(f"lr must be positive, got {cfg.lr}")
+    """Every field's type, range and choices (:func:`opera.configs.validate`), then what the
+    fields' metadata cannot state: segmentation's BatchNorm heads need two images a batch."""
+    validate(cfg)
     if cfg.batch_size < 2 and cfg.task == "segmentation":
         raise OperaError("segmentation trains BatchNorm heads and needs batch_size >= 2")
 

@@ -50,7 +50,7 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
                           backbone: Optional[str], data: Optional[str], epochs: Optional[int],
                           batch_size: Optional[int], seed: Optional[int], device: Optional[str],
                           workers: Optional[int], img_size: Optional[int], overrides: list[str],
-                          labels: Optional[str] = None, unlabeled: Optional[str] = None):
+                          labels: Optional[str] = None, unlabelled: Optional[str] = None):
     """Defaults <- recipe <- named options <- ``--set`` overrides, validated once all are applied
     (every value against its field's range or choices, then the rules over several keys), so a
     bad value is a one-line error before anything is launched.
@@ -72,7 +72,7 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
     cfg = load_config(config)
     named = {"hierarchy": hierarchy, "arrangement": arrangement, "backbone.name": backbone, "data.spec": data,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
-             "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabeled": unlabeled}
+             "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabelled": unlabelled}
     for key, value in named.items():
         if value is not None:
             set_value(cfg, key, value)
@@ -97,17 +97,20 @@ def pretrain(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Images that keep their labels (the rest get -1, seen by self only): all, 10%, 13/class, or a FILE listing them one per line (SimCLR's 1%/10% split files). Class-balanced, seeded; the list goes to OUTPUT/labelled.txt."),
-    unlabeled: Optional[str] = typer.Option(None, "--unlabeled", help="Extra images without labels, seen by self every epoch: a folder of images, auto (the unlabeled/ folder beside train/ in --data), or any data spec (its labels ignored)."),
+    unlabelled: Optional[str] = typer.Option(None, "--unlabelled", help="Extra images without labels, seen by self every epoch: a folder of images, auto (the unlabelled/ folder beside train/ in --data), or any data spec (its labels ignored)."),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Pretrain a backbone with a supervision hierarchy (OPERA: --hierarchy self,full)."""
     cfg = build_pretrain_config(config, hierarchy, arrangement, backbone, data, epochs, batch_size, seed, device,
-                                workers, img_size, overrides, labels=labels, unlabeled=unlabeled)
+                                workers, img_size, overrides, labels=labels, unlabelled=unlabelled)
     from opera.data.labels import is_all
 
     where = cfg.data.spec + ("" if is_all(cfg.data.labels) else f"_labels-{Path(cfg.data.labels).name}") \
-        + (f"_unlabeled-{Path(cfg.data.unlabeled).name}" if cfg.data.unlabeled else "")
+        + (f"_unlabelled-{Path(cfg.data.unlabelled).name}" if cfg.data.unlabelled else "")
     out = output or default_output(cfg.hierarchy, cfg.backbone.name, where)
+    before = default_output(cfg.hierarchy, cfg.backbone.name, where.replace("_unlabelled-", "_unlabeled-"))
+    if output is None and not out.exists() and before != out and before.exists():
+        out = before  # the default name of a run begun before --unlabeled was renamed --unlabelled: resume it there
     from opera.engine.pretrain import run_pretrain
 
     dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)

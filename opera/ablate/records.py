@@ -99,6 +99,15 @@ class Study:
     def from_dict(cls, data: dict[str, Any]) -> "Study":
         data = dict(data)
         data["variants"] = [Variant(**v) for v in data.get("variants", [])]
+        # a study written before a key was renamed (data.unlabeled -> data.unlabelled) reads with the new names
+        from opera.configs.core import rename_keys, rename_override
+
+        if isinstance(data.get("base"), dict):
+            data["base"] = rename_keys(data["base"])
+        for v in data["variants"]:
+            v.overrides = [rename_override(o) for o in v.overrides]
+        if isinstance(data.get("overrides"), list):
+            data["overrides"] = [rename_override(o) for o in data["overrides"]]
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -36,6 +36,14 @@ T = TypeVar("T")
 #: top-level keys of a recipe that are not config values: prose, and what a run derived (config.yaml)
 IGNORED_KEYS = ("description", "resolved")
 
+#: keys that were renamed: ``{old: new}``. Given in a recipe or ``--set``, an old key is refused in
+#: one line naming the new one; in a configuration a run stored (a checkpoint's, a study's) it is
+#: read as the new key (:func:`rename_keys`).
+RENAMED: dict[str, str] = {
+    "data.unlabeled": "data.unlabelled",
+    "data.labeled_per_batch": "data.labelled_per_batch",
+}
+
 
 # ----------------------------------------------------------------------------- structure
 def sections(cfg: Any) -> dict[str, Any]:
@@ -153,6 +161,32 @@ def parse_override(item: str, flag: str = "--set") -> tuple[str, Any]:
 
 
 # ----------------------------------------------------------------------------- keys
+def rename_keys(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the nested config ``tree`` (a stored ``config_to_dict``) with the old keys of
+    :data:`RENAMED` under their new names (a new key already there wins)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    for old, new in RENAMED.items():
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        if isinstance(out.get(osec), dict) and oname in out[osec]:
+            value = out[osec].pop(oname)
+            out.setdefault(nsec, {}).setdefault(nname, value)
+    return out
+
+
+def rename_override(item: str) -> str:
+    """A stored ``key=value`` item with an old key of :data:`RENAMED` under its new name."""
+    key, sep, raw = str(item).partition("=")
+    return f"{RENAMED[key.strip()]}{sep}{raw}" if sep and key.strip() in RENAMED else item
+
+
+def _renamed(cfg: Any, key: str) -> OperaError | None:
+    new = RENAMED.get(key)
+    if new is None or new not in valid_keys(cfg):
+        return None
+    section, name = new.rsplit(".", 1)
+    return OperaError(f"{key} was renamed {new}; write --set {new}=... (in a recipe: {name}: under {section}:)")
+
+
 def _unknown(cfg: Any, key: str, command: str | None, scope: Any = None, prefix: str = "") -> OperaError:
     keys = valid_keys(cfg)
     if command is not None:
@@ -165,7 +199,10 @@ def _unknown(cfg: Any, key: str, command: str | None, scope: Any = None, prefix:
 
 def resolve_key(cfg: Any, key: str, command: str | None = None) -> tuple[Any, dataclasses.Field]:
     """The config object holding dotted ``key`` and the field it names, or a one-line error
-    naming the valid keys (with a suggestion)."""
+    naming the valid keys (with a suggestion), or the new name of a renamed key."""
+    renamed = _renamed(cfg, key)
+    if renamed is not None:
+        raise renamed
     parts = key.split(".")
     obj, prefix = cfg, ""
     for part in parts[:-1]:
@@ -353,5 +390,5 @@ def load_recipe(name_or_path: str | Path | None, cls: type[T], recipes_dir: Path
 
 
 __all__ = ["apply_dict", "apply_overrides", "coerce", "find_recipe", "leaf_fields", "load_recipe", "load_yaml",
-           "merge_dicts", "parse_override", "parse_value", "read_yaml", "recipe_names", "resolve_key", "sections",
-           "set_value", "split_override", "valid_keys", "validate"]
+           "merge_dicts", "parse_override", "parse_value", "read_yaml", "recipe_names", "rename_keys", "rename_override",
+           "resolve_key", "sections", "set_value", "split_override", "valid_keys", "validate"]

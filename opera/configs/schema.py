@@ -39,10 +39,10 @@ class DataConfig:
                              "there) | workers: per image", choices=("device", "workers"))
     labels: str = option("all", help="which training images keep their labels: all | 10% | 13/class | FILE "
                          "(opera.data.labels; -1 for the rest)")
-    unlabeled: str = option("", help="extra images without labels, seen by self: a folder of images, auto "
-                            "(<data>/unlabeled) or a data spec")
-    labeled_per_batch: int = option(0, help="> 0: exactly this many labelled images in every global batch "
-                                    "(opera.data.labels); 0: plain random", min=0)
+    unlabelled: str = option("", help="extra images without labels, seen by self: a folder of images, auto "
+                             "(<data>/unlabelled) or a data spec")
+    labelled_per_batch: int = option(0, help="> 0: exactly this many labelled images in every global batch "
+                                     "(opera.data.labels); 0: plain random", min=0)
 
 
 @dataclass

@@ -20,9 +20,9 @@ written to ``<run>/labelled.txt`` (in the ``FILE`` format, with the spec in a ``
 a resumed run, ``opera run finetune --labels`` and any later run given that file use the same
 images. ``all`` / ``100%`` / empty keeps every label (nothing changes).
 
-``--unlabeled SPEC`` (``data.unlabeled``) appends images whose label sets are all ``-1``:
+``--unlabelled SPEC`` (``data.unlabelled``) appends images whose label sets are all ``-1``:
 :class:`UnlabelledImages` (a folder of images without class folders; ``auto`` =
-``<data folder>/unlabeled``; every image under the folder) or any data spec whose labels are dropped. :class:`WithUnlabelled`
+``<data folder>/unlabelled``; every image under the folder) or any data spec whose labels are dropped. :class:`WithUnlabelled`
 puts them after the labelled data (the labelled images keep their indices).
 """
 
@@ -210,10 +210,10 @@ class UnlabelledImages(torch.utils.data.Dataset):
         from opera.data.datasets import _scan_images
 
         if not os.path.isdir(root):
-            raise OperaError(f"--unlabeled {root} is not a folder; give a folder of images or a data spec")
+            raise OperaError(f"--unlabelled {root} is not a folder; give a folder of images or a data spec")
         self.samples = _scan_images(root)
         if not self.samples:
-            raise OperaError(f"--unlabeled {root} holds no images; give a folder of images or a data spec")
+            raise OperaError(f"--unlabelled {root} holds no images; give a folder of images or a data spec")
         self.root, self.transform = root, transform
 
     def __len__(self) -> int:
@@ -233,7 +233,7 @@ class UnlabelledImages(torch.utils.data.Dataset):
 
 
 def build_unlabelled(spec: str, data: str):
-    """The dataset of ``--unlabeled SPEC``: ``auto`` (``<data folder>/unlabeled``), a folder (every
+    """The dataset of ``--unlabelled SPEC``: ``auto`` (``<data folder>/unlabelled``), a folder (every
     image under it, at any depth), or any other data spec (an ImageNet-style folder with
     ``train/``, ``cifar10=ROOT``, ``digits:5-9``: its train split); the labels are dropped."""
     from opera.data import build_dataset, parse_data_spec
@@ -241,10 +241,14 @@ def build_unlabelled(spec: str, data: str):
     s = str(spec).strip()
     if s == "auto":
         root = parse_data_spec(data).root
-        if not root or not os.path.isdir(os.path.join(root, "unlabeled")):
-            raise OperaError(f"--unlabeled auto needs an unlabeled/ folder beside train/ in --data {data}; "
+        if not root or not os.path.isdir(os.path.join(root, "unlabelled")):
+            if root and os.path.isdir(os.path.join(root, "unlabeled")):  # the folder's name before the rename
+                raise OperaError(f"--unlabelled auto needs an unlabelled/ folder beside train/ in --data {data}, and "
+                                 f"finds unlabeled/: rename it unlabelled/ (mv {os.path.join(root, 'unlabeled')} "
+                                 f"{os.path.join(root, 'unlabelled')}) or give the folder")
+            raise OperaError(f"--unlabelled auto needs an unlabelled/ folder beside train/ in --data {data}; "
                              "add it or give the folder")
-        s = os.path.join(root, "unlabeled")
+        s = os.path.join(root, "unlabelled")
     if os.path.isdir(s) and not os.path.isdir(os.path.join(s, "train")):
         return UnlabelledImages(s)  # every image under it, class folders or not: the labels are dropped
     return build_dataset(s, "train")
@@ -304,21 +308,21 @@ class WithUnlabelled(torch.utils.data.Dataset):
 def pretrain_data(data_cfg, seed: int, run_dir: Path | None, main: bool = True,
                   barrier: Callable[[], None] | None = None) -> tuple[object, dict[str, list[int]] | None, dict]:
     """(training dataset, label tables for ``PretrainFeed(target_sets=)`` or None, summary) of
-    ``data.spec`` + ``data.labels`` + ``data.unlabeled``. With neither set: the plain dataset and
+    ``data.spec`` + ``data.labels`` + ``data.unlabelled``. With neither set: the plain dataset and
     None, so the run is exactly the fully labelled one."""
     from opera.data import build_dataset, dataset_target_sets
 
     dataset = build_dataset(data_cfg.spec, "train")
     keep = resolve_labelled(dataset, data_cfg.labels, data_cfg.spec, seed, run_dir, main, barrier)
-    unlabeled = str(data_cfg.unlabeled or "").strip()
-    if keep is None and not unlabeled:
+    unlabelled = str(data_cfg.unlabelled or "").strip()
+    if keep is None and not unlabelled:
         return dataset, None, {}
     sets = dataset_target_sets(dataset)
     if keep is not None:
         sets = mask_targets(sets, keep)
     summary = {"labelled_images": len(keep) if keep is not None else len(dataset), "labelled_set_images": len(dataset)}
-    if unlabeled:
-        extra = build_unlabelled(unlabeled, data_cfg.spec)
+    if unlabelled:
+        extra = build_unlabelled(unlabelled, data_cfg.spec)
         dataset = WithUnlabelled(dataset, extra)
         sets = {k: v + [NO_LABEL] * len(extra) for k, v in sets.items()}
         summary["unlabelled_images"] = len(extra)
@@ -362,7 +366,7 @@ def data_identity(dataset) -> dict[str, object]:
     return {"images": len(names), "unlabelled": unlabelled, "digest": digest}
 
 
-def check_same_data(saved: dict | None, now: dict, path: Path | str, what: str = "--data / --unlabeled") -> None:
+def check_same_data(saved: dict | None, now: dict, path: Path | str, what: str = "--data / --unlabelled") -> None:
     """Refuse (one line) to resume ``path`` on training data other than the data it was saved on.
     Checkpoints written before the data was recorded (``saved`` None) are not checked."""
     if not saved or saved == now:

@@ -164,8 +164,8 @@ class ShardedBatchSampler(Sampler[list]):
 
 
 class LabelledShareBatchSampler(Sampler[list]):
-    """Per-rank batches with exactly ``labeled_per_batch`` labelled images per *global* batch
-    (``data.labeled_per_batch``; ``labeled_per_batch / world_size`` on every rank).
+    """Per-rank batches with exactly ``labelled_per_batch`` labelled images per *global* batch
+    (``data.labelled_per_batch``; ``labelled_per_batch / world_size`` on every rank).
 
     The labelled and the unlabelled images are two streams, each an endless sequence of seeded
     permutations of its pool (cycle ``c`` of a pool: drawn from ``(seed, c)``); global step ``s``
@@ -175,24 +175,24 @@ class LabelledShareBatchSampler(Sampler[list]):
     An epoch has as many steps as :class:`ShardedBatchSampler`'s (``len // global batch``).
     """
 
-    def __init__(self, labelled: list[int], unlabelled: list[int], batch_size: int, labeled_per_batch: int, *,
+    def __init__(self, labelled: list[int], unlabelled: list[int], batch_size: int, labelled_per_batch: int, *,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  seeded: bool = False):
-        global_batch, k = batch_size * world_size, int(labeled_per_batch)
+        global_batch, k = batch_size * world_size, int(labelled_per_batch)
         if not 0 < k <= global_batch:
-            raise OperaError(f"data.labeled_per_batch {k} is outside 1..{global_batch} (the global batch); "
-                             "use --set data.labeled_per_batch=N with 0 < N <= the batch size, or 0 for random batches")
+            raise OperaError(f"data.labelled_per_batch {k} is outside 1..{global_batch} (the global batch); "
+                             "use --set data.labelled_per_batch=N with 0 < N <= the batch size, or 0 for random batches")
         if k % world_size:
-            raise OperaError(f"data.labeled_per_batch {k} is not divisible by the {world_size} processes; "
+            raise OperaError(f"data.labelled_per_batch {k} is not divisible by the {world_size} processes; "
                              f"use a multiple of {world_size}")
         if not labelled:
-            raise OperaError("data.labeled_per_batch needs labelled images, but none has a label; check --labels")
+            raise OperaError("data.labelled_per_batch needs labelled images, but none has a label; check --labels")
         if len(labelled) < k:
-            raise OperaError(f"data.labeled_per_batch {k} is more than the {len(labelled)} labelled images; "
-                             f"use --set data.labeled_per_batch={len(labelled) - len(labelled) % world_size} or fewer")
+            raise OperaError(f"data.labelled_per_batch {k} is more than the {len(labelled)} labelled images; "
+                             f"use --set data.labelled_per_batch={len(labelled) - len(labelled) % world_size} or fewer")
         if len(unlabelled) < global_batch - k:
-            raise OperaError(f"data.labeled_per_batch {k} leaves {global_batch - k} places per batch for the "
-                             f"{len(unlabelled)} unlabelled images; use a larger data.labeled_per_batch or 0")
+            raise OperaError(f"data.labelled_per_batch {k} leaves {global_batch - k} places per batch for the "
+                             f"{len(unlabelled)} unlabelled images; use a larger data.labelled_per_batch or 0")
         self.labelled, self.unlabelled = list(labelled), list(unlabelled)
         self.batch_size, self.k = int(batch_size), k
         self.seed, self.rank, self.world_size, self.seeded = int(seed), int(rank), int(world_size), seeded
@@ -363,7 +363,7 @@ class PretrainFeed:
 
     def __init__(self, dataset, *, img_size: int, crop_min: float, flip: bool, seed: int, augment_on: str = "device",
                  device: torch.device | str = "cpu", workers: int = 0, target_sets: dict | None = None,
-                 labeled_per_batch: int = 0):
+                 labelled_per_batch: int = 0):
         from opera.data.datasets import dataset_label_sets, dataset_target_sets
         from opera.data.device_augment import BatchTwoCrop, CropForDevice
         from opera.data.transforms import PretrainTransform
@@ -381,8 +381,8 @@ class PretrainFeed:
             if len(values) != len(dataset):
                 raise OperaError(f"label set {name!r} has {len(values)} labels for {len(dataset)} images; give one per image")
         self.target_sets = {name: torch.as_tensor(values, dtype=torch.int64).to(self.device) for name, values in sets.items()}
-        self.labeled_per_batch = int(labeled_per_batch)
-        if self.labeled_per_batch:  # "labelled" = has a label in the class set (or in any set without one)
+        self.labelled_per_batch = int(labelled_per_batch)
+        if self.labelled_per_batch:  # "labelled" = has a label in the class set (or in any set without one)
             has = torch.as_tensor(sets["class"] if "class" in sets else next(iter(sets.values()))) >= 0
             self.labelled_index = torch.nonzero(has).flatten().tolist()
             self.unlabelled_index = torch.nonzero(~has).flatten().tolist()
@@ -401,10 +401,10 @@ class PretrainFeed:
 
     def batch_sampler(self, batch_size: int, epoch: int, rank: int, world_size: int, start_step: int,
                       seeded: bool) -> Sampler | None:
-        """The :class:`LabelledShareBatchSampler` when ``labeled_per_batch`` is set, else None (plain)."""
-        if not self.labeled_per_batch:
+        """The :class:`LabelledShareBatchSampler` when ``labelled_per_batch`` is set, else None (plain)."""
+        if not self.labelled_per_batch:
             return None
-        return LabelledShareBatchSampler(self.labelled_index, self.unlabelled_index, batch_size, self.labeled_per_batch,
+        return LabelledShareBatchSampler(self.labelled_index, self.unlabelled_index, batch_size, self.labelled_per_batch,
                                          seed=self.seed, epoch=epoch, rank=rank, world_size=world_size,
                                          start_step=start_step, seeded=seeded)
 

@@ -157,11 +157,11 @@ def setup_pretrain(cfg: PretrainConfig, run: RunDirectory) -> PretrainProtocol:
     if main and label_summary:
         print(f"labels: {label_summary['labelled_images']} of {label_summary['labelled_set_images']} images of "
               f"{cfg.data.spec} keep their labels (--labels {cfg.data.labels})"
-              + (f", plus {label_summary['unlabelled_images']} unlabelled ({cfg.data.unlabeled})"
+              + (f", plus {label_summary['unlabelled_images']} unlabelled ({cfg.data.unlabelled})"
                  if "unlabelled_images" in label_summary else ""), flush=True)
     feed = PretrainFeed(train_data, img_size=b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip,
                         seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device, workers=cfg.data.workers,
-                        target_sets=target_sets, labeled_per_batch=cfg.data.labeled_per_batch)
+                        target_sets=target_sets, labelled_per_batch=cfg.data.labelled_per_batch)
     batch = cfg.train.batch_size
     if batch % world:
         raise OperaError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from opera.configs.core import rename_keys
 from opera.engine.checkpoint import LAST, PREV, load_state
 from opera.errors import OperaError
 
@@ -84,10 +85,12 @@ def check_config_drift(old: dict[str, Any] | None, new: dict[str, Any], source: 
     return the allowed changes as lines to print.
 
     A key that ``old`` lacks (the checkpoint predates the option) is no change while the new value
-    is the option's default in ``defaults`` (the behaviour the older code had).
+    is the option's default in ``defaults`` (the behaviour the older code had). A key ``old`` has
+    under its name before a rename (``data.unlabeled``) is compared as the new key.
     """
     if not old:
         return []
+    old = rename_keys(old)
     if defaults:
         have, dflt = flatten(old), flatten(defaults)
         new = _drop(new, [k for k, v in flatten(new).items() if k not in have and k in dflt and _norm(dflt[k]) == _norm(v)])

@@ -75,6 +75,7 @@ def load_hierarchy(loaded: LoadedBackbone):
     """The run's ``SupervisionHierarchy`` with its trained weights, or None when the checkpoint
     is not a run directory / ``last.pt`` with a ``config.yaml``."""
     from opera.configs import config_from_dict
+    from opera.configs.core import rename_keys
     from opera.engine.checkpoint import LAST, load_state
     from opera.hierarchy import SupervisionHierarchy
 
@@ -87,7 +88,7 @@ def load_hierarchy(loaded: LoadedBackbone):
     from opera.supervisions.base import SPACES
 
     keep = set(TOP_LEVEL) | set(SECTIONS) | set(SPACES.names())
-    cfg = config_from_dict({k: v for k, v in loaded.run_config.items() if k in keep})
+    cfg = config_from_dict(rename_keys({k: v for k, v in loaded.run_config.items() if k in keep}))  # old key names too
     state = load_state(last)
     h = SupervisionHierarchy.from_config(cfg, _label_sets(state, loaded.run_config))
     missing, unexpected = h.load_state_dict(state.get("model", {}), strict=False)

@@ -77,6 +77,21 @@ def test_cell_config_applies_base_variant_and_seed(tmp_path):
     assert [c[1] for c in study.cells()] == [0, 0, 1, 1]  # seed-major
 
 
+def test_a_study_written_before_the_labelled_rename_resumes(tmp_path):
+    """study.json of a study created when the keys were data.unlabeled / data.labeled_per_batch:
+    read under the new names, so the same study (now --set data.labelled_per_batch=...) resumes."""
+    variants = label_variants("1%", "full")
+    create_study("labels", variants, output=tmp_path, command="c", seeds=1, overrides=["data.labelled_per_batch=2"])
+    path = tmp_path / "study.json"
+    text = path.read_text().replace("labelled_per_batch", "labeled_per_batch").replace('"unlabelled"', '"unlabeled"')
+    path.write_text(text)
+    study = load_study(tmp_path)
+    assert study.base["data"]["labelled_per_batch"] == 2 and "unlabelled" in study.base["data"]
+    assert study.overrides == ["data.labelled_per_batch=2"]
+    assert cell_config(study, study.variants[0], 0).data.labelled_per_batch == 2
+    create_study("labels", variants, output=tmp_path, command="c", seeds=1, overrides=["data.labelled_per_batch=2"])
+
+
 def test_bad_studies_fail_before_running(tmp_path):
     with pytest.raises(OperaError, match="needs a ViT backbone"):
         create_study("hierarchy", hierarchy_variants("self,mask+self+full"), output=tmp_path / "a", command="c")

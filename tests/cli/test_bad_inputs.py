@@ -128,12 +128,28 @@ def test_usage_errors_exit_2_without_traceback(capsys):
     (["--labels", "12"], "10%"),
     (["--labels", "0/class"], "13/class"),
     (["--labels", "900/class"], "or fewer"),
-    (["--unlabeled", "no/such/folder"], "no/such/folder"),
-    (["--labels", "10%", "--set", "data.labeled_per_batch=7", "--batch-size", "4"], "labeled_per_batch"),
+    (["--unlabelled", "no/such/folder"], "no/such/folder"),
+    (["--labels", "10%", "--set", "data.labelled_per_batch=7", "--batch-size", "4"], "labelled_per_batch"),
 ])
-def test_bad_labels_and_unlabeled_are_one_line(tmp_path, capsys, args, needle):
+def test_bad_labels_and_unlabelled_are_one_line(tmp_path, capsys, args, needle):
     code, _, err = run_cli(["run", "pretrain", *FAST, *args, "--output", str(tmp_path / "run")], capsys)
     assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("item, old, new", [
+    ("data.unlabeled=digits:5-9", "data.unlabeled", "data.unlabelled"),
+    ("data.labeled_per_batch=8", "data.labeled_per_batch", "data.labelled_per_batch"),
+])
+def test_a_renamed_key_names_its_new_name(tmp_path, capsys, item, old, new):
+    code, _, err = run_cli(["run", "pretrain", *FAST, "--set", item, "--output", str(tmp_path / "run")], capsys)
+    assert_one_line_error(code, err, f"{old} was renamed {new}", f"--set {new}=")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_old_unlabeled_flag_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(["run", "pretrain", *FAST, "--unlabeled", "x", "--output", str(tmp_path / "run")], capsys)
+    assert code == 2 and "Traceback" not in err and "--unlabeled" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("args, key", [

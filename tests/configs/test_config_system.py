@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from opera.configs import PretrainConfig, apply_overrides, list_recipes, load_config, load_recipe, validate
-from opera.configs.core import leaf_fields, sections, valid_keys
+from opera.configs.core import RENAMED, leaf_fields, rename_keys, rename_override, sections, valid_keys
 from opera.configs.schema import RECIPES, SECTIONS
 from opera.errors import OperaError
 from opera.fields import has_range, option
@@ -164,6 +164,26 @@ def test_nested_unknown_keys_suggest():
         apply_overrides(PretrainConfig(), ["train.epoch=3"])
     with pytest.raises(OperaError, match=r"unknown config section 'trian' \(did you mean train"):
         apply_overrides(PretrainConfig(), ["trian.epochs=3"])
+
+
+def test_a_renamed_key_is_refused_naming_the_new_one(tmp_path):
+    for old, new in RENAMED.items():
+        with pytest.raises(OperaError, match=rf"^{old} was renamed {new}; write --set {new}=") as err:
+            apply_overrides(PretrainConfig(), [f"{old}=1"])
+        assert "\n" not in str(err.value)
+    (tmp_path / "old.yaml").write_text("base: cpu_digits\ndata: {labeled_per_batch: 8}\n")
+    with pytest.raises(OperaError, match=r"old.yaml: data.labeled_per_batch was renamed data.labelled_per_batch"):
+        load_config(str(tmp_path / "old.yaml"))
+    assert load_config(None, ["data.unlabelled=digits:5-9", "data.labelled_per_batch=8"]).data.labelled_per_batch == 8
+
+
+def test_rename_keys_reads_a_stored_config_under_the_new_names():
+    stored = {"train": {"epochs": 1}, "data": {"spec": "digits", "unlabeled": "auto", "labeled_per_batch": 4}}
+    assert rename_keys(stored) == {"train": {"epochs": 1},
+                                   "data": {"spec": "digits", "unlabelled": "auto", "labelled_per_batch": 4}}
+    assert stored["data"]["unlabeled"] == "auto"  # a copy
+    assert rename_override("data.labeled_per_batch=7") == "data.labelled_per_batch=7"
+    assert rename_override("train.epochs=7") == "train.epochs=7"
 
 
 # ----------------------------------------------------------------------------- load_recipe

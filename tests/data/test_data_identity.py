@@ -1,5 +1,5 @@
 """A run resumes only on the training data it began on: images added to (or removed from) the
-``--unlabeled`` folder or the data folder between a stop and the rerun would silently change the
+``--unlabelled`` folder or the data folder between a stop and the rerun would silently change the
 sampler's order and the steps per epoch from the resumed step on; the rerun refuses in one line.
 """
 
@@ -26,23 +26,23 @@ def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> None:
         write_png(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8, generator=g), str(folder / f"{i}.png"))
 
 
-def identity_of(data: str, unlabeled: str = "", labels: str = "all", run: Path | None = None) -> dict:
-    cfg = dataclasses.replace(DataConfig(), spec=data, unlabeled=unlabeled, labels=labels)
+def identity_of(data: str, unlabelled: str = "", labels: str = "all", run: Path | None = None) -> dict:
+    cfg = dataclasses.replace(DataConfig(), spec=data, unlabelled=unlabelled, labels=labels)
     dataset, _, _ = pretrain_data(cfg, 0, run)
     return data_identity(dataset)
 
 
 def test_identity_follows_the_files_not_where_the_folder_is(tmp_path):
-    for sub, n in (("a/train/cat", 3), ("a/train/dog", 3), ("a/val/cat", 1), ("a/val/dog", 1), ("a/unlabeled", 4)):
+    for sub, n in (("a/train/cat", 3), ("a/train/dog", 3), ("a/val/cat", 1), ("a/val/dog", 1), ("a/unlabelled", 4)):
         write_images(tmp_path / sub, n)
     base = identity_of(str(tmp_path / "a"), "auto")
     assert base == identity_of(str(tmp_path / "a"), "auto") and base["images"] == 10 and base["unlabelled"] == 4
     shutil.copytree(tmp_path / "a", tmp_path / "moved")  # the same data at another path (another mount)
     assert identity_of(str(tmp_path / "moved"), "auto") == base
-    write_images(tmp_path / "a/unlabeled", 1, start=4)  # the crawl folder grew
+    write_images(tmp_path / "a/unlabelled", 1, start=4)  # the crawl folder grew
     grown = identity_of(str(tmp_path / "a"), "auto")
     assert (grown["images"], grown["unlabelled"]) == (11, 5)
-    (tmp_path / "a/unlabeled/4.png").rename(tmp_path / "a/unlabeled/x.png")  # as many images, another file
+    (tmp_path / "a/unlabelled/4.png").rename(tmp_path / "a/unlabelled/x.png")  # as many images, another file
     renamed = identity_of(str(tmp_path / "a"), "auto")
     assert renamed["images"] == 11 and renamed["digest"] not in (grown["digest"], base["digest"])
     assert identity_of("digits:0-3")["images"] != identity_of("digits:0-4")["images"]
@@ -62,13 +62,13 @@ def test_a_changed_identity_is_one_line_naming_both_counts_and_the_fix():
         check_same_data(saved, {**saved, "digest": "b" * 16}, "run/last.pt")
 
 
-def _pretrain(out: Path, unlabeled: Path, *extra: str):
+def _pretrain(out: Path, unlabelled: Path, *extra: str):
     import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "self", "--data", "digits:0-1",
-           "--unlabeled", str(unlabeled), "--epochs", "1", "--batch-size", "32", "--set", "train.knn_every=0",
+           "--unlabelled", str(unlabelled), "--epochs", "1", "--batch-size", "32", "--set", "train.knn_every=0",
            "--set", "self.mlp_dim=32", "--set", "self.dim=16", "--set", "backbone.img_size=16", "--device", "cpu",
            "--output", str(out), *extra]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
@@ -77,15 +77,15 @@ def _pretrain(out: Path, unlabeled: Path, *extra: str):
 def test_pretraining_refuses_to_resume_on_a_grown_unlabelled_folder_and_resumes_once_restored(tmp_path):
     from opera.engine.checkpoint import load_state
 
-    unlabeled, out = tmp_path / "crawl", tmp_path / "run"
-    write_images(unlabeled, 8)
-    first = _pretrain(out, unlabeled, "--set", "train.max_steps=2")
+    unlabelled, out = tmp_path / "crawl", tmp_path / "run"
+    write_images(unlabelled, 8)
+    first = _pretrain(out, unlabelled, "--set", "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-2000:]
     saved = load_state(out / "last.pt")
     assert saved["global_step"] == 2 and saved["identity"]["data"]["unlabelled"] == 8
 
-    write_images(unlabeled, 3, seed=1, start=8)
-    refused = _pretrain(out, unlabeled)
+    write_images(unlabelled, 3, seed=1, start=8)
+    refused = _pretrain(out, unlabelled)
     assert refused.returncode == 2, refused.stderr[-2000:]
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
@@ -94,8 +94,8 @@ def test_pretraining_refuses_to_resume_on_a_grown_unlabelled_folder_and_resumes_
     assert load_state(out / "last.pt")["global_step"] == 2  # nothing was trained on the other data
 
     for i in range(8, 11):
-        (unlabeled / f"{i}.png").unlink()
-    resumed = _pretrain(out, unlabeled)
+        (unlabelled / f"{i}.png").unlink()
+    resumed = _pretrain(out, unlabelled)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and load_state(out / "last.pt")["global_step"] > 2
 

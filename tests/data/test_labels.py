@@ -91,7 +91,7 @@ def feed(cfg: DataConfig, run_dir, seed=0, **kw):
 
 
 def test_unlabelled_images_are_seen_and_carry_no_label(tmp_path):
-    cfg = dataclasses.replace(DataConfig(), spec="digits:0-4", labels="10%", unlabeled="digits:5-9")
+    cfg = dataclasses.replace(DataConfig(), spec="digits:0-4", labels="10%", unlabelled="digits:5-9")
     f, ds = feed(cfg, tmp_path)
     assert isinstance(ds, WithUnlabelled) and f.in_memory
     n_lab = len(build_dataset("digits:0-4", "train"))
@@ -108,7 +108,7 @@ def test_unlabelled_images_are_seen_and_carry_no_label(tmp_path):
     assert len(ds) > n_lab
 
 
-def test_labeled_per_batch_exact_and_resumable():
+def test_labelled_per_batch_exact_and_resumable():
     labelled, unlabelled = list(range(0, 20)), list(range(20, 300))
     world, per_rank, k = 2, 16, 8
 
@@ -126,13 +126,13 @@ def test_labeled_per_batch_exact_and_resumable():
             assert len(set(step[0]) | set(step[1])) == world * per_rank  # no image twice in a global batch
         assert batches(epoch, start=3) == full[3:]  # mid-epoch resume
     assert batches(0) != batches(1)
-    with pytest.raises(OperaError, match="labeled_per_batch"):
+    with pytest.raises(OperaError, match="labelled_per_batch"):
         LabelledShareBatchSampler(labelled, unlabelled, per_rank, 3, world_size=2)
 
 
-def test_feed_labeled_per_batch_in_memory(tmp_path):
+def test_feed_labelled_per_batch_in_memory(tmp_path):
     cfg = dataclasses.replace(DataConfig(), labels="1%")
-    f, _ = feed(cfg, tmp_path, labeled_per_batch=6)
+    f, _ = feed(cfg, tmp_path, labelled_per_batch=6)
     counts = [int((t["class"] >= 0).sum()) for _, t in f.epoch(32, 0)]
     assert counts and set(counts) == {6}
     again = [(v[0], t["class"]) for v, t in f.epoch(32, 0, start_step=2)]
@@ -195,13 +195,13 @@ def test_finetune_subset_reuses_the_pretraining_list(digits, tmp_path):
 def test_unlabelled_folder_beside_digits_is_deterministic_and_resumable(tmp_path, augment_on):
     from torchvision.io import write_png
 
-    folder = tmp_path / "extra" / "unlabeled"
+    folder = tmp_path / "extra" / "unlabelled"
     (folder / "sub").mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
     for i in range(12):  # loose images, some in a subfolder: no class folders
         write_png(torch.randint(0, 255, (3, 10 + i % 3, 12), dtype=torch.uint8, generator=g),
                   str(folder / ("sub" if i % 2 else "") / f"img{i}.png"))
-    cfg = dataclasses.replace(DataConfig(), spec="digits:0-1", unlabeled=str(folder), augment_on=augment_on)
+    cfg = dataclasses.replace(DataConfig(), spec="digits:0-1", unlabelled=str(folder), augment_on=augment_on)
     f, ds = feed(cfg, tmp_path / "run")
     n_lab = len(build_dataset("digits:0-1", "train"))
     assert len(ds) == n_lab + 12 and not f.in_memory and bool((f.target_sets["class"][n_lab:] == -1).all())
@@ -213,14 +213,25 @@ def test_unlabelled_folder_beside_digits_is_deterministic_and_resumable(tmp_path
         assert torch.equal(ta["class"], tb["class"]) and all(torch.equal(a, b) for a, b in zip(va, vb))
 
 
-def test_unlabeled_auto_needs_the_folder_beside_train(tmp_path):
+def test_unlabelled_auto_needs_the_folder_beside_train(tmp_path):
     from opera.data.labels import build_unlabelled
 
-    with pytest.raises(OperaError, match="unlabeled/ folder beside train/"):
+    with pytest.raises(OperaError, match="unlabelled/ folder beside train/"):
         build_unlabelled("auto", "digits")
     with pytest.raises(OperaError, match="holds no images"):
         (tmp_path / "empty").mkdir()
         build_unlabelled(str(tmp_path / "empty"), "digits")
+
+
+def test_unlabelled_auto_names_an_unlabeled_folder_to_rename(tmp_path):
+    """A data folder made before the rename has unlabeled/ beside train/: the error says to rename it."""
+    from opera.data.labels import build_unlabelled
+
+    for sub in ("train/cat", "unlabeled"):
+        (tmp_path / sub).mkdir(parents=True)
+    with pytest.raises(OperaError, match="finds unlabeled/: rename it unlabelled/") as err:
+        build_unlabelled("auto", str(tmp_path))
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.slow
@@ -248,7 +259,7 @@ def test_readme_partly_labelled_command_runs_as_written(tmp_path):
 
 
 def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
-    """--labels 10%, --unlabeled and data.labeled_per_batch: stopped after 3 steps and rerun, the
+    """--labels 10%, --unlabelled and data.labelled_per_batch: stopped after 3 steps and rerun, the
     run ends with the weights of one never stopped (deterministic CPU mode)."""
     from opera.configs import apply_overrides, load_config
     from opera.engine.checkpoint import load_state
@@ -256,7 +267,7 @@ def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
 
     def cfg(max_steps: int):
         return apply_overrides(load_config("cpu_digits"), [
-            "data.spec=digits:0-2", "data.labels=10%", "data.unlabeled=digits:3-4", "data.labeled_per_batch=8",
+            "data.spec=digits:0-2", "data.labels=10%", "data.unlabelled=digits:3-4", "data.labelled_per_batch=8",
             "train.epochs=2", "train.batch_size=64", "train.device=cpu", "train.knn_every=0", "train.deterministic=true",
             "self.mlp_dim=32", "self.dim=16", "full.hidden=16", "backbone.img_size=16", "train.save_every_epochs=0",
             f"train.max_steps={max_steps}"])
@@ -272,15 +283,15 @@ def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
     assert (tmp_path / "clean" / LABELLED_FILE).read_text() == (tmp_path / "stopped" / LABELLED_FILE).read_text()
 
 
-def test_unlabeled_auto_takes_the_folder_beside_train(tmp_path):
+def test_unlabelled_auto_takes_the_folder_beside_train(tmp_path):
     from torchvision.io import write_png
 
     g = torch.Generator().manual_seed(1)
-    for sub, n in (("train/cat", 3), ("train/dog", 3), ("val/cat", 1), ("val/dog", 1), ("unlabeled", 5)):
+    for sub, n in (("train/cat", 3), ("train/dog", 3), ("val/cat", 1), ("val/dog", 1), ("unlabelled", 5)):
         (tmp_path / sub).mkdir(parents=True)
         for i in range(n):
             write_png(torch.randint(0, 255, (3, 12, 12), dtype=torch.uint8, generator=g), str(tmp_path / sub / f"{i}.png"))
-    cfg = dataclasses.replace(DataConfig(), spec=str(tmp_path), unlabeled="auto", labels="1/class")
+    cfg = dataclasses.replace(DataConfig(), spec=str(tmp_path), unlabelled="auto", labels="1/class")
     (tmp_path / "run").mkdir()
     ds, sets, summary = pretrain_data(cfg, 0, tmp_path / "run")
     assert summary == {"labelled_images": 2, "labelled_set_images": 6, "unlabelled_images": 5} and len(ds) == 11

@@ -69,7 +69,7 @@ def grads(h: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", NAMES)
 def test_per_view_step_equals_the_joint_step(name, partly_labelled):
     """Backward view by view (reusing the step's teacher outputs and masks) = backward of the joint
-    loss; also with images without labels (-1 in every label set: --labels, --unlabeled)."""
+    loss; also with images without labels (-1 in every label set: --labels, --unlabelled)."""
     h = build(name)
     views, targets = batch(h)
     if partly_labelled:

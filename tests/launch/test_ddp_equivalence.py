@@ -229,7 +229,7 @@ def test_run_pretrain_two_processes_rank0_writes_and_both_resume(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_labels_share_one_list_and_exact_labelled_counts(tmp_path):
-    """--labels 10% with data.labeled_per_batch=8 under 2 processes: rank 0 alone writes labelled.txt
+    """--labels 10% with data.labelled_per_batch=8 under 2 processes: rank 0 alone writes labelled.txt
     (rank 1 writes nothing), both ranks train on the same subset, and every global batch holds 8
     labelled images (the class loss's global count), 4 per rank."""
     from opera.configs import apply_overrides
@@ -238,7 +238,7 @@ def test_two_processes_with_labels_share_one_list_and_exact_labelled_counts(tmp_
 
     out, rec = tmp_path / "run", tmp_path / "rec"
     rec.mkdir()
-    cfg = apply_overrides(pretrain_cfg(3), ["data.labels=10%", "data.labeled_per_batch=8"])
+    cfg = apply_overrides(pretrain_cfg(3), ["data.labels=10%", "data.labelled_per_batch=8"])
     ranks = launch_local(pretrain_recording_writes, (cfg, str(out), str(rec)), nproc=2, timeout=TIMEOUT_S)
     assert [r["global_step"] for r in ranks] == [3, 3]
     assert json.loads((rec / "rank1.json").read_text()) == []

@@ -53,6 +53,23 @@ def test_an_option_newer_than_the_checkpoint_is_no_drift_at_its_default(tmp_path
         check_config_drift(old, {"train": {"epochs": 1, "new_option": True}}, tmp_path, defaults=defaults)
 
 
+def test_a_checkpoint_written_before_the_labelled_rename_resumes(tmp_path):
+    """A checkpoint's stored config says data.unlabeled / data.labeled_per_batch (the names before
+    they were renamed data.unlabelled / data.labelled_per_batch): read under the new names, no drift."""
+    from opera.configs import PretrainConfig, apply_overrides, config_to_dict
+
+    cfg = apply_overrides(PretrainConfig(), ["data.unlabelled=digits:5-9", "data.labelled_per_batch=8"])
+    stored = config_to_dict(cfg)
+    data = stored["data"]
+    data["unlabeled"], data["labeled_per_batch"] = data.pop("unlabelled"), data.pop("labelled_per_batch")
+    defaults = config_to_dict(PretrainConfig())
+    assert check_config_drift(stored, config_to_dict(cfg), tmp_path, defaults=defaults) == []
+    assert "unlabeled" in stored["data"]  # the checkpoint's dict is not changed
+    other = config_to_dict(apply_overrides(PretrainConfig(), ["data.unlabelled=digits:5-9", "data.labelled_per_batch=4"]))
+    with pytest.raises(OperaError, match=r"data.labelled_per_batch 8 -> 4"):  # a real change is still refused
+        check_config_drift(stored, other, tmp_path, defaults=defaults)
+
+
 def test_errors_cross_process_pools_intact():
     stopped = pickle.loads(pickle.dumps(Stopped(17, 15)))
     assert stopped.exit_code == 143 and str(stopped).startswith("stopped at step 17; rerun the same command")

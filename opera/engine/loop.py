@@ -194,7 +194,8 @@ class TrainingLoop:
             print(note, flush=True)
         if state is None:
             return self.at
-        check_identity(state, self.identity, path, what=self.protocol.name, newer=("label_sets", "data"))
+        check_identity(state, self.identity, path, what=self.protocol.name, newer=("label_sets", "data"),
+                       data_flags=getattr(self.protocol, "data_flags", "--data"))
         self.protocol.load_state_dict(state, path)
         self.at = Position(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
         self.source = path

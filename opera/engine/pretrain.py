@@ -64,6 +64,7 @@ class PretrainProtocol:
     model: torch.nn.Module | None = None  # the hierarchy, or its DDP / compiled wrapper
     channels_last: bool = False
     name: str = "pretraining run"
+    data_flags: str = "--data / --unlabelled"  # what chose the training data (a changed folder is refused naming them)
     skips_nonfinite: bool = True  # train_step refuses a non-finite loss itself, unless the fp16 scaler skips the step
     _lr_now: float = field(default=0.0, repr=False)
     _m_now: float = field(default=0.0, repr=False)

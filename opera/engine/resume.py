@@ -164,10 +164,11 @@ def _identity_diffs(have: dict[str, Any], want: dict[str, Any], newer: Iterable[
 
 
 def check_identity(state: dict[str, Any], want: dict[str, Any], path: Path, what: str = "run",
-                   newer: Iterable[str] = ()) -> None:
+                   newer: Iterable[str] = (), data_flags: str = "--data") -> None:
     """Refuse in one line to resume ``path`` unless its ``identity`` is ``want``: every key of
     ``want`` (the protocol, the backbone, the options that shape training, the training data's
-    :func:`~opera.data.labels.data_identity` under ``data``) must be the same."""
+    :func:`~opera.data.labels.data_identity` under ``data``) must be the same; ``data_flags``
+    names the options that chose the training data, for the fix."""
     have = state.get("identity") or {}
     diffs = _identity_diffs(have, want, newer)
     if diffs:
@@ -176,7 +177,7 @@ def check_identity(state: dict[str, Any], want: dict[str, Any], path: Path, what
     if "data" in want:
         from opera.data.labels import check_same_data
 
-        check_same_data(have.get("data"), want["data"], path, what="--data" if what == "evaluation" else "data")
+        check_same_data(have.get("data"), want["data"], path, what=data_flags)
 
 
 __all__ = ["RESUMABLE_CHANGES", "check_config_drift", "check_identity", "config_drift", "find_checkpoint", "flatten"]

@@ -62,7 +62,8 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 #: options that may differ between the run that saved a checkpoint and the one that resumes it
-VOLATILE = ("output", "device", "workers", "tensorboard", "checkpoint", "log_every")
+VOLATILE = ("output", "device", "workers", "tensorboard", "checkpoint", "log_every",
+            "save_every_steps", "save_every", "max_steps", "eval_every")  # speed, cadence, where the run stops
 
 
 def eval_identity(protocol: str, cfg: Any, loaded: Any, train: Any = None) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import torch
 from opera import distributed
 from opera.launch import launch_local
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 TIMEOUT_S = 150
 BATCH = 8  # global batch; 4 per rank
 STEPS = 2  # a second step checks the optimizer step and the momentum update stay in step too
@@ -164,6 +166,7 @@ def pretrain_cfg(max_steps: int):
 def pretrain_recording_writes(cfg, output: str, record_dir: str) -> dict:
     """run_pretrain, recording every file write of this rank under ``output`` (Python-level opens for
     writing, renames, mkdirs, and opera's checkpoint/backbone writers) to ``record_dir/rankN.json``."""
+    import opera.engine.loop as loop
     import opera.engine.pretrain as pretrain
 
     rank = int(os.environ["RANK"])
@@ -187,13 +190,13 @@ def pretrain_recording_writes(cfg, output: str, record_dir: str) -> dict:
                 writes.append(f"os.open {args[0]}")
 
     sys.addaudithook(hook)
-    real_save, real_export = pretrain.save_state, pretrain.export_backbone
-    pretrain.save_state = lambda state, path: (writes.append(f"save_state {path}"), real_save(state, path))[1]
+    real_save, real_export = loop.save_state, pretrain.export_backbone
+    loop.save_state = lambda state, path: (writes.append(f"save_state {path}"), real_save(state, path))[1]
     pretrain.export_backbone = lambda *a, **k: (writes.append(f"export_backbone {a[1]}"), real_export(*a, **k))[1]
     try:
         result = pretrain.run_pretrain(cfg, output)
     finally:
-        pretrain.save_state, pretrain.export_backbone = real_save, real_export
+        loop.save_state, pretrain.export_backbone = real_save, real_export
         distributed.shutdown()
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(writes))
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
 import typer
@@ -41,6 +42,7 @@ def test_usage_errors_are_opera_errors(tmp_path):
     assert isinstance(res.exception, OperaError) and "--slurm" in str(res.exception)
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_and_report(tmp_path, one_thread, tiny_overrides):
     out = tmp_path / "sweep"
     args = ["ablate", "sweep", "--set", "full.layers=1,3", "--seeds", "1", "--data", "digits:0-2", "--transfer", "none",

@@ -112,6 +112,7 @@ def test_rerun_with_another_study_is_refused(tmp_path):
     assert again.command == "first" and again.seeds == [0, 1] and len(again.invocations) == 2
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_without_rerunning_finished_cells(tiny_study, monkeypatch, one_thread):
     """A finished cell is never rerun; a half-finished one resumes from last.pt; the report is
     rebuilt from the partial results in between."""
@@ -196,6 +197,7 @@ def test_finished_evaluations_are_not_rerun(tiny_study, monkeypatch, fake_cell):
     assert study.eval_plan()[0] == ("linear", "linear", "digits:0-2")
 
 
+@pytest.mark.slow
 def test_parallel_jobs_run_every_cell_once(tmp_path, fake_cell):
     """--jobs 2: cells run in two spawned worker processes."""
     import sys

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 pytest.importorskip("mutmut", reason="mutmut is in the test extra: pip install -e '.[test]'")
 SCRIPT = Path(__file__).resolve().parents[1] / "mutation.py"
 

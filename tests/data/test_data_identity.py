@@ -74,6 +74,7 @@ def _pretrain(out: Path, unlabelled: Path, *extra: str):
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_pretraining_refuses_to_resume_on_a_grown_unlabelled_folder_and_resumes_once_restored(tmp_path):
     from opera.engine.checkpoint import load_state
 
@@ -100,6 +101,7 @@ def test_pretraining_refuses_to_resume_on_a_grown_unlabelled_folder_and_resumes_
     assert "resuming from" in resumed.stdout and load_state(out / "last.pt")["global_step"] > 2
 
 
+@pytest.mark.slow
 def test_finetuning_refuses_to_resume_on_a_changed_training_folder(tmp_path):
     import os
     import subprocess

@@ -151,6 +151,7 @@ def _pretrain(out, *extra):
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_pretrain_with_10_percent_labels_writes_and_reuses_the_list(tmp_path):
     import json
 
@@ -258,6 +259,7 @@ def test_readme_partly_labelled_command_runs_as_written(tmp_path):
     assert read_labels_file(runs[0] / LABELLED_FILE)[1] == "10%"
 
 
+@pytest.mark.slow
 def test_interrupted_partly_labelled_run_resumes_to_the_same_weights(tmp_path):
     """--labels 10%, --unlabelled and data.labelled_per_batch: stopped after 3 steps and rerun, the
     run ends with the weights of one never stopped (deterministic CPU mode)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from PIL import Image
 
 from opera.data import build_dataset
 from opera.data.photos import make_photo_folder
+
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
 
 
 def test_make_folder_command_writes_jpeg_class_folders(tmp_path):

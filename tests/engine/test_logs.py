@@ -8,11 +8,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from opera.configs import PretrainConfig
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \(epoch (\d+)/(\d+)\) loss=\S+ .*loss/self=\S+ .*loss/full=\S+ .*\[\d+s\]$")
 
 
+@pytest.mark.slow
 def test_pretraining_into_a_file_prints_a_step_line_within_the_first_log_every_steps(tmp_path):
     log_every = PretrainConfig().train.log_every
     log = tmp_path / "log"

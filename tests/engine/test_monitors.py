@@ -76,6 +76,7 @@ def _two_rank_update(seed: int) -> dict[str, torch.Tensor]:
     return {"weight": monitor.classifier[0].weight.detach().clone(), "top1": torch.tensor(row["online/linear_top1"])}
 
 
+@pytest.mark.slow
 def test_monitor_on_two_gloo_ranks_equals_one_process_on_the_whole_batch():
     one = _two_rank_update(3)
     ranks = launch_local(_two_rank_update, (3,), 2, timeout=120)
@@ -84,6 +85,7 @@ def test_monitor_on_two_gloo_ranks_equals_one_process_on_the_whole_batch():
         assert float(r["top1"]) == pytest.approx(float(one["top1"]))
 
 
+@pytest.mark.slow
 def test_pretraining_logs_online_linear_rows_every_epoch_and_checkpoints_the_monitor(tmp_path):
     cfg = apply_overrides(load_config("cpu_digits"), SMALL)
     run_pretrain(cfg, tmp_path)

@@ -53,6 +53,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_run_writes_every_named_output(run_dir):
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "backbone.safetensors", "epoch_0001.pt", "epoch_0002.pt"):
         assert (run_dir / name).is_file(), name
@@ -181,6 +182,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_step_the_fp16_scaler_skipped_stays_out_of_the_epoch_means(tmp_path, monkeypatch):
     """A non-finite step (what GradScaler skips under train.amp=fp16) must not turn the epoch's
     mean loss into inf/NaN: the epoch row averages the finite steps only."""

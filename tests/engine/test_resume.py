@@ -16,6 +16,8 @@ import torch
 
 from opera.engine.checkpoint import load_state, read_backbone_file
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 ARGS = ["--hierarchy", "self,full", "--data", "digits:0-3", "--epochs", "2", "--batch-size", "32", "--seed", "3",
         "--set", "train.knn_every=0", "--set", "self.mlp_dim=64", "--set", "self.dim=32", "--set", "train.log_every=1",
         "--set", "train.save_every_steps=1", "--set", "train.deterministic=true", "--set", "train.save_every_epochs=1"]

@@ -31,6 +31,7 @@ def test_help_of_every_command(app):
     assert res.exit_code == 0 and "detectron2" in res.output
 
 
+@pytest.mark.slow
 def test_knn_and_export_from_the_command_line(app, trained_run, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["run", "knn", "--checkpoint", str(trained_run), "--data", "digits:5-9", "--k", "10",

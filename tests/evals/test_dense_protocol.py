@@ -69,6 +69,7 @@ def test_missing_datasets_say_where_to_put_them(tmp_path):
         dense_config("segmentation", data="scenes")  # parsed when the recipe is chosen
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "opera", "run", "transfer", "--suite", "detection", "--checkpoint",
                           "random:resnet_tiny", "--root", str(tmp_path)], capture_output=True, text=True, timeout=120)
@@ -104,6 +105,7 @@ def test_ablation_studies_accept_dense_evaluations(tmp_path):
                      evals="segmentation", data="cifar10=/nowhere", transfer="none")
 
 
+@pytest.mark.slow
 def test_trained_backbone_beats_random_on_digit_scenes_segmentation(trained_run, tmp_path):
     """``opera run transfer --suite segmentation --recipe digits_segmentation_probe``: the frozen
     backbone with a linear head, on scenes of the digits held out from its pretraining (5-9).
@@ -128,6 +130,7 @@ def test_trained_backbone_beats_random_on_digit_scenes_segmentation(trained_run,
     assert miou["trained"] > miou["random"] + 5.0
 
 
+@pytest.mark.slow
 def test_trained_backbone_beats_random_on_digit_scenes_detection(trained_run, tmp_path):
     """``--suite detection --recipe digits_detection_probe``: Faster R-CNN on the frozen backbone,
     one-digit 32 px scenes of the held-out digits 5-9, 100 iterations.

@@ -50,6 +50,7 @@ def test_shards_partition_and_global_batches_do_not_depend_on_world_size():
     assert GlobalBatchSampler(101, 20, world=2).global_sizes() == [20] * 5  # a tail of 1 image over 2 ranks: dropped
 
 
+@pytest.mark.slow
 def test_knn_two_processes_shard_the_bank_and_match_one(trained_run, tmp_path):
     # a trained backbone: random features are nearly collinear, their neighbours near-ties
     cfg = lambda out: KNNConfig(checkpoint=str(trained_run), data=DATA, output=str(out), tensorboard=False,  # noqa: E731
@@ -63,6 +64,7 @@ def test_knn_two_processes_shard_the_bank_and_match_one(trained_run, tmp_path):
     assert not (tmp_path / "two" / "results.json").exists() or ranks[0]["metrics"] == m2
 
 
+@pytest.mark.slow
 def test_linear_grid_two_processes_match_one_and_lr_scales_with_the_global_batch(trained_run, tmp_path):
     cfg = lambda out: LinearConfig(checkpoint=str(trained_run), data=DATA, output=str(out), epochs=3,  # noqa: E731
                                    batch_size=64, tensorboard=False, grid=True, grid_lr_scales=(1.0, 10.0))
@@ -85,6 +87,7 @@ def test_linear_grid_two_processes_match_one_and_lr_scales_with_the_global_batch
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_finetune_two_processes_match_one(tmp_path):
     """Three steps of AdamW with a large epsilon (its update is then linear in the gradient, so
     float noise is not blown up to +-lr as Adam does for near-zero gradients; over a whole run

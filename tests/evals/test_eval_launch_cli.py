@@ -39,6 +39,7 @@ def opera(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     ("knn", []),
     ("linear", ["--epochs", "2", "--batch-size", "64", "--grid", "--grid-lrs", "1,10"]),
 ])
+@pytest.mark.slow
 def test_nproc_2_from_the_cli_gives_the_results_of_one_process(trained_run, tmp_path, protocol, args):
     common = [protocol, "--checkpoint", str(trained_run), "--data", "digits:0-3", "--device", "cpu", *args]
     for name, extra in (("one", []), ("two", ["--nproc", "2"])):

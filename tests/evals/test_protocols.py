@@ -59,6 +59,7 @@ def test_knn_trained_beats_random(trained_run, tmp_path):
     assert t["metrics"]["bank_size"] == t["data"]["train_images"] > 1400 and t["metrics"]["k"] == 20
 
 
+@pytest.mark.slow
 def test_finetune_trained_beats_random(trained_run, tmp_path):
     res = {}
     for name, ck in (("trained", str(trained_run)), ("random", RANDOM)):
@@ -82,6 +83,7 @@ def test_finetune_with_mixup_randaug_layer_decay_runs(trained_run, tmp_path):
     assert res["config"]["recipe"] == "finetune_100ep"
 
 
+@pytest.mark.slow
 def test_transfer_digits_held_out_classes(trained_run, tmp_path):
     """Pretrained on digits:0-4 (config.yaml), evaluated on the held-out digits 5-9."""
     res = {}
@@ -135,6 +137,7 @@ def test_check_frozen_detects_a_single_weight_change(trained_run):
         check_frozen(model, ref)
 
 
+@pytest.mark.slow
 def test_vit_finetune_with_layer_decay_and_linear_lr(tmp_path):
     """ViTs: layer-wise lr decay groups (timm) and the C.1 linear-probe base lr of 3.0."""
     from opera.evals.common import load_eval_backbone

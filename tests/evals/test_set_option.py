@@ -18,6 +18,7 @@ def opera(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "opera", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["linear", "knn", "finetune", "transfer", "diagnose"])
 def test_unknown_key_is_one_line_naming_the_command(command, tmp_path):
     r = opera("run", command, "--checkpoint", "random:resnet_tiny", "--output", str(tmp_path / "o"), "--set", "no_such_key=1")
@@ -26,6 +27,7 @@ def test_unknown_key_is_one_line_naming_the_command(command, tmp_path):
     assert f"'opera run {command}'" in line and "no_such_key" in line and "valid:" in line
 
 
+@pytest.mark.slow
 def test_wrong_type_is_one_line(tmp_path):
     r = opera("run", "knn", "--checkpoint", "random:resnet_tiny", "--set", "k=many")
     assert r.returncode == 2 and "k expects an integer" in r.stderr
@@ -40,6 +42,7 @@ def test_a_set_value_reaches_the_protocol(tmp_path):
     assert (cfg["k"], cfg["temperature"]) == (3, 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["transfer", "diagnose"])
 def test_single_process_commands_take_the_launch_options_but_refuse_nproc(command):
     """transfer and diagnose take --slurm like every command; --nproc 2 is a one-line error there."""

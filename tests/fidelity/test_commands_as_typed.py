@@ -22,6 +22,7 @@ def test_mask_hierarchy_without_backbone_picks_the_vit_recipe_and_says_so(capsys
     assert plain.backbone.name == "resnet_tiny"
 
 
+@pytest.mark.slow
 def test_mask_with_an_explicit_cnn_stays_a_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "mask,self,full",
                            "--backbone", "resnet_tiny", "--epochs", "1", "--output", str(tmp_path / "r")],

@@ -163,6 +163,7 @@ def test_momentum_update_runs_before_the_forward_with_this_steps_m():
             torch.testing.assert_close(target[k], before[k])
 
 
+@pytest.mark.slow
 def test_each_steps_keys_come_after_the_ema_with_that_steps_m(tmp_path, monkeypatch):
     """At the start of step i's forward, the last EMA used ema_momentum_at(epoch + i / steps), the m
     of step i itself (before: the previous step's m, and no EMA at all before the first step)."""
@@ -212,6 +213,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale_instead_of_stopping()
     assert any(not torch.equal(p.detach(), q) for p, q in zip((p for p in h.parameters() if p.requires_grad), params))
 
 
+@pytest.mark.slow
 def test_fp16_scaler_state_goes_into_the_checkpoint_and_comes_back_on_resume(tmp_path):
     from opera.engine import pretrain
     from opera.engine.checkpoint import load_state

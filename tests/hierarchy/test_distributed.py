@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from opera import distributed
 from opera.supervisions.losses import info_nce
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 WORLD = 2
 LOCAL_BATCH = 4
 DIM = 8

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from opera.hierarchy import SupervisionHierarchy
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 STEPS = 30
 NUM_CLASSES = 4
 

@@ -42,6 +42,7 @@ def opera_error_everywhere() -> None:
     raise OperaError("bad config key 'lr_'")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_all_gather_ranks(tmp_path):
     results = launch_local(gather_ranks, (str(tmp_path),), nproc=2, timeout=TIMEOUT_S)
     assert results == [0, 10]
@@ -53,12 +54,14 @@ def test_two_gloo_processes_all_gather_ranks(tmp_path):
     assert "RANK" not in os.environ  # the parent's environment is untouched
 
 
+@pytest.mark.slow
 def test_failing_child_raises_naming_its_rank():
     with pytest.raises(LocalLaunchError, match=r"rank 1 of 2 failed.*boom from rank one") as info:
         launch_local(fail_on_rank_one, (), nproc=2, timeout=TIMEOUT_S)
     assert info.value.rank == 1
 
 
+@pytest.mark.slow
 def test_opera_error_in_child_stays_an_opera_error():
     with pytest.raises(OperaError, match="bad config key 'lr_'"):
         launch_local(opera_error_everywhere, (), nproc=2, timeout=TIMEOUT_S)

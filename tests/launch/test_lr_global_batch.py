@@ -10,6 +10,8 @@ import pytest
 from opera import distributed
 from opera.launch import launch_local
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 TIMEOUT_S = 150
 GLOBAL_BATCH = 32  # 16 per rank
 STEPS = 3

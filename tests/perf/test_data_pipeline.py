@@ -80,6 +80,7 @@ def test_opera_bench_data_times_opera_pipeline_alone(jpegs, monkeypatch):
     assert v1.shape == v2.shape == (3, 24, 24)
 
 
+@pytest.mark.slow
 def test_opera_bench_data_from_the_command_line(jpegs, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "opera", "bench", "--data", jpegs, "--img-size", "24", "--batches", "1",
                            "--batch-size", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)

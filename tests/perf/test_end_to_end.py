@@ -28,6 +28,7 @@ def _json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment_on,workers", [("device", 1), ("workers", 0)])
 def test_end_to_end_bench_reports_real_steps(folder, augment_on, workers):
     r = _json([sys.executable, "-m", "opera", "bench", "--end-to-end", "--data", folder, "--augment-on", augment_on,
@@ -38,6 +39,7 @@ def test_end_to_end_bench_reports_real_steps(folder, augment_on, workers):
     assert r["peak_rss_mb"] >= r["peak_pss_mb"] > 50 and r["loss"] == r["loss"]  # finite (not NaN)
 
 
+@pytest.mark.slow
 def test_official_pipeline_and_the_side_by_side_script(folder):
     r = _json([sys.executable, str(ROOT / "benchmarks" / "official_pipeline.py"), "--data", folder, "--workers", "1", *TINY])
     assert r["pipeline"] == "official" and r["images"] == 20 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 50

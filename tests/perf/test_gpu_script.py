@@ -26,6 +26,7 @@ def _run(*args: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_script_runs_its_code_paths_on_the_cpu():
     per_view = _run()
     joint = _run("--joint-views")
@@ -46,6 +47,7 @@ def test_gpu_sh_without_a_gpu_says_so_in_one_line():
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_end_to_end_script_runs_its_code_paths_on_the_cpu():
     """``benchmarks/gpu_e2e.py`` (the second half of gpu.sh): makes its JPEG folder, runs both
     augmentation modes for both models through the training loop's feed; nothing is timed."""

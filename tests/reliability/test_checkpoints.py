@@ -3,6 +3,7 @@ a checkpoint holding pickled code is refused without running it (issue 12)."""
 
 from __future__ import annotations
 
+import pytest
 import collections
 
 import torch
@@ -29,6 +30,7 @@ def test_rotation_keeps_the_previous_last(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["epoch_0001.pt", LAST, PREV])
 
 
+@pytest.mark.slow
 def test_the_finished_run_has_three_intact_checkpoints(finished_run):
     assert step_of(finished_run / LAST) == 9
     assert step_of(finished_run / PREV) == 8

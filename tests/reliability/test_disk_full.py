@@ -51,6 +51,7 @@ def test_backbone_export_failure_is_the_same_line(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_run_stops_with_one_line_when_the_checkpoint_does_not_fit(run_copy, child):
     opera_argv, env = child
     before = int(load_state(run_copy / LAST)["global_step"])

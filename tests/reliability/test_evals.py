@@ -4,6 +4,7 @@ step, in one line, releasing the lock; the same command resumes from it (issue 1
 
 from __future__ import annotations
 
+import pytest
 import re
 import signal
 import subprocess
@@ -31,6 +32,7 @@ def test_linear_releases_its_lock(tmp_path, opera_main):
     assert (tmp_path / "lin" / "results.json").is_file() and not (tmp_path / "lin" / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_finetune_after_its_step_with_last_pt_and_frees_the_output(tmp_path, child):
     _, env = child
     out = tmp_path / "ft"

@@ -67,6 +67,7 @@ def wait_for_step(proc: subprocess.Popen, output: Path, step: int) -> None:
     assert logged_step(output) >= step
 
 
+@pytest.mark.slow
 def test_sigterm_stops_after_the_step_with_last_pt_at_that_step(tmp_path, child):
     opera_argv, env = child
     out = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_sigterm_stops_after_the_step_with_last_pt_at_that_step(tmp_path, child)
     assert int(load_state(out / LAST)["global_step"]) == step + 1
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path, child):
     opera_argv, env = child
     out = tmp_path / "run"

@@ -18,6 +18,8 @@ import submitit
 from opera.errors import OperaError
 from opera.launch import Requeueable, SlurmOptions, describe, sbatch_reason, submit, submit_array, wait_and_tail
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 
 JOB_TIMEOUT_S = 120
 

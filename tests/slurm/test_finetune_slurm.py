@@ -21,6 +21,8 @@ import torch
 
 from opera.launch import describe, wait_and_tail
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 RUN = ["--checkpoint", "random:resnet_tiny", "--data", "digits:0-3", "--recipe", "digits", "--epochs", "3",
        "--batch-size", "64", "--save-every-steps", "2", "--device", "cpu"]
 TOTAL_STEPS = 27  # 576 training images: 9 steps of 64 per epoch, 3 epochs

@@ -22,6 +22,8 @@ import yaml
 
 from opera.launch import describe, wait_and_tail
 
+pytestmark = pytest.mark.slow  # every test here spawns processes or trains for seconds (pytest -m 'not slow' skips them)
+
 RUN = ["--data", "digits:0-3", "--epochs", "2", "--batch-size", "32", "--device", "cpu",
        "--set", "train.knn_every=0", "--set", "self.mlp_dim=64", "--set", "train.save_every_steps=2",
        "--set", "train.log_every=1"]

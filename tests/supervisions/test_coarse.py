@@ -64,6 +64,7 @@ def test_data_without_a_coarse_set_is_one_line():
     assert "\n" not in str(err.value) and "'coarse'" in str(err.value) and "class" in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_trains_self_full_coarse(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "self,full,coarse", "--epochs", "1",

@@ -97,6 +97,7 @@ def _worker() -> dict:
         distributed.shutdown()
 
 
+@pytest.mark.slow
 def test_rank_without_labelled_samples_matches_one_process():
     """2 gloo processes, rank 1's half of the batch fully unlabelled: the same class loss and the
     same parameters after one step as one process over the whole batch (float64)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 import math
 import subprocess
@@ -91,6 +92,7 @@ def test_same_class_pairs_attract():
     assert gap() > before + 0.1
 
 
+@pytest.mark.slow
 def test_cli_trains_self_supcon(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", "self,supcon", "--epochs", "1",

@@ -257,7 +257,7 @@ class TrainingLoop:
                 raise OperaError(f"{p.name} diverged at step {at.global_step} (epoch {at.epoch + 1}): {bad}; lower the "
                                  "learning rate, add warmup or gradient clipping, and rerun with a new --output")
             if c.log_every and (at.global_step % c.log_every == 0 or at.step_in_epoch == c.steps_per_epoch):
-                self._log(values, line=at.global_step % c.log_every == 0)
+                self._log(values, line=at.global_step % c.log_every == 0 and at.step_in_epoch < c.steps_per_epoch)
             self._stop_if_requested()
             if c.save_every_steps and at.global_step % c.save_every_steps == 0 and at.step_in_epoch < c.steps_per_epoch:
                 self.checkpoint()

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.configs.ranges import outside
 from opera.configs import PretrainConfig, apply_overrides, list_recipes, load_config, load_recipe, validate
 from opera.configs.core import RENAMED, leaf_fields, rename_keys, rename_override, sections, valid_keys
 from opera.configs.schema import RECIPES, SECTIONS
@@ -30,20 +31,6 @@ def ranged_keys() -> list[tuple[str, dataclasses.Field]]:
     return out
 
 
-def outside(f: dataclasses.Field, tp) -> list:
-    """Values just outside ``f``'s range (or not among its choices)."""
-    meta = f.metadata
-    if "choices" in meta:
-        return ["no-such-word"]
-    integer = tp is int or "int" in str(tp)
-    bad = []
-    if "min" in meta:
-        lo = meta["min"]
-        bad.append(lo if meta["min_exclusive"] else (lo - 1 if integer else lo - 0.5))
-    if "max" in meta:
-        hi = meta["max"]
-        bad.append(hi if meta["max_exclusive"] else (hi + 1 if integer else hi + 0.5))
-    return bad
 
 
 RANGED = ranged_keys()

@@ -5,11 +5,12 @@ whether the value comes from ``--set``, a recipe, a named CLI option or Python c
 from __future__ import annotations
 
 import dataclasses
-import sys
 import typing
 
 import pytest
 
+from tests.cli.test_bad_inputs import run_cli
+from tests.configs.ranges import outside
 from opera.configs import apply_overrides, validate
 from opera.errors import OperaError
 from opera.evals.dense.run import DenseConfig, run_dense
@@ -24,20 +25,6 @@ CONFIGS = {"linear": LinearConfig, "finetune": FinetuneConfig, "knn": KNNConfig,
            "diagnose": DiagnoseConfig, "transfer": TransferConfig}
 
 
-def outside(f: dataclasses.Field, tp) -> list:
-    """Values just outside ``f``'s range (or not among its choices)."""
-    meta = f.metadata
-    if "choices" in meta:
-        return ["no-such-word"]
-    integer = tp is int or "int" in str(tp)
-    bad = []
-    if "min" in meta:
-        lo = meta["min"]
-        bad.append(lo if meta["min_exclusive"] else (lo - 1 if integer else lo - 0.5))
-    if "max" in meta:
-        hi = meta["max"]
-        bad.append(hi if meta["max_exclusive"] else (hi + 1 if integer else hi + 0.5))
-    return bad
 
 
 def ranged() -> list[tuple[str, type, dataclasses.Field]]:
@@ -135,17 +122,8 @@ def test_cross_field_rules_stay_in_the_protocols(tmp_path):
 
 
 def _cli(args: list[str], capsys) -> tuple[int, str]:
-    from opera.cli import main
-
-    old, sys.argv = sys.argv, ["opera", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
+    code, _, err = run_cli(args, capsys)
+    return code, err
 
 
 @pytest.mark.parametrize("args,key", [

@@ -2,7 +2,7 @@
 subprocess (so peak RSS is per configuration), alternating official/opera/official/opera...
 ``--repeats`` times; the table shows the median over the repeats.
 
-    python benchmarks/compare.py                     # the three target configs of issue 7
+    python benchmarks/compare.py                     # the three target configurations (ResNet-50, ResNet-18, ViT-Tiny)
     python benchmarks/compare.py --repeats 3 --steps 10 --warmup 3 --threads 2 --json out.json
 
 The machine may be shared: the alternation makes a burst of load from other processes fall on

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Wall time of the default digits run (cpu_digits recipe: OPERA self,full, resnet_tiny, batch 128),
-# before (data.augment_on=workers: the per-image PretrainTransform in the main process, the code
-# path of every run before issue 16) and after (data.augment_on=device: digits on the device once,
-# the batched two-crop), alternating.  EPOCHS=20 is the README's full run; REPEATS alternations.
+# with data.augment_on=workers (the per-image PretrainTransform in the main process) and with
+# data.augment_on=device (digits on the device once, the batched two-crop; the default), alternating.  EPOCHS=20 is the README's full run; REPEATS alternations.
 #   EPOCHS=3 REPEATS=2 bash benchmarks/digits_wall.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

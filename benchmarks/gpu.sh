@@ -32,7 +32,7 @@ fi
 
 # 1) the step alone: img/s, MFU (arguments go to gpu_bench.py)
 timeout 250 "$PYTHON" benchmarks/gpu_bench.py "$@"
-# 2) end to end (issue 16): the training loop's feed with the two-crop augmentation on the GPU vs in
+# 2) end to end: the training loop's feed with the two-crop augmentation on the GPU vs in
 #    the DataLoader workers, ResNet-50 and ViT-B/16 at 224 px, bf16 (channels_last for the CNN), on
 #    1500 JPEGs cut from scikit-learn's photographs (shorter side 300-500 px); GPU_E2E_ARGS adds options.
 timeout 300 "$PYTHON" benchmarks/gpu_e2e.py ${GPU_E2E_ARGS:-}

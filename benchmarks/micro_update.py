@@ -8,7 +8,7 @@ Variants: LARS - MoCo-v3 per-parameter loop (official, ``official_step.LARS``), 
 (per-parameter loop on a CPU, official), foreach (opera before), fused (opera now); EMA - MoCo-v3
 loop with fresh tensors (official) vs ``torch._foreach_lerp_`` (opera).
 
-The "opera before" LARS of BENCHMARKS.md (issue 7) was the committed ``opera/engine/optim.py`` of
+The "opera before" LARS of BENCHMARKS.md was the committed ``opera/engine/optim.py`` of
 d6eca17; it is not kept here (one opera LARS, one official one): time it with
 ``git show d6eca17:opera/engine/optim.py``.
 """

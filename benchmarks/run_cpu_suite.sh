@@ -53,12 +53,12 @@ log "compare final"
 python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2_final.json" > "$R/compare_t2_final.txt" 2>&1
 log done
 
-# session 2: per-view backward (default), its joint counterpart, the roofline, bf16 autocast on the CPU
-log "session 2: compare per view / joint"
+# per-view backward (default), its joint counterpart, the roofline, bf16 autocast on the CPU
+log "compare per view / joint"
 python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --json "$R/compare_t2_perview.json" > "$R/compare_t2_perview.txt" 2>&1
 python benchmarks/compare.py --repeats 3 --steps 8 --warmup 3 --threads 2 --opera-args="--joint-views --no-roofline" \
     --json "$R/compare_t2_joint.json" > "$R/compare_t2_joint.txt" 2>&1
-log "session 2: ab per view and bf16"
+log "ab per view and bf16"
 for c in "resnet18 --batch-size 64" "resnet50 --batch-size 32" "vit_tiny --patch-size 8 --batch-size 64"; do
   n=${c%% *}
   python benchmarks/ab_step.py --threads 2 --backbone $c --img-size 64 --mlp-dim 1024 \
@@ -66,10 +66,10 @@ for c in "resnet18 --batch-size 64" "resnet50 --batch-size 32" "vit_tiny --patch
   python benchmarks/ab_step.py --threads 2 --backbone $c --img-size 64 --mlp-dim 1024 \
       --variants official opera opera:amp=bf16 --rounds 5 --warmup 3 > "$R/ab_${n}_t2_bf16.txt" 2>&1
 done
-log "session 2: peaks"
+log "peaks"
 python -c "import torch; torch.set_num_threads(2); from opera.bench import compute_peak_gflops
 for i in range(3): print({k: round(v, 1) for k, v in compute_peak_gflops(torch.device('cpu')).items()})" > "$R/peaks_t2.txt" 2>&1
-log "issue 16: device augmentation backends, end to end, digits wall time"
+log "device augmentation backends, end to end, digits wall time"
 python benchmarks/augment_backends.py --path crops --img-size 64 --batch-size 64 --threads 1 --rounds 5 --no-per-image >> "$R/augment_backends.txt" 2>&1
 python benchmarks/augment_backends.py --path sources --img-size 64 --side 96 --batch-size 64 --threads 1 --rounds 5 >> "$R/augment_backends.txt" 2>&1
 [ -d /tmp/jpeg16 ] || python -m opera data make-folder /tmp/jpeg16 --n 2000

@@ -111,9 +111,16 @@ def pretrain(
     before = default_output(cfg.hierarchy, cfg.backbone.name, where.replace("_unlabelled-", "_unlabeled-"))
     if output is None and not out.exists() and before != out and before.exists():
         out = before  # the default name of a run begun before --unlabeled was renamed --unlabelled: resume it there
+    world = launch.world_size
+    if world > 1 and cfg.train.batch_size % world:  # before any process is started
+        where = "tasks of the job" if launch.slurm else f"processes of --nproc {launch.nproc}"
+        raise OperaError(f"--batch-size {cfg.train.batch_size} is not divisible by the {world} {where}; it is the "
+                         f"global batch, split evenly over them: use a multiple of {world}")
     from opera.engine.pretrain import run_pretrain
 
-    dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)
+    result = dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)
+    if isinstance(result, dict) and result.get("trained") is False:
+        return  # a finished run (--resume of one): the loop said so in one line
     if not launch.slurm or launch.wait:
         console.print(f"[bold green]done[/] outputs in {out}: config.yaml metrics.jsonl last.pt backbone.safetensors tb/")
 
@@ -210,9 +217,9 @@ def main() -> None:
     except typer.Abort:
         Console(stderr=True).print("aborted")
         sys.exit(130)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a second SIGINT/SIGTERM (Aborted: 128 + its signal) or Ctrl-C outside a loop
         Console(stderr=True).print("interrupted; rerun the same command to resume from the last checkpoint")
-        sys.exit(130)
+        sys.exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # usage errors of typer's (bundled) click
         if isinstance(exc, _click_exception_types()):
             exc.show()

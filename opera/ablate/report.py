@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from opera.engine.checkpoint import atomic_write
 from opera.ablate.records import CELLS, cell_dir, load_study, read_cell
 
 REPORT_MD = "report.md"
@@ -265,7 +266,6 @@ def make_plots(study_dir: Path, data: dict[str, Any]) -> list[str]:
     import matplotlib.pyplot as plt
 
     plots_dir = study_dir / PLOTS
-    plots_dir.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
     rows = [r for r in data["rows"] if r["seeds"]]
     for m in data["metrics"]:
@@ -293,7 +293,7 @@ def make_plots(study_dir: Path, data: dict[str, Any]) -> list[str]:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         name = _plot_name(m)
-        fig.savefig(plots_dir / name, dpi=110)
+        atomic_write(plots_dir / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"), what="a report plot")
         plt.close(fig)
         written.append(f"{PLOTS}/{name}")
     curves = loss_curves(study_dir, rows)
@@ -309,7 +309,7 @@ def make_plots(study_dir: Path, data: dict[str, Any]) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(plots_dir / "loss_curves.png", dpi=110)
+        atomic_write(plots_dir / "loss_curves.png", lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="a report plot")
         plt.close(fig)
         written.append(f"{PLOTS}/loss_curves.png")
     return written
@@ -403,7 +403,6 @@ def print_table(data: dict[str, Any], console: Any = None) -> None:
 
 def build_report(study_dir: str | Path, console: Any = None, plots: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Write report.md/.csv/.json and the plots from the finished cells; print the table; return report.json's dict."""
-    from opera.engine.checkpoint import atomic_write
 
     study_dir = Path(study_dir)
     data = collect(study_dir)

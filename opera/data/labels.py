@@ -165,9 +165,9 @@ def write_labelled(path: Path, dataset, indices: list[int], spec: str, data: str
     """``labelled.txt``: the header (spec, data, seed, count) and one image name per line (atomic)."""
     lines = [f"{_HEADER} {spec} | data {data} | seed {seed} | {len(indices)} of {len(dataset)} images"]
     lines += [item_name(dataset, i) for i in indices]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    from opera.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "\n".join(lines) + "\n", "the list of labelled images")
 
 
 def mask_targets(target_sets: dict[str, list[int]], keep: list[int]) -> dict[str, list[int]]:

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from opera.engine.checkpoint import atomic_write
 from opera.errors import OperaError
 
 
@@ -53,7 +54,6 @@ def make_photo_folder(
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.8, 1.2)))
         path = os.path.join(dir, f"class{i % classes:03d}", f"img{i:06d}.jpg")
-        tmp = path + ".tmp"
-        img.save(tmp, format="JPEG", quality=int(rng.integers(quality[0], quality[1] + 1)))
-        os.replace(tmp, path)
+        q = int(rng.integers(quality[0], quality[1] + 1))
+        atomic_write(path, lambda tmp, img=img, q=q: img.save(tmp, format="JPEG", quality=q), what="a photo of the folder")
     return dir

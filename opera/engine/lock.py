@@ -14,6 +14,7 @@ belongs to this very SLURM job (a requeue), or when its heartbeat is older than
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opera.engine.checkpoint import NO_ROOM, write_failed
 from opera.errors import OperaError
 
 LOCK = ".opera.lock"
@@ -61,6 +63,23 @@ def _pid_alive(pid: int, start: str | None) -> bool:
         return True
     now = _process_start(pid)
     return start is None or now is None or now == start
+
+
+def _write_file(path: Path, flags: int, data: bytes) -> None:
+    """Create ``path`` (``flags``) holding ``data``, fsynced; on any error no file is left (a
+    file this call created is removed) and the OSError is raised."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _when(t: float) -> str:
@@ -157,29 +176,32 @@ class RunLock:
     def _create(self) -> bool:
         """Write our owner file in full, then hard-link it to the lock name: the link is atomic and
         fails if the name exists (the NFS-safe way), so no reader ever sees a half-written lock.
-        Where hard links are not supported, ``O_CREAT | O_EXCL`` instead."""
+        Where hard links are not supported, ``O_CREAT | O_EXCL`` instead. A write that fails (a
+        full disk, a read-only folder) leaves no file behind and is one line (:func:`write_failed`)."""
         tmp = self.path.with_name(f"{LOCK}.{self.me.token}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self.me.__dict__))
-            f.flush()
-            os.fsync(f.fileno())
+        text = json.dumps(self.me.__dict__).encode()
         try:
-            os.link(tmp, self.path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here (some FUSE and object-store mounts)
+            _write_file(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, text)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)
+                return True
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self.me.__dict__))
-                f.flush()
-                os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.errno in NO_ROOM or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                # no hard links here (some FUSE and object-store mounts)
+            try:
+                _write_file(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, text)
+            except FileExistsError:
+                return False
             return True
+        except OSError as exc:
+            raise write_failed(self.path, exc, "the run lock", kept=f"no lock was taken and nothing in "
+                               f"{self.path.parent} was changed") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def _take_over(self, stale: Holder) -> bool:
         """Move the stale lock aside (one rename wins), check it was the one we judged, create ours."""

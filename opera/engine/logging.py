@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from opera.engine.checkpoint import atomic_write_text, write_failed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 METRICS = "metrics.jsonl"
@@ -35,11 +38,16 @@ def truncate_metrics(path: Path, after_step: int) -> None:
             continue  # a line cut by the kill
         if row.get("step", 0) <= after_step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep), "the metrics log")
 
 
 class RunLogger:
-    """Writes metrics rows to ``metrics.jsonl`` and TensorBoard; does nothing off rank 0."""
+    """Writes metrics rows to ``metrics.jsonl`` and TensorBoard; does nothing off rank 0.
+
+    Both are append-only logs: a row cut by a kill is dropped on resume (:func:`truncate_metrics`).
+    A write that fails (a full disk, ``ulimit -f``, a read-only or vanished folder) is one line
+    naming the file (:func:`~opera.engine.checkpoint.write_failed`), never a traceback; the
+    checkpoints are untouched, so the same command resumes once the cause is fixed."""
 
     def __init__(self, output: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
@@ -47,28 +55,45 @@ class RunLogger:
         self._tb = None
         self._file = None
         if enabled:
-            self._file = open(output / METRICS, "a", buffering=1)
+            with self._writing(output / METRICS, "the metrics log"):
+                self._file = open(output / METRICS, "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(output / "tb"))
+                with self._writing(output / "tb", "the TensorBoard events"):
+                    self._tb = SummaryWriter(log_dir=str(output / "tb"))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(path: Path, what: str):
+        try:
+            yield
+        except OSError as exc:
+            raise write_failed(path, exc, what, kept="the checkpoints are intact",
+                               then="rerun the same command to resume") from None
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
         row = {k: _plain(v) for k, v in row.items()}
-        self._file.write(json.dumps({"step": step, **row}) + "\n")
+        with self._writing(self.output / METRICS, "the metrics log"):
+            self._file.write(json.dumps({"step": step, **row}) + "\n")
         if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+            with self._writing(self.output / "tb", "the TensorBoard events"):
+                for k, v in row.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self._tb.add_scalar(k, v, step)
+                self._tb.flush()
 
     def close(self) -> None:
-        if self._file:
-            self._file.close()
-        if self._tb:
-            self._tb.flush()
-            self._tb.close()
+        file, tb, self._file, self._tb = self._file, self._tb, None, None
+        if file:
+            with self._writing(self.output / METRICS, "the metrics log"):
+                file.close()
+        if tb:
+            with self._writing(self.output / "tb", "the TensorBoard events"):
+                tb.flush()
+                tb.close()
 
 
 class ProgressDisplay:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from opera import distributed
-from opera.engine.checkpoint import LAST, load_state, save_state
+from opera.engine.checkpoint import LAST, load_state, remove_partial_writes, save_state
 from opera.engine.lock import NoLock, RunLock, own_run_dir
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.resume import check_identity, find_checkpoint
@@ -85,7 +85,8 @@ def run_directory(output: str | Path, main: bool | None = None) -> Iterator[RunD
     """Own ``output`` for the whole run: rank 0 checks it can write there and holds its lock;
     SIGINT/SIGTERM become a stop request that the loop honours at its next step boundary.
     A folder made only for the lock is removed again if the run wrote nothing (it failed on its
-    inputs)."""
+    inputs). Once the lock is held, the temporary files of writers killed mid-write (a SIGKILL
+    inside a checkpoint write) are removed, in one line (:func:`~opera.engine.checkpoint.remove_partial_writes`)."""
     output = Path(output)
     main = distributed.detect_env()[0] == 0 if main is None else main
     made = main and not output.exists()
@@ -93,6 +94,10 @@ def run_directory(output: str | Path, main: bool | None = None) -> Iterator[RunD
         check_output_dir(output)
     try:
         with own_run_dir(output, main) as owner, GracefulStop() as stop:
+            if main:  # the lock is ours: a temporary file here is a dead writer's
+                said = remove_partial_writes(output)
+                if said:
+                    print(f"{output}: {said}", flush=True)
             yield RunDirectory(output, main, owner, stop)
     finally:
         if made and output.is_dir() and not any(output.iterdir()):
@@ -196,13 +201,48 @@ class TrainingLoop:
             return self.at
         check_identity(state, self.identity, path, what=self.protocol.name, newer=("label_sets", "data"),
                        data_flags=getattr(self.protocol, "data_flags", "--data"))
+        at = Position(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+        self._refuse_past_end(at, path)
         self.protocol.load_state_dict(state, path)
-        self.at = Position(int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"]))
+        self.at = at
         self.source = path
+        if self.done:  # nothing left to train: the run's outputs stand, nothing is written
+            if main:
+                print(self._finished_line(), flush=True)
+            return self.at
         if main:
             print(f"resuming from {path} at epoch {self.at.epoch + 1}, step {self.at.global_step}", flush=True)
             truncate_metrics(self.run.output / METRICS, self.at.global_step)
         return self.at
+
+    def _length(self) -> tuple[str, int, int]:
+        """How this run's length is set: (option, its value, steps per unit): ``--epochs`` and the
+        epochs, or ``--iters`` for a protocol of one epoch of ``cfg.iters`` steps (dense transfer)."""
+        c = self.cadence
+        iters = getattr(getattr(self.protocol, "cfg", None), "iters", None)
+        if c.epochs == 1 and isinstance(iters, int) and iters == c.steps_per_epoch:
+            return "--iters", iters, 1
+        return "--epochs", c.epochs, c.steps_per_epoch
+
+    def _finished_line(self) -> str:
+        """What a rerun of a finished run says instead of resuming it (one line)."""
+        flag, value, _ = self._length()
+        return finished_line(self.run.output, self.at, self.cadence, flag, value)
+
+    def _refuse_past_end(self, at: Position, path: Path) -> None:
+        """A resume whose length (``--epochs``, ``max_steps``) ends before the checkpoint's step
+        cannot go back: one line instead of "done"."""
+        c = self.cadence
+        if at.epoch > c.epochs or (at.epoch == c.epochs and at.step_in_epoch > 0):
+            flag, value, per = self._length()
+            need = at.epoch + (1 if at.step_in_epoch else 0) if flag == "--epochs" else at.global_step
+            raise OperaError(f"{flag} {value} ends at step {value * per}, before step {at.global_step} where {path} "
+                             f"already is; pass {flag} {need} or more to resume it, or choose a new --output to "
+                             f"train {value} {flag[2:]} from the start")
+        if c.max_steps and at.global_step > c.max_steps:
+            raise OperaError(f"max_steps={c.max_steps} ends before step {at.global_step} where {path} already is; "
+                             f"pass max_steps={at.global_step} or more (0: no limit) to resume it, or choose a new "
+                             "--output")
 
     # ----------------------------------------------------------------------------- saving
     def checkpoint(self, name: str = LAST) -> None:
@@ -287,8 +327,12 @@ class TrainingLoop:
 
     # -------------------------------------------------------------------------------- run
     def run_to_end(self) -> dict[str, Any]:
-        """Train from :attr:`at` to the end of the cadence; returns the last epoch's values."""
+        """Train from :attr:`at` to the end of the cadence; returns the last epoch's values
+        (``trained: False`` and the position when the run was already at its end)."""
         c = self.cadence
+        if self.done:  # a finished run rerun (resume said so): nothing to train, nothing written
+            self.logger.close()
+            return {"epoch": self.at.epoch, "global_step": self.at.global_step, "trained": False}
         self.progress = ProgressDisplay(self.run.main, c.total_steps, self.at.global_step, self.protocol.name)
         self._t_last, self._logged_at = time.time(), self.at.global_step
         result: dict[str, Any] = {}
@@ -323,5 +367,18 @@ class TrainingLoop:
             hook(self.at)
 
 
+def finished_line(output: Path, at: Position, cadence: Cadence, flag: str = "--epochs", value: int | None = None) -> str:
+    """The one line of a rerun of a finished run (``at`` is where its checkpoint is, at the end of
+    ``cadence``): it is finished, and how to train again or extend it. ``flag``/``value``: the
+    option that sets the run's length (``--epochs``, or ``--iters`` for dense transfer)."""
+    if at.epoch < cadence.epochs:  # ended by max_steps
+        return (f"{output} is a finished run: it stopped at max_steps={cadence.max_steps} (step {at.global_step}); "
+                "to train again choose a new --output, or raise max_steps (0: no limit) to go on")
+    value = cadence.epochs if value is None else value
+    size = f"{value}-iteration" if flag == "--iters" else f"{value}-epoch"
+    return (f"{output} is a finished {size} run (step {at.global_step}); to train again choose a new --output, "
+            f"or pass {flag} N > {value} to extend it")
+
+
 __all__ = ["Cadence", "Position", "RunDirectory", "TrainingLoop", "TrainingProtocol", "check_output_dir",
-           "run_directory", "seed_step"]
+           "finished_line", "run_directory", "seed_step"]

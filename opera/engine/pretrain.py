@@ -18,7 +18,7 @@ import yaml
 from opera import distributed
 from opera.backbones import get_spec
 from opera.configs import PretrainConfig, config_to_dict
-from opera.engine.checkpoint import BACKBONE, export_backbone
+from opera.engine.checkpoint import BACKBONE, atomic_write_text, export_backbone
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory, seed_step
 from opera.engine.monitors import FeatureTap, OnlineLinearMonitor, online_linear_setup, online_linear_step
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at, optimizer_name
@@ -218,8 +218,9 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
         try:
             loop.resume(resume)
             _wrap(p)
-            if run.main:
-                (run.output / "config.yaml").write_text(yaml.safe_dump(p.resolved, sort_keys=False))
+            if run.main and not loop.done:  # a finished run rerun writes nothing
+                atomic_write_text(run.output / "config.yaml", yaml.safe_dump(p.resolved, sort_keys=False),
+                                  "the run's configuration")
             result = loop.run_to_end()
             if run.main and loop.at.global_step == p.total_steps and not (run.output / BACKBONE).is_file():
                 export_backbone(p.hierarchy.backbone, run.output / BACKBONE, {"identity": p.identity(), "epoch": loop.at.epoch})

@@ -27,13 +27,26 @@ class Stopped(OperaError):
         return Stopped, (self.step, self.signum)
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: the run aborts at once (the last checkpoint written is intact).
+    The CLI exits ``128 + signum``: 130 for SIGINT, 143 for SIGTERM, as a shell reports them."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    def __reduce__(self):
+        return Aborted, (self.signum,)
+
+
 class GracefulStop:
     """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
 
     Only signals still at their default disposition are taken (under submitit, SIGTERM stays
     submitit's; its USR2 is deferred to :meth:`request` by :class:`opera.launch.slurm.Requeueable`,
     which requeues once the loop has written ``last.pt``). A second signal aborts at once
-    (``KeyboardInterrupt``); the previous handlers are restored on exit.
+    (:class:`Aborted`, a ``KeyboardInterrupt``); the previous handlers are restored on exit.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -75,7 +88,7 @@ class GracefulStop:
             self.__exit__()
             print(f"{signal.Signals(signum).name} again: aborting at once; the last checkpoint written is intact, rerun "
                   "the same command to resume from it", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.request(signum)
         print(f"\n{signal.Signals(signum).name} received: finishing the current step, then writing last.pt "
               "(send it again to abort at once)", file=sys.stderr, flush=True)
@@ -94,4 +107,4 @@ class GracefulStop:
         return int(flag.item()) or None
 
 
-__all__ = ["GracefulStop", "Stopped"]
+__all__ = ["Aborted", "GracefulStop", "Stopped"]

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -377,8 +379,20 @@ class EvalRun:
             from torch.utils.tensorboard import SummaryWriter
 
             check_output(self.output)
-            self._tb = SummaryWriter(log_dir=str(self.output / "tb"))
+            with self._tensorboard():
+                self._tb = SummaryWriter(log_dir=str(self.output / "tb"))
         return self._tb
+
+    @contextlib.contextmanager
+    def _tensorboard(self):
+        """A failed TensorBoard write (a full disk, ``ulimit -f``, ...) is one line, not a traceback."""
+        from opera.engine.checkpoint import write_failed
+
+        try:
+            yield
+        except OSError as exc:
+            raise write_failed(self.output / "tb", exc, "the TensorBoard events",
+                               kept="results.json and the checkpoints are as they were") from None
 
     def path(self, name: str) -> Path:
         """``OUTPUT/name``, creating ``OUTPUT``."""
@@ -387,7 +401,8 @@ class EvalRun:
 
     def log(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and value is not None and math.isfinite(float(value)):
-            self.writer.add_scalar(tag, float(value), step)
+            with self._tensorboard():
+                self.writer.add_scalar(tag, float(value), step)
 
     def finish(self, metrics: dict[str, Any], backbone: LoadedBackbone | None = None, data: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None, title: str | None = None, print_table: bool = True) -> dict[str, Any]:
@@ -412,13 +427,14 @@ class EvalRun:
             return results
         check_output(self.output)
         text = json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n"
-        atomic_write(self.output / RESULTS, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.output / RESULTS, lambda tmp: Path(tmp).write_text(text), what="the evaluation's results")
         if self.writer is not None:
             for k, v in _flatten(metrics).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.log(f"final/{k}", v, 0)
-            self.writer.flush()
-            self.writer.close()
+            with self._tensorboard():
+                self.writer.flush()
+                self.writer.close()
             self._tb = None
         if print_table:
             print_metrics(title or f"{self.protocol}: {backbone.source if backbone else ''}", metrics, wall)

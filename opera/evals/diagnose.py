@@ -152,7 +152,9 @@ def plot_histograms(groups: dict[str, dict[str, torch.Tensor]], path: Path, bins
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from opera.engine.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="the diagnosis plot")
     plt.close(fig)
     return path
 

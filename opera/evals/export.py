@@ -152,14 +152,14 @@ def write_export(state: dict[str, torch.Tensor], fmt: str, path: Path, spec: dic
         import json
 
         md = {"format": "pt", "opera_spec": json.dumps(spec), "opera_source": json.dumps(source)}
-        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md))
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md), what=f"the {fmt} export")
     if fmt == "torchvision":
         obj: Any = state
     elif fmt == "detectron2":
         obj = {"model": state, "__author__": "opera", "matching_heuristics": True}
     else:
         obj = {"state_dict": state, "meta": meta}
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), what=f"the {fmt} export")
 
 
 def run_export(cfg: ExportConfig) -> dict:

@@ -233,22 +233,23 @@ def _console() -> Console:
     return Console(soft_wrap=True, highlight=False)
 
 
-def dispatch(fn: Callable[..., Any], args: tuple, launch: LaunchOptions, output: Path) -> None:
-    """Run ``fn(*args)`` where ``launch`` says (see the module docstring).
+def dispatch(fn: Callable[..., Any], args: tuple, launch: LaunchOptions, output: Path) -> Any:
+    """Run ``fn(*args)`` where ``launch`` says (see the module docstring); return its result here
+    (rank 0's with ``--nproc N``), ``None`` for a SLURM job.
 
-    With ``--slurm``, ``output`` (and any argument equal to it) is made absolute before submitting,
-    and the job's logs go to ``OUTPUT/slurm/<job id>/``.
+    With ``--nproc N``, SIGINT / SIGTERM stop the N processes after their step
+    (:func:`~opera.launch.local.launch_local`). With ``--slurm``, ``output`` (and any argument
+    equal to it) is made absolute before submitting, and the job's logs go to
+    ``OUTPUT/slurm/<job id>/``.
     """
     launch.validate()
     _refuse_nested(launch)
     if not launch.slurm:
         if launch.nproc == 1:
-            fn(*args)
-        else:
-            from opera.launch.local import launch_local
+            return fn(*args)
+        from opera.launch.local import launch_local
 
-            launch_local(fn, tuple(args), launch.nproc)
-        return None
+        return launch_local(fn, tuple(args), launch.nproc)[0]
     args, output = _absolute_output(tuple(args), output)
     options = launch.slurm_options(log_dir=output / DEFAULT_LOG_SUBDIR / "%j")
     job = submit(run_task, fn, *args, options=options)

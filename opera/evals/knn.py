@@ -2,6 +2,8 @@
 
 Features are L2-normalised; each query takes its ``k`` most cosine-similar training features
 and every neighbour votes for its label with weight ``exp(sim / T)`` (k=20, T=0.07 by default).
+``k`` is capped at the bank's size: results.json's ``k`` is the number of neighbours each query
+voted with, ``k_requested`` the one asked for, and a capped ``k`` is said in one console line.
 
 The similarity matrix is never materialised: queries are processed ``query_chunk`` at a time and
 the training bank ``bank_chunk`` at a time, keeping a running top-k per query, so memory is
@@ -92,9 +94,18 @@ def run_knn(cfg: KNNConfig, loaded=None) -> dict:
     scores = knn_scores_sharded(bank, bank_y, queries, val.num_classes, k=cfg.k, temperature=cfg.temperature,
                                 query_chunk=cfg.query_chunk, bank_chunk=cfg.bank_chunk, device=device)
     metrics = accuracy(scores, query_y.cpu())
-    metrics.update({"k": cfg.k, "temperature": cfg.temperature, "bank_size": len(train), "queries": int(queries.shape[0]),
-                    "world_size": world, "bank_sharded_over_ranks": world > 1})
+    k = min(cfg.k, len(train))  # the neighbours each query voted with: the top-k is capped at the bank
+    metrics.update({"k": k, "k_requested": cfg.k, "temperature": cfg.temperature, "bank_size": len(train),
+                    "queries": int(queries.shape[0]), "world_size": world, "bank_sharded_over_ranks": world > 1})
     for name in ("top1", "top5"):
         run.log(f"knn/{name}", metrics[name], 0)
-    return run.finish(metrics, loaded, data={"train": train_spec, "val": cfg.data, "num_classes": val.num_classes,
-                                             "train_images": len(train), "val_images": len(val)})
+    res = run.finish(metrics, loaded, data={"train": train_spec, "val": cfg.data, "num_classes": val.num_classes,
+                                            "train_images": len(train), "val_images": len(val)})
+    if k < cfg.k and run.main:
+        from rich.console import Console
+
+        Console(soft_wrap=True, highlight=False).print(
+            f"note: k={cfg.k} is more than the {len(train)} images of the bank ({train_spec}, train split): each query "
+            f"voted with all {k} of them, recorded as k={k} (k_requested={cfg.k}); a k below {k} votes with nearest "
+            "neighbours only", markup=False)
+    return res

@@ -18,7 +18,10 @@
   data, ``digits_segmentation`` / ``digits_detection`` for the scenes).
 
 Each dataset / protocol writes its own ``results.json`` under ``OUTPUT/<name>/``; the suite's
-``OUTPUT/results.json`` collects their top-1 accuracies (mIoU / AP for the dense suites).
+``OUTPUT/results.json`` collects their top-1 accuracies (mIoU / AP for the dense suites). The
+digits and dense suites record in its ``data`` what the run was pretrained on (``pretraining``)
+and whether the target's classes were absent from it (``held_out``, :func:`held_out`); a target
+that is not held out (a run pretrained on all ten digits) is also said in one console line.
 """
 
 from __future__ import annotations
@@ -64,9 +67,75 @@ def _split_list(text: str | None, valid: tuple[str, ...], what: str) -> list[str
     return items
 
 
+def pretraining_spec(run_config: dict | None) -> str | None:
+    """The data spec the run was pretrained on (its config.yaml's ``data.spec``); None without a
+    run (``random:`` / ``timm:`` baselines, a bare backbone file)."""
+    return ((run_config or {}).get("data") or {}).get("spec")
+
+
+def _digit_classes(spec: str) -> set[int] | None:
+    """The digits classes of a ``digits[:classes]`` or ``digit_scenes[:classes]`` spec; None for
+    any other data."""
+    from opera.data.digit_scenes import NAME as SCENES, parse_scenes_spec
+
+    if spec.strip().split(":", 1)[0] == SCENES:
+        return set(parse_scenes_spec(spec))
+    try:
+        parsed = parse_data(spec)
+    except OperaError:  # a real dataset's spec (coco=ROOT, ade20k=ROOT, a folder gone since pretraining)
+        return None
+    return set(parsed.classes or range(10)) if parsed.name == "digits" else None
+
+
+def held_out(run_config: dict | None, target: str) -> dict[str, Any]:
+    """``{"pretraining": spec or None, "target": target, "held_out": ...}``: whether ``target``'s
+    classes are absent from the data the run was pretrained on. True for a baseline without
+    pretraining data (``random:`` / ``timm:``), for digits classes (``digits`` / ``digit_scenes``
+    specs) that the pretraining's digits classes do not include, and for digits after another
+    dataset or another dataset after digits; False when some target class was in pretraining;
+    None for two real datasets, whose classes opera cannot compare. The digits and dense suites
+    both record it, and :func:`held_out_note` words a False one."""
+    pre = pretraining_spec(run_config)
+    seen, wanted = (_digit_classes(pre) if pre else None), _digit_classes(target)
+    if not pre:
+        held: bool | None = True
+    elif seen is None and wanted is None:
+        held = None
+    elif seen is None or wanted is None:
+        held = True
+    else:
+        held = not (seen & wanted)
+    return {"pretraining": pre, "target": target, "held_out": held}
+
+
+def held_out_note(record: dict[str, Any]) -> str | None:
+    """One line saying that a target is not held out (``record`` from :func:`held_out`); None otherwise."""
+    from opera.data.specs import format_classes
+
+    if record["held_out"] is not False:
+        return None
+    pre, target = record["pretraining"], record["target"]
+    seen, wanted = _digit_classes(pre), _digit_classes(target)
+    shared = format_classes(tuple(sorted(seen & wanted)))
+    what = "all ten classes" if len(seen) == 10 else f"classes {format_classes(tuple(sorted(seen)))}"
+    rest = [c for c in range(10) if c not in seen]
+    fix = (f"--target digits:{format_classes(tuple(rest))} evaluates on the classes it did not see" if len(rest) >= 2 else
+           "to measure transfer, pretrain on a subset (e.g. --data digits:0-4) and evaluate on the rest")
+    return (f"{target} is not held out: the run was pretrained on {pre} ({what}, {shared} included), so these results "
+            f"measure classes it saw in pretraining, not transfer to unseen classes; {fix}")
+
+
+def print_note(text: str | None) -> None:
+    """``note: TEXT`` as one console line (never wrapped); nothing for None."""
+    if text:
+        from rich.console import Console
+
+        Console(soft_wrap=True, highlight=False).print(f"note: {text}", markup=False)
+
+
 def digits_target(cfg: TransferConfig, run_config: dict | None) -> tuple[str, str | None]:
     """(target spec, pretraining spec or None)."""
-    pre = ((run_config or {}).get("data") or {}).get("spec")
+    pre = pretraining_spec(run_config)
     if cfg.target:
         spec = parse_data(cfg.target)
         if spec.name != "digits":
@@ -123,7 +192,11 @@ def run_dense_transfer(cfg: TransferConfig) -> dict:
     dcfg = dense_config(cfg.suite, cfg.recipe, checkpoint=cfg.checkpoint, data=data, output=cfg.output, backbone=cfg.backbone,
                         img_size=cfg.img_size, device=cfg.device, seed=cfg.seed, workers=cfg.workers,
                         tensorboard=cfg.tensorboard, iters=cfg.iters, batch_size=cfg.batch_size)
-    return run_dense(dcfg, loaded=loaded, protocol=f"transfer-{cfg.suite}")
+    record = held_out(loaded.run_config, data)
+    res = run_dense(dcfg, loaded=loaded, protocol=f"transfer-{cfg.suite}",
+                    data={"pretraining": record["pretraining"], "held_out": record["held_out"]})
+    print_note(held_out_note(record))
+    return res
 
 
 def run_transfer(cfg: TransferConfig) -> dict:
@@ -162,10 +235,8 @@ def run_transfer(cfg: TransferConfig) -> dict:
             run.log(f"transfer/{name}_top1", res["metrics"]["top1"], 0)
         metrics["mean_top1"] = sum(m["top1"] for m in metrics.values()) / len(names)
     else:
-        target, pre = digits_target(cfg, loaded.run_config)
-        pre_classes = set(parse_data(pre).classes or range(10)) if pre and parse_data(pre).name == "digits" else set()
-        tgt_classes = set(parse_data(target).classes or range(10))
-        data = {"pretraining": pre, "target": target, "held_out": not (pre_classes & tgt_classes)}
+        target, _ = digits_target(cfg, loaded.run_config)
+        data = held_out(loaded.run_config, target)
         common = dict(checkpoint=cfg.checkpoint, data=target, backbone=cfg.backbone, img_size=cfg.img_size,
                       device=cfg.device, seed=cfg.seed, workers=cfg.workers, tensorboard=cfg.tensorboard)
         for proto in protocols:
@@ -185,7 +256,10 @@ def run_transfer(cfg: TransferConfig) -> dict:
                                    protocol="transfer/finetune")
             metrics[proto] = {"top1": res["metrics"]["top1"], "top5": res["metrics"]["top5"]}
             run.log(f"transfer/{proto}_top1", res["metrics"]["top1"], 0)
-    return run.finish(metrics, loaded, data=data, title=f"transfer ({cfg.suite}): {loaded.source}")
+    res = run.finish(metrics, loaded, data=data, title=f"transfer ({cfg.suite}): {loaded.source}")
+    if cfg.suite == "digits":
+        print_note(held_out_note(data))
+    return res
 
 
 def _fresh(loaded):

@@ -413,19 +413,22 @@ def evaluate_detection(cfg: DenseConfig, model: nn.Module, dataset, device: torc
 
 
 # ----------------------------------------------------------------------------- the protocol
-def run_dense(cfg: DenseConfig, loaded: LoadedBackbone | None = None, protocol: str | None = None) -> dict:
+def run_dense(cfg: DenseConfig, loaded: LoadedBackbone | None = None, protocol: str | None = None,
+              data: dict[str, Any] | None = None) -> dict:
     """Build, fine-tune and score; write ``OUTPUT/results.json``. Headline metrics: ``mIoU``
-    (segmentation) or ``box_AP`` / ``mask_AP`` (detection), in %."""
+    (segmentation) or ``box_AP`` / ``mask_AP`` (detection), in %. ``data`` adds fields to its
+    ``data`` record (the transfer suites': ``pretraining`` and ``held_out``)."""
     from opera.evals.dense.data import parse_dense_spec
 
     _validate(cfg)
     parse_dense_spec(cfg.data)
     check_output(cfg.output, create=False)
     with run_directory(cfg.output, main=True) as run_dir:
-        return _dense(cfg, loaded, protocol, run_dir)
+        return _dense(cfg, loaded, protocol, run_dir, data or {})
 
 
-def _dense(cfg: DenseConfig, loaded: LoadedBackbone | None, protocol: str | None, run_dir: RunDirectory) -> dict:
+def _dense(cfg: DenseConfig, loaded: LoadedBackbone | None, protocol: str | None, run_dir: RunDirectory,
+           extra_data: dict[str, Any]) -> dict:
     from opera.evals.dense.data import build_dense_dataset
 
     run = EvalRun(protocol or cfg.task, cfg)
@@ -458,5 +461,6 @@ def _dense(cfg: DenseConfig, loaded: LoadedBackbone | None, protocol: str | None
         ap = evaluate_detection(cfg, model, val_ds, device)
         metrics = {"box_AP": ap["bbox"]["AP"], **({"mask_AP": ap["segm"]["AP"]} if "segm" in ap else {}), "coco": ap}
     metrics["final_loss"] = losses.get("loss")
-    data = {"spec": cfg.data, "train_images": len(train_ds), "val_images": len(val_ds), "classes": list(train_ds.class_names)}
+    data = {"spec": cfg.data, "train_images": len(train_ds), "val_images": len(val_ds), "classes": list(train_ds.class_names),
+            **extra_data}
     return run.finish(metrics, loaded, data=data, title=f"{cfg.task} on {cfg.data}: {loaded.source}")

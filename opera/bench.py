@@ -376,7 +376,9 @@ def time_loader(ds, n_images: int, batch_size: int, workers: int) -> float:
     """Images/s per worker of ``ds`` through a DataLoader with ``workers`` processes (the first
     batch, which waits for the workers to start, is not counted)."""
     idx = [i % len(ds) for i in range(n_images)]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, num_workers=workers)
+    from opera.data.loader import Loader
+
+    loader = Loader(torch.utils.data.Subset(ds, idx), batch_size=batch_size, num_workers=workers)
     t0, seen = None, 0
     for k, (v1, _v2) in enumerate(loader):
         if k == 0:

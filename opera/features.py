@@ -30,7 +30,9 @@ def accuracy(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = 
 
 def make_loader(dataset, batch_size: int, shuffle: bool = False, workers: int = 0, drop_last: bool = False,
                 generator: torch.Generator | None = None, device: torch.device | None = None):
-    return torch.utils.data.DataLoader(
+    from opera.data.loader import Loader
+
+    return Loader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, drop_last=drop_last,
         generator=generator, pin_memory=bool(device is not None and device.type == "cuda"),
         persistent_workers=False,

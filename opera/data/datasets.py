@@ -17,6 +17,7 @@ Files are checked eagerly (paths, class folders, that there are images) and deco
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -108,9 +109,18 @@ def decode_image_file(path: str) -> torch.Tensor:
     try:
         return _to_rgb_uint8(_decode_pil(data))
     except Exception as e:  # noqa: BLE001
-        err = first_err or e
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OperaError(f"cannot decode image {path}: {msg}; remove or replace it") from None
+        raise OperaError(f"cannot decode image {path}: {_decode_reason(first_err or e)}; remove or replace it") from None
+
+
+def _decode_reason(err: Exception) -> str:
+    """A decoder's error in a few words: without torchvision's source location
+    (``decode_jpeg, /.../decode_jpeg.cpp:171, ``) or its advice to call other functions."""
+    text = str(err).strip()
+    msg = text.splitlines()[0] if text else type(err).__name__
+    msg = re.sub(r"^\w+, \S+:\d+, ", "", msg)
+    if msg.startswith("Unsupported image file"):
+        return "not a JPEG, PNG, WebP or GIF image, nor another format PIL reads"
+    return msg.rstrip(".")
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,18 @@
 * :class:`ShardedBatchSampler` shuffles once per epoch from ``(seed, epoch)``, shards the
   permutation over ranks like ``DistributedSampler(drop_last=True)``, cuts it into per-rank
   batches and can skip the first ``start_step`` batches (exact mid-epoch resume).
-* :func:`build_loader` puts both into a plain ``torch.utils.data.DataLoader``. The sampler hands
-  ``(epoch, index)`` pairs to the dataset, so ``loader.batch_sampler.set_epoch(e)`` reaches the
-  augmentation even in persistent workers.
+* :func:`build_loader` puts both into a :class:`Loader`. The sampler hands ``(epoch, index)``
+  pairs to the dataset, so ``loader.batch_sampler.set_epoch(e)`` reaches the augmentation even in
+  persistent workers.
+* :class:`Loader` is a ``torch.utils.data.DataLoader`` through which an :class:`OperaError`
+  raised in a worker (a corrupt image, ...) reaches the caller as the worker's own one line, not
+  as torch's ``Caught OperaError in DataLoader worker process N`` traceback.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -21,6 +26,88 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from opera.errors import OperaError
 
 _MASK64 = (1 << 64) - 1
+
+# torch's ExceptionWrapper.reraise: "Caught {type name} {where}.\nOriginal Traceback (most recent
+# call last): ...", ending with the worker's "module.Class: message" line
+_CAUGHT = re.compile(r"Caught (\w+) in .+?\.\s+Original Traceback \(most recent call last\):")
+
+
+def worker_error(exc: BaseException) -> OperaError | None:
+    """The worker's own :class:`OperaError` behind ``exc``, when ``exc`` is torch's re-raise of
+    an ``OperaError`` (or subclass) from a DataLoader worker; ``None`` for anything else.
+
+    torch re-raises the worker's exception class with the quoted traceback as its message (an
+    ``OperaError`` flattens it to one line), or a ``RuntimeError`` holding it when the class takes
+    other arguments (:class:`~opera.engine.checkpoint.CheckpointUnreadable`). The worker's message
+    is what follows the last ``module.Class: `` of that traceback. The result is the same class
+    when it is built from a message alone, else a plain ``OperaError``; both exit with code 2.
+    """
+    if not isinstance(exc, (OperaError, RuntimeError)):
+        return None
+    text = str(exc)
+    caught = _CAUGHT.match(text)
+    if caught is None:
+        return None
+    name = caught.group(1)
+    if isinstance(exc, OperaError):
+        if type(exc).__name__ != name:
+            return None
+        kind: type = type(exc)
+        head = f"{kind.__module__}.{kind.__qualname__}: "
+        start = text.rfind(head)
+        if start < 0:
+            return None
+        message = text[start + len(head):]
+    else:  # the class could not be rebuilt from the message: find it by its traceback line
+        lines = list(re.finditer(rf"^((?:\w+\.)+){re.escape(name)}: (.*)$", text, re.MULTILINE))
+        if not lines:
+            return None
+        last = lines[-1]
+        # the class came along, pickled by reference, so its module is imported: look, import nothing
+        kind = getattr(sys.modules.get(last.group(1)[:-1]), name, None)
+        if not (isinstance(kind, type) and issubclass(kind, OperaError)):
+            return None
+        message = last.group(2)
+    try:
+        return kind(message)
+    except TypeError:
+        return OperaError(message)
+
+
+class _WorkerErrors:
+    """An iterator of a :class:`Loader`: the DataLoader's own, with workers' ``OperaError`` unwrapped."""
+
+    def __init__(self, it):
+        self._it = it
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except (OperaError, RuntimeError) as exc:
+            own = worker_error(exc)
+            if own is None:
+                raise
+            raise own from None
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __getattr__(self, name: str):
+        if name == "_it":
+            raise AttributeError(name)
+        return getattr(self._it, name)
+
+
+class Loader(DataLoader):
+    """``torch.utils.data.DataLoader`` whose iterators raise an :class:`OperaError` from a worker
+    process as the worker's own one-line error (:func:`worker_error`), the same as with
+    ``num_workers=0``. Every other exception passes unchanged."""
+
+    def __iter__(self):
+        return _WorkerErrors(super().__iter__())
 
 
 def _splitmix64(x: int) -> int:
@@ -267,8 +354,8 @@ def build_loader(
     persistent_workers: bool | str = "auto",
     prefetch_factor: int | str | None = "auto",
     batch_sampler: Sampler | None = None,
-) -> DataLoader:
-    """A ``DataLoader`` over this rank's batches of epoch ``epoch`` (``batch_size`` per process).
+) -> Loader:
+    """A :class:`Loader` over this rank's batches of epoch ``epoch`` (``batch_size`` per process).
 
     ``dataset`` is wrapped in :class:`SeededDataset` (unless it already is one) so augmentation
     depends only on ``(seed, epoch, index)``. The first ``start_step`` batches are skipped (exact
@@ -312,7 +399,7 @@ def build_loader(
         persistent_workers = workers > 0
     if prefetch_factor == "auto":
         prefetch_factor = 2 if workers > 0 else None
-    return DataLoader(
+    return Loader(
         ds,
         batch_sampler=sampler,
         num_workers=workers,

@@ -279,33 +279,113 @@ def _unpickler_detail(exc: BaseException) -> str:
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
-    return " ".join(text.strip().split("\n\n")[0].split())[:160] or type(exc).__name__
+    return " ".join(text.strip().split("\n\n")[0].split()).split(". ")[0][:160] or type(exc).__name__
+
+
+_STRING_OPS = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE8"})
+
+
+def _globals_of_pickle(stream) -> list[str]:
+    """The globals (``module.name``) that the pickle at ``stream``'s position imports, read from
+    its opcodes without unpickling anything. Raises (``ValueError``, ``EOFError``, ...) where the
+    bytes are not one whole pickle.
+
+    ``GLOBAL``/``INST`` name theirs; a ``STACK_GLOBAL`` takes the two strings pushed before it
+    (directly or from the memo), or is ``(a name built while loading)`` when they are not strings."""
+    import pickletools
+    from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+
+    def named(module: str, qual: str) -> str:  # as Python 3 imports it: __builtin__.exec is builtins.exec
+        module, qual = NAME_MAPPING.get((module, qual), (IMPORT_MAPPING.get(module, module), qual))
+        return f"{module}.{qual}"
+
+    found: list[str] = []
+    pushed: list[Any] = []  # what each push put on the stack: the string, or None for anything else
+    memo: dict[Any, Any] = {}
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            found.append(named(*str(arg).split(" ", 1)))  # "module name"
+        elif name == "STACK_GLOBAL":
+            module, qual = pushed[-2:] if len(pushed) >= 2 else (None, None)
+            ok = isinstance(module, str) and isinstance(qual, str)
+            found.append(named(module, qual) if ok else "(a name built while loading)")
+        if name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            pushed.append(arg if name in _STRING_OPS else None)
+    return found
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The globals that the pickles of torch file ``path`` import, each once, in order: of
+    ``data.pkl`` in a zip-format file, of the leading pickles of a legacy one; only whole pickles
+    count (a truncated one names nothing). Never raises."""
+    import zipfile
+
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+                if names:
+                    with z.open(names[0]) as stream:
+                        found += _globals_of_pickle(stream)
+        else:
+            with open(path, "rb") as f:
+                for _ in range(5):  # magic number, protocol, system info, the object, storage keys
+                    found += _globals_of_pickle(f)
+    except Exception:  # noqa: BLE001 - what could be read is all there is
+        pass
+    return list(dict.fromkeys(found))
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals of ``path``'s pickles that ``torch.load(weights_only=True)`` does not allow:
+    the code that loading it in full would import and call."""
+    from torch import _weights_only_unpickler as wo
+
+    allowed: set[str] = set()
+    for table in ("_get_allowed_globals", "_get_user_allowed_globals"):
+        try:
+            allowed |= set(getattr(wo, table)())
+        except Exception:  # noqa: BLE001 - another torch: then every global counts
+            pass
+    return [g for g in _pickled_globals(path) if g not in allowed]
 
 
 def load_state(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a training state with ``weights_only=True``; a bad file is a one-line error.
 
-    A file holding pickled objects is refused without running them (and without torch's advice
-    to load it unsafely); a truncated or corrupt one names torch's reason. ``mmap``: map the
-    tensors instead of reading them (cheap, to look at a checkpoint's step; a truncated file
-    still fails, its zip directory being at the end).
+    A file whose pickle imports anything but tensors and plain values (a class, ``os.system``,
+    ``exec``) is refused without running it, naming those globals as read from the file's own
+    pickle opcodes; a truncated or corrupt one names torch's reason. ``mmap``: map the tensors
+    instead of reading them (cheap, to look at a checkpoint's step; a truncated file still fails,
+    its zip directory being at the end).
     """
     path = Path(path)
     if not path.is_file():
         raise OperaError(f"checkpoint {path} does not exist; pass a run directory with {LAST} or a .pt file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        detail = _unpickler_detail(exc)
-        if not any(word in detail.lower() for word in ("global", "reduce", "class", "function", "build")):
+    except Exception as exc:  # code, truncated, corrupt, empty, not a torch file
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            code = ", ".join(unsafe[:3]) + (f" and {len(unsafe) - 3} more" if len(unsafe) > 3 else "")
+            raise CheckpointUnreadable(
+                f"checkpoint {path} holds pickled Python objects (code: {code}), not only tensors; opera loads "
+                "checkpoints as tensors only, so it did not run that code and will not execute it - use a checkpoint "
+                "written by opera or by a source you trust, or re-save only its tensors (a state dict) and pass that",
+                "it holds pickled code, not only tensors") from None
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = _unpickler_detail(exc)
             raise CheckpointUnreadable(f"cannot load checkpoint {path}: it is corrupt or not a torch file ({detail}); "
                                        "pass another checkpoint", f"corrupt: {detail}") from None
-        what = next((w.rstrip(".,") for w in detail.split() if "." in w.strip(".")), "")
-        raise CheckpointUnreadable(
-            f"checkpoint {path} holds pickled Python objects (code{': ' + what if what else ''}), not only tensors; "
-            "opera loads checkpoints as tensors only and will not execute it - pass a checkpoint written by opera",
-            "it holds pickled code, not only tensors") from None
-    except Exception as exc:  # truncated, corrupt, empty, not a torch file
         reason = _torch_reason(exc)
         raise CheckpointUnreadable(f"cannot load checkpoint {path}: it is truncated or corrupt ({reason}); pass "
                                    "another checkpoint", f"truncated or corrupt: {reason}") from None

@@ -122,7 +122,7 @@ def json_roundtrip(obj: Any) -> Any:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from opera.engine.checkpoint import atomic_write
+    from opera.files import atomic_write
 
     text = json.dumps(data, indent=2) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

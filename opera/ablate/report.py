@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from opera.engine.checkpoint import atomic_write
+from opera.files import atomic_write
 from opera.ablate.records import CELLS, cell_dir, load_study, read_cell
 
 REPORT_MD = "report.md"

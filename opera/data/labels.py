@@ -165,7 +165,7 @@ def write_labelled(path: Path, dataset, indices: list[int], spec: str, data: str
     """``labelled.txt``: the header (spec, data, seed, count) and one image name per line (atomic)."""
     lines = [f"{_HEADER} {spec} | data {data} | seed {seed} | {len(indices)} of {len(dataset)} images"]
     lines += [item_name(dataset, i) for i in indices]
-    from opera.engine.checkpoint import atomic_write_text
+    from opera.files import atomic_write_text
 
     atomic_write_text(path, "\n".join(lines) + "\n", "the list of labelled images")
 

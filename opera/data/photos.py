@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from opera.engine.checkpoint import atomic_write
+from opera.files import atomic_write
 from opera.errors import OperaError
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opera.engine.checkpoint import NO_ROOM, write_failed
+from opera.files import NO_ROOM, write_failed
 from opera.errors import OperaError
 
 LOCK = ".opera.lock"

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from opera.engine.checkpoint import atomic_write_text, write_failed
+from opera.files import atomic_write_text, write_failed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 METRICS = "metrics.jsonl"
@@ -41,6 +41,28 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep), "the metrics log")
 
 
+def quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard writes its events in a thread: a failed write there is kept and raised again in
+    the training thread at the next ``add_scalar``/``flush`` (where it becomes one line), but the
+    thread also ends with the exception, and Python prints its traceback. Keep that print for
+    every other thread."""
+    import threading
+
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "opera_quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
+            return  # raised again in the thread that writes, as one line
+        previous(args)
+
+    hook.opera_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class RunLogger:
     """Writes metrics rows to ``metrics.jsonl`` and TensorBoard; does nothing off rank 0.
 
@@ -60,6 +82,7 @@ class RunLogger:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
+                quiet_tensorboard_thread_errors()
                 with self._writing(output / "tb", "the TensorBoard events"):
                     self._tb = SummaryWriter(log_dir=str(output / "tb"))
 

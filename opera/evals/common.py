@@ -378,7 +378,10 @@ class EvalRun:
         if self._tb is None and self._tb_enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            from opera.engine.logging import quiet_tensorboard_thread_errors
+
             check_output(self.output)
+            quiet_tensorboard_thread_errors()
             with self._tensorboard():
                 self._tb = SummaryWriter(log_dir=str(self.output / "tb"))
         return self._tb
@@ -386,7 +389,7 @@ class EvalRun:
     @contextlib.contextmanager
     def _tensorboard(self):
         """A failed TensorBoard write (a full disk, ``ulimit -f``, ...) is one line, not a traceback."""
-        from opera.engine.checkpoint import write_failed
+        from opera.files import write_failed
 
         try:
             yield
@@ -406,7 +409,7 @@ class EvalRun:
 
     def finish(self, metrics: dict[str, Any], backbone: LoadedBackbone | None = None, data: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None, title: str | None = None, print_table: bool = True) -> dict[str, Any]:
-        from opera.engine.checkpoint import atomic_write
+        from opera.files import atomic_write
 
         wall = time.time() - self.started
         results = {

@@ -152,7 +152,7 @@ def plot_histograms(groups: dict[str, dict[str, torch.Tensor]], path: Path, bins
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    from opera.engine.checkpoint import atomic_write
+    from opera.files import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="the diagnosis plot")
     plt.close(fig)

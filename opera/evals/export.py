@@ -206,23 +206,28 @@ def _usage(fmt: str, path: Path, spec: dict, arch: str | None = None, shape: str
 
 
 def write_export(state: dict[str, torch.Tensor], fmt: str, path: Path, spec: dict, source: dict) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from opera.engine.checkpoint import atomic_write
+    from opera.files import atomic_write
 
     meta = {"exporter": "opera", "format": fmt, "backbone_spec": spec, "source": source}
     if fmt == "timm":
         import json
 
         md = {"format": "pt", "opera_spec": json.dumps(spec), "opera_source": json.dumps(source)}
-        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=md), what=f"the {fmt} export")
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(state, metadata=md)), what=f"the {fmt} export")
     if fmt == "torchvision":
         obj: Any = state
     elif fmt == "detectron2":
         obj = {"model": state, "__author__": "opera", "matching_heuristics": True}
     else:
         obj = {"state_dict": state, "meta": meta}
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), what=f"the {fmt} export")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a Python file: a failed write is the OSError that names its cause
+            torch.save(obj, f)
+
+    return atomic_write(path, write, what=f"the {fmt} export")
 
 
 def run_export(cfg: ExportConfig) -> dict:

@@ -174,8 +174,15 @@ class TrainingLoop:
 
     def __post_init__(self) -> None:
         self.identity = self.protocol.identity()
-        self.logger = RunLogger(self.run.output, enabled=self.run.main and self.metrics, tensorboard=self.tensorboard)
+        self._logger: RunLogger | None = None
         self.progress: ProgressDisplay | None = None
+
+    @property
+    def logger(self) -> RunLogger:
+        """metrics.jsonl and TensorBoard, opened at the first row: a finished run rerun writes nothing."""
+        if self._logger is None:
+            self._logger = RunLogger(self.run.output, enabled=self.run.main and self.metrics, tensorboard=self.tensorboard)
+        return self._logger
 
     # -------------------------------------------------------------------------------- resume
     def resume(self, resume: str | Path | None = None) -> Position:
@@ -331,7 +338,6 @@ class TrainingLoop:
         (``trained: False`` and the position when the run was already at its end)."""
         c = self.cadence
         if self.done:  # a finished run rerun (resume said so): nothing to train, nothing written
-            self.logger.close()
             return {"epoch": self.at.epoch, "global_step": self.at.global_step, "trained": False}
         self.progress = ProgressDisplay(self.run.main, c.total_steps, self.at.global_step, self.protocol.name)
         self._t_last, self._logged_at = time.time(), self.at.global_step
@@ -358,7 +364,8 @@ class TrainingLoop:
                     self._stop_requested_without_saving()
         finally:
             self.progress.close()
-            self.logger.close()
+            if self._logger is not None:
+                self._logger.close()
         return result
 
     def protocol_after_save(self) -> None:

@@ -200,10 +200,12 @@ def _click_exception_types() -> tuple[type, ...]:
 
 def main() -> None:
     """Console entry point: one line per user error, exit code 2."""
-    from opera.engine.stop import Stopped
+    from opera.engine.stop import Aborted, Stopped
 
     try:
         code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130, returned here
+        if code == 130 and Aborted.last is not None:  # a second SIGINT/SIGTERM: 128 + that signal
+            code = Aborted.last.exit_code
         if isinstance(code, int) and code:
             sys.exit(code)
     except Stopped as exc:  # SIGINT/SIGTERM: last.pt holds the step named; not an error of the user's

@@ -31,10 +31,15 @@ class Aborted(KeyboardInterrupt):
     """A second SIGINT/SIGTERM: the run aborts at once (the last checkpoint written is intact).
     The CLI exits ``128 + signum``: 130 for SIGINT, 143 for SIGTERM, as a shell reports them."""
 
+    #: the latest abort in this process: typer turns a KeyboardInterrupt into exit code 130 before
+    #: the CLI sees it, which then exits with this one's code instead
+    last: ClassVar[Aborted | None] = None
+
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
         self.exit_code = 128 + signum
+        Aborted.last = self
 
     def __reduce__(self):
         return Aborted, (self.signum,)

@@ -94,18 +94,20 @@ def test_sigterm_stops_after_the_step_with_last_pt_at_that_step(tmp_path, child)
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_aborts_at_once(tmp_path, child):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_aborts_at_once_with_its_own_exit_code(tmp_path, child, sig):
     opera_argv, env = child
     out = tmp_path / "run"
+    name = signal.Signals(sig).name
     proc = start(opera_argv(out, *LONG, "--batch-size", "256"), env)  # long steps: the second signal lands mid-step
     wait_for_step(proc, out, 1)  # step 2 has just begun
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     first = first_line(proc)  # the handler ran (its line): the step is still finishing
-    assert "SIGINT received: finishing the current step" in first
-    proc.send_signal(signal.SIGINT)
+    assert f"{name} received: finishing the current step" in first
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stderr
-    assert "SIGINT again: aborting at once" in stderr
+    assert proc.returncode == 128 + sig, stderr  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+    assert f"{name} again: aborting at once" in stderr
     assert "stopped at step" not in stderr and "Traceback" not in stderr
     assert not list(out.glob(".last.pt.*.tmp"))  # an aborted write leaves no temporary file
     if (out / LAST).exists():

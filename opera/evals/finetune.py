@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from opera import distributed
+from opera.data.loader import Loader
 from opera.configs import load_recipe, validate
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
@@ -351,8 +352,8 @@ def _finetune(cfg: FinetuneConfig, loaded: LoadedBackbone | None, protocol: str,
         raise OperaError(f"Mixup/CutMix mix each process's share of the batch with its reverse: --batch-size {batch} over "
                          f"{world} processes leaves an odd {batch // world}; use a multiple of {2 * world}")
     sampler = GlobalBatchSampler(len(train), batch, cfg.seed, rank, world, drop_last=len(train) >= 2 * batch or use_mixup)
-    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda")
+    loader = Loader(train, batch_sampler=sampler, num_workers=cfg.workers,  # a worker's error is its own line
+                    pin_memory=device.type == "cuda")
     val_loader = make_loader(shard_of(val, rank, world), max(batch // world, 256), workers=cfg.workers, device=device)
     mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
                   label_smoothing=cfg.label_smoothing, num_classes=k) if use_mixup else None

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
+from opera.data.loader import Loader
 from opera.configs import validate
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory
 from opera.engine.optim import lr_at
@@ -288,8 +289,8 @@ def _batches(cfg: LinearConfig, model: nn.Module, train, sampler: GlobalBatchSam
                 yield feats[idx_t], labels[idx_t]
 
         return from_cache
-    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, num_workers=cfg.workers,
-                                         pin_memory=device.type == "cuda")
+    loader = Loader(train, batch_sampler=sampler, num_workers=cfg.workers,  # a worker's error is its own line
+                    pin_memory=device.type == "cuda")
 
     def augmented() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         it = iter(loader)

@@ -75,7 +75,7 @@ def test_pickled_code_is_named_from_the_file_and_never_runs(tmp_path, case):
     assert msg.startswith(f"checkpoint {bad} holds pickled Python objects (code: {name}), not only tensors"), msg
     assert "did not run that code" in msg and "a source you trust" in msg and "re-save only its tensors" in msg
     assert "weights_only" not in msg and "safe_globals" not in msg and "\n" not in msg
-    assert e.value.reason == "it holds pickled code, not only tensors"
+    assert e.value.reason == f"it holds pickled code ({name}), not only tensors"  # what a run folder says of it
     assert not marker.exists()
 
 

@@ -50,7 +50,7 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
                           backbone: Optional[str], data: Optional[str], epochs: Optional[int],
                           batch_size: Optional[int], seed: Optional[int], device: Optional[str],
                           workers: Optional[int], img_size: Optional[int], overrides: list[str],
-                          labels: Optional[str] = None, unlabelled: Optional[str] = None):
+                          labels: Optional[str] = None, unlabelled: Optional[str] = None, init: Optional[str] = None):
     """Defaults <- recipe <- named options <- ``--set`` overrides, validated once all are applied
     (every value against its field's range or choices, then the rules over several keys), so a
     bad value is a one-line error before anything is launched.
@@ -72,7 +72,8 @@ def build_pretrain_config(config: Optional[str], hierarchy: Optional[str], arran
     cfg = load_config(config)
     named = {"hierarchy": hierarchy, "arrangement": arrangement, "backbone.name": backbone, "data.spec": data,
              "train.epochs": epochs, "train.batch_size": batch_size, "train.seed": seed, "train.device": device,
-             "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabelled": unlabelled}
+             "data.workers": workers, "backbone.img_size": img_size, "data.labels": labels, "data.unlabelled": unlabelled,
+             "train.init": init}
     for key, value in named.items():
         if value is not None:
             set_value(cfg, key, value)
@@ -98,11 +99,12 @@ def pretrain(
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Images that keep their labels (the rest get -1, seen by self only): all, 10%, 13/class, or a FILE listing them one per line (SimCLR's 1%/10% split files). Class-balanced, seeded; the list goes to OUTPUT/labelled.txt."),
     unlabelled: Optional[str] = typer.Option(None, "--unlabelled", help="Extra images without labels, seen by self every epoch: a folder of images, auto (the unlabelled/ folder beside train/ in --data), or any data spec (its labels ignored)."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from these weights instead of random: an opera run or file, a MoCo-v3/OPERA main_moco.py checkpoint (also its projector, predictor, momentum encoder and class head), main_lincls.py, convert_to_deit.py, a timm/torchvision state dict or a config.json + model.safetensors folder (DINOv2). The optimizer and schedule start fresh; never downloads."),
     launch: LaunchOptions = None,  # --nproc, --slurm, --nodes, ... (opera.launch.options)
 ) -> None:
     """Pretrain a backbone with a supervision hierarchy (OPERA: --hierarchy self,full)."""
     cfg = build_pretrain_config(config, hierarchy, arrangement, backbone, data, epochs, batch_size, seed, device,
-                                workers, img_size, overrides, labels=labels, unlabelled=unlabelled)
+                                workers, img_size, overrides, labels=labels, unlabelled=unlabelled, init=init)
     from opera.data.labels import is_all
 
     where = cfg.data.spec + ("" if is_all(cfg.data.labels) else f"_labels-{Path(cfg.data.labels).name}") \
@@ -117,8 +119,10 @@ def pretrain(
         raise OperaError(f"--batch-size {cfg.train.batch_size} is not divisible by the {world} {where}; it is the "
                          f"global batch, split evenly over them: use a multiple of {world}")
     from opera.engine.pretrain import run_pretrain
+    from opera.weights import InitWeights
 
-    result = dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None), launch, out)
+    source = InitWeights.locate(cfg.train.init) if cfg.train.init else None  # a missing file: one line, before launching
+    result = dispatch(run_pretrain, (cfg, out, str(resume.absolute()) if resume else None, source), launch, out)
     if isinstance(result, dict) and result.get("trained") is False:
         return  # a finished run (--resume of one): the loop said so in one line
     if not launch.slurm or launch.wait:

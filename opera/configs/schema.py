@@ -86,6 +86,9 @@ class TrainConfig:
     online_linear_lr: float = option(0.1, help="its own SGD lr (solo-learn's online classifier: 0.1)", min=0,
                                      min_exclusive=True)
     max_steps: int = option(0, help="stop after this many steps in total (0: no limit; for smoke tests)", min=0)
+    init: str = option("", help="start from these weights (opera run/file, MoCo-v3/OPERA main_moco.py, main_lincls.py, "
+                       "convert_to_deit.py, timm/torchvision state dict, config.json + model.safetensors folder; "
+                       "opera.weights); '' : random init")
 
 
 SECTIONS: dict[str, type] = {"backbone": BackboneConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}

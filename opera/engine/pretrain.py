@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -28,13 +28,29 @@ from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy, parse_spec
 from opera.supervisions.base import Progress
 
-def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, data: dict[str, Any] | None = None) -> dict[str, Any]:
+class Initializer(Protocol):
+    """The weights a run starts from (``train.init``; :class:`opera.weights.InitWeights`): handed to
+    :func:`run_pretrain` by the caller, which reads them, so the engine knows no weight format."""
+
+    spec: str
+    sha256: str
+
+    def identity(self) -> dict[str, str]: ...
+
+    def apply(self, hierarchy: torch.nn.Module, backbone: str, img_size: int,
+              backbone_options: dict[str, Any] | None = None) -> str: ...
+
+
+def identity(cfg: PretrainConfig, hierarchy: SupervisionHierarchy, data: dict[str, Any] | None = None,
+             init: Initializer | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run (``data``: the training data's
-    :func:`~opera.data.labels.data_identity`)."""
+    :func:`~opera.data.labels.data_identity`; ``init``: the ``--init`` source and its sha256)."""
     spec = get_spec(hierarchy.backbone)
     want = {"hierarchy": hierarchy.spec, "arrangement": hierarchy.arrangement,
             "backbone": spec.name if spec else None, "num_classes": hierarchy.label_sets.get("class"),
             "label_sets": dict(hierarchy.label_sets)}
+    if init is not None:
+        want["init"] = init.identity()
     if data is not None:
         want["data"] = data
     return want
@@ -65,6 +81,7 @@ class PretrainProtocol:
     channels_last: bool = False
     name: str = "pretraining run"
     data_flags: str = "--data / --unlabelled"  # what chose the training data (a changed folder is refused naming them)
+    init: Initializer | None = None  # train.init: the weights the run starts from
     skips_nonfinite: bool = True  # train_step refuses a non-finite loss itself, unless the fp16 scaler skips the step
     _lr_now: float = field(default=0.0, repr=False)
     _m_now: float = field(default=0.0, repr=False)
@@ -79,7 +96,7 @@ class PretrainProtocol:
 
     # -------------------------------------------------------------------------------- state
     def identity(self) -> dict[str, Any]:
-        return identity(self.cfg, self.hierarchy, self.data_identity)
+        return identity(self.cfg, self.hierarchy, self.data_identity, self.init)
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.hierarchy.state_dict(), "optimizer": self.optimizer.state_dict(), "config": self.resolved,
@@ -141,8 +158,20 @@ class PretrainProtocol:
                             {"identity": self.identity(), "epoch": at.epoch})
 
 
-def setup_pretrain(cfg: PretrainConfig, run: RunDirectory) -> PretrainProtocol:
-    """Process group, data, hierarchy, optimizer and the online monitor of a pretraining run."""
+def backbone_options(cfg: PretrainConfig) -> dict[str, Any]:
+    """The ``create_backbone`` options of ``cfg.backbone`` beyond its name and image size."""
+    b = cfg.backbone
+    return {"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
+            "drop_path_rate": b.drop_path_rate or None}
+
+
+def setup_pretrain(cfg: PretrainConfig, run: RunDirectory, init: Initializer | None = None) -> PretrainProtocol:
+    """Process group, data, hierarchy, optimizer and the online monitor of a pretraining run;
+    ``init``: the source of ``train.init`` (recorded in config.yaml and the identity, loaded by
+    :func:`run_pretrain` at a fresh start)."""
+    if bool(cfg.train.init) != (init is not None) or (init is not None and init.spec != cfg.train.init):
+        raise OperaError(f"train.init={cfg.train.init!r} must be handed to run_pretrain as its weights "
+                         "(opera.weights.InitWeights.locate(cfg.train.init)); 'opera run pretrain --init SPEC' does that")
     from opera.data import PretrainFeed, steps_per_epoch
     from opera.data.labels import data_identity, pretrain_data
 
@@ -184,10 +213,12 @@ def setup_pretrain(cfg: PretrainConfig, run: RunDirectory) -> PretrainProtocol:
     resolved["resolved"] = {"optimizer": opt_name, "lr": lr, "world_size": world, "per_rank_batch": batch // world,
                             "steps_per_epoch": n_steps, "num_classes": feed.label_sets.get("class"), "device": str(device),
                             **label_summary, **hierarchy.describe()}
+    if init is not None:
+        resolved["resolved"]["init"] = {"spec": init.spec, "sha256": init.sha256}
     return PretrainProtocol(cfg=cfg, run=run, rank=rank, world=world, device=device, feed=feed, hierarchy=hierarchy,
                             optimizer=optimizer, scaler=make_grad_scaler(device, cfg.train.amp), lr=lr, steps_per_epoch=n_steps,
                             data_identity=data_identity(train_data), resolved=resolved, monitor=monitor, tap=tap,
-                            monitor_val=monitor_val, channels_last=hierarchy.opera_channels_last)
+                            monitor_val=monitor_val, channels_last=hierarchy.opera_channels_last, init=init)
 
 
 def _wrap(p: PretrainProtocol) -> None:
@@ -204,19 +235,26 @@ def _wrap(p: PretrainProtocol) -> None:
     p.model = model
 
 
-def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = None) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = None,
+                 init: Initializer | None = None) -> dict[str, Any]:
     """Pretrain with ``cfg`` into ``output``; continue from its newest intact checkpoint (or ``resume``).
 
     Rank 0 owns ``output`` for the whole run; SIGINT and SIGTERM stop after the current step with
-    ``last.pt`` written at that step (:mod:`opera.engine.loop`, docs/reliability.md).
+    ``last.pt`` written at that step (:mod:`opera.engine.loop`, docs/reliability.md). ``init``
+    (``train.init``'s weights) is loaded into the hierarchy only when the run starts from step 0
+    with no checkpoint; a resume continues from its checkpoint and refuses another ``init``.
     """
     t = cfg.train
     with run_directory(output) as run:
-        p = setup_pretrain(cfg, run)
+        p = setup_pretrain(cfg, run, init)
         loop = TrainingLoop(run, p, Cadence(t.epochs, p.steps_per_epoch, t.max_steps, t.save_every_steps,
                                             t.save_every_epochs, t.log_every), seed=t.seed, rank=p.rank, world=p.world)
         try:
             loop.resume(resume)
+            if init is not None and loop.source is None:
+                line = init.apply(p.hierarchy, cfg.backbone.name, cfg.backbone.img_size, backbone_options(cfg))
+                if run.main:
+                    print(line, flush=True)
             _wrap(p)
             if run.main and not loop.done:  # a finished run rerun writes nothing
                 atomic_write_text(run.output / "config.yaml", yaml.safe_dump(p.resolved, sort_keys=False),

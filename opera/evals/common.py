@@ -2,7 +2,10 @@
 
 * :func:`load_eval_backbone` turns ``--checkpoint`` into a backbone: an opera run directory,
   ``backbone.safetensors`` or ``last.pt``; ``random:<backbone>`` (randomly initialised, the
-  "no pretraining" baseline) or ``timm:<name>`` (any timm architecture, never downloaded).
+  "no pretraining" baseline) or ``timm:<name>`` (any timm architecture, never downloaded); or
+  any weights :func:`opera.weights.read_weights` reads (MoCo-v3 / OPERA ``main_moco.py``,
+  ``main_lincls.py``, ``convert_to_deit.py``, timm and torchvision state dicts, a
+  ``config.json`` + ``model.safetensors`` folder), said in one line.
 * :func:`extract_features` runs a frozen backbone over a dataset in batches into one
   preallocated ``N x D`` tensor (``pooled_features``: timm's pre-logits, Eq. 8's y).
 * :class:`EvalRun` records a protocol's run: TensorBoard scalars under ``OUTPUT/tb``, then
@@ -16,7 +19,6 @@ import contextlib
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import platform
@@ -33,9 +35,9 @@ from torch import nn
 from opera.errors import OperaError, suggest
 from opera.features import accuracy, extract_features, gathered_accuracy, make_loader, shard_of, topk_correct  # noqa: F401  (re-exported)
 from opera.fields import option
+from opera.weights import sha256_file  # noqa: F401  (re-exported: results.json records it)
 
 RESULTS = "results.json"
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 # ----------------------------------------------------------------------------- common options
@@ -45,7 +47,9 @@ class EvalConfig:
     help and its range or choices once (:func:`opera.fields.option`); :func:`opera.configs.validate`
     checks them."""
 
-    checkpoint: str = option("", help="run dir | backbone.safetensors | last.pt | random:<backbone> | timm:<name>")
+    checkpoint: str = option("", help="run dir | backbone.safetensors | last.pt | random:<backbone> | timm:<name> | "
+                             "a MoCo-v3/OPERA main_moco.py, main_lincls.py or convert_to_deit.py file | a timm/torchvision "
+                             "state dict (.pth, .safetensors) | a config.json + model.safetensors folder")
     data: str = option("digits", help="data spec (opera.data.parse_data_spec)")
     output: str = option("", help="folder for results.json and tb/")
     backbone: str | None = option(None, help="expected backbone name; a checkpoint of another one is an error")
@@ -91,20 +95,6 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 
-def sha256_file(path: str | Path) -> str:
-    """sha256 of a file (cached per path, size and mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-
 def parse_data(spec: str):
     """Parse a data spec up front (a bad spec fails before any model is built)."""
     from opera.data import parse_data_spec
@@ -142,7 +132,7 @@ class LoadedBackbone:
 
     model: nn.Module
     source: str  # the --checkpoint string
-    kind: str  # "checkpoint" | "random" | "timm"
+    kind: str  # "checkpoint" | "random" | "timm" | the format read_weights found ("mocov3", "hf-dir", ...)
     file: str | None = None  # the file actually read
     sha256: str | None = None
     spec: dict[str, Any] | None = None
@@ -229,12 +219,20 @@ def load_eval_backbone(checkpoint: str, backbone: str | None = None, img_size: i
     for kind in ("random", "timm"):
         if checkpoint.startswith(kind + ":"):
             return _random_backbone(checkpoint[len(kind) + 1:].strip(), kind, backbone, img_size, data, seed, checkpoint)
+    from opera.weights import is_opera_checkpoint
+    from opera.weights.readers import HUB_PREFIXES
+
     path = Path(checkpoint).expanduser()
+    if checkpoint.lower().startswith((*HUB_PREFIXES, "local-dir:")):  # a hub name is one line: opera never downloads
+        return _foreign_backbone(checkpoint, backbone, img_size, data)
     if not path.exists():
         raise OperaError(
             f"checkpoint {checkpoint} does not exist; pass an opera run directory, a backbone.safetensors or last.pt file, "
-            "or random:<backbone> / timm:<name> for a baseline"
+            "weights of another format (a .pth/.safetensors file, a config.json + model.safetensors folder; opera never "
+            "downloads: put the file there), or random:<backbone> / timm:<name> for a baseline"
         )
+    if not is_opera_checkpoint(path):
+        return _foreign_backbone(checkpoint, backbone, img_size, data)
     file = resolve_checkpoint(path)
     model = load_backbone(file, expect=backbone)
     run_dir = path if path.is_dir() else (file.parent if (file.parent / "config.yaml").is_file() else None)
@@ -245,6 +243,19 @@ def load_eval_backbone(checkpoint: str, backbone: str | None = None, img_size: i
         img_size=_pick_img_size(img_size, run_config, spec, data), run_dir=str(run_dir) if run_dir else None,
         run_config=run_config,
     )
+
+
+def _foreign_backbone(checkpoint: str, backbone: str | None, img_size: int | None, data: str | None) -> LoadedBackbone:
+    """Weights opera did not write (:func:`opera.weights.read_weights`), with its one report line."""
+    from opera.distributed import is_main_process
+    from opera.weights import read_weights
+
+    w = read_weights(checkpoint, backbone=backbone, img_size=img_size)
+    if is_main_process():
+        print(w.report, flush=True)
+    spec = w.backbone.opera_spec.to_dict()
+    return LoadedBackbone(w.backbone, checkpoint, w.format, file=str(w.file), sha256=w.sha256, spec=spec,
+                          img_size=_pick_img_size(img_size, None, spec, data))
 
 
 def is_vit(model: nn.Module) -> bool:

@@ -130,7 +130,7 @@ def pretrain(
 
 
 def _mount_subcommands() -> None:
-    """``opera run linear|finetune|knn|transfer|diagnose``, ``opera export`` (opera.evals),
+    """``opera run linear|finetune|knn|transfer|diagnose``, ``opera export``, ``opera convert`` (opera.evals),
     ``opera ablate arrangements|hierarchy|sweep``, ``opera report`` (opera.ablate)."""
     from opera.ablate.cli import ablate_app, report
     from opera.evals import cli as evals_cli
@@ -138,6 +138,7 @@ def _mount_subcommands() -> None:
     for name, fn in evals_cli.COMMANDS.items():
         run_app.command(name)(fn)
     app.command("export")(evals_cli.export)
+    app.command("convert")(evals_cli.convert)
     app.add_typer(ablate_app, name="ablate")
     app.command("report")(report)
     from opera.bench import bench

@@ -6,9 +6,11 @@
     run_app.command("transfer")(transfer)   # opera run transfer
     run_app.command("diagnose")(diagnose)   # opera run diagnose
     app.command("export")(export)           # opera export
+    app.command("convert")(convert)         # opera convert
 
 Every command writes ``OUTPUT/results.json`` (metrics, checkpoint sha256, full config, data
-specs, seed, wall time), TensorBoard scalars under ``OUTPUT/tb`` and prints a table. Bad inputs
+specs, seed, wall time), TensorBoard scalars under ``OUTPUT/tb`` and prints a table, except
+``convert``, which writes OUT only and prints one line. Bad inputs
 raise :class:`~opera.errors.OperaError` (one line, exit 2 in ``opera.cli.main``).
 """
 
@@ -263,11 +265,11 @@ def diagnose(
 
 def export(
     checkpoint: str = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="timm (any backbone, safetensors) | torchvision | detectron2 | mmdet (ResNets). Default: timm."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for backbone_<format>.<ext> and results.json. Default: RUN/export."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="timm (any backbone, safetensors) | torchvision | detectron2 | mmdet (ResNets) | mocov3 (MoCo-v3's main_lincls.py --pretrained) | hf (a folder for timm's local-dir:). Default: timm."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for backbone_<format>.<ext> (backbone_hf/) and results.json. Default: RUN/export."),
     backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help=BACKBONE_HELP),
 ) -> None:
-    """Export the backbone for timm, torchvision, detectron2 or mmdet."""
+    """Export the backbone for timm, torchvision, detectron2, mmdet, MoCo-v3 or a timm local-dir folder."""
     from opera.evals.export import ExportConfig, run_export
 
     out = output
@@ -277,5 +279,18 @@ def export(
     run_export(ExportConfig(**_given(checkpoint=checkpoint, format=format, output=str(out), backbone=backbone, tensorboard=False)))
 
 
+def convert(
+    source: str = typer.Argument(..., metavar="IN", help="Weights to read: an opera run or file, a MoCo-v3/OPERA main_moco.py, main_lincls.py or convert_to_deit.py file, a timm/torchvision state dict, a config.json + model.safetensors folder."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The file to write (a new folder for --format hf)."),
+    format: str = typer.Option(..., "--format", "-f", help="opera (backbone.safetensors) | timm (.safetensors or .pth) | torchvision | detectron2 | mmdet | mocov3 | hf."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="The opera backbone to build, for files that name none (a bare state dict)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Build a ViT for this size (position embeddings resampled); an hf config's input size."),
+) -> None:
+    """Convert weights between formats without training; one line says what was read and written."""
+    from opera.evals.export import run_convert
+
+    run_convert(source, out, format, backbone, img_size)
+
+
 COMMANDS = {"linear": linear, "finetune": finetune, "knn": knn, "transfer": transfer, "diagnose": diagnose}
-"""``opera run <name>`` commands; ``export`` is top level (``opera export``)."""
+"""``opera run <name>`` commands; ``export`` and ``convert`` are top level (``opera export``, ``opera convert``)."""

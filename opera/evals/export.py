@@ -23,6 +23,17 @@ Formats (``--format``):
   "meta": {...}}``; mmdet's ResNet uses torchvision's names. Use it as the backbone's
   ``init_cfg=dict(type="Pretrained", checkpoint=PATH, prefix="backbone.")`` with the
   architecture's ``depth`` (``ResNeXt``: ``groups``, ``base_width``) and the FPN's ``in_channels``.
+* ``mocov3``: ``backbone_mocov3.pth.tar``, the checkpoint of MoCo-v3's ``main_moco.py`` that
+  its ``main_lincls.py -a ARCH --pretrained FILE`` loads unchanged, with the projector, predictor
+  and momentum encoder of the opera run where it has them (:func:`opera.weights.writers.mocov3_checkpoint`);
+  torchvision's ResNets and moco-v3's ``vits.py`` ViTs only.
+* ``hf``: ``backbone_hf/`` (``config.json`` + ``model.safetensors``), which
+  ``timm.create_model("local-dir:backbone_hf", pretrained=True)`` loads (:func:`opera.weights.writers.write_hf`).
+
+``opera convert IN OUT --format F`` (:func:`run_convert`) writes the same files, and opera's own
+``backbone.safetensors`` (``--format opera``), from anything :func:`opera.weights.read_weights`
+reads, without training. The key maps and architectures live in :mod:`opera.weights.writers`
+(re-exported here).
 
 The torchvision, detectron2 and mmdet formats need a torchvision-style ResNet; other backbones
 (ViTs) get a one-line error pointing to ``timm``. Each ``usage`` line names the architecture the
@@ -34,7 +45,6 @@ a usage line saying that no stock config of those libraries builds it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,16 +53,17 @@ import torch
 
 from opera.errors import OperaError
 from opera.evals.common import EvalConfig, EvalRun, choose, load_eval_backbone, sha256_file
-
-FORMATS = ("timm", "torchvision", "detectron2", "mmdet")
-EXTENSIONS = {"timm": ".safetensors", "torchvision": ".pth", "detectron2": ".pth", "mmdet": ".pth"}
-
-_TV_KEY = re.compile(
-    r"^(conv1\.weight|bn1\.(weight|bias|running_mean|running_var|num_batches_tracked)"
-    r"|layer[1-4]\.\d+\.(conv[1-3]\.weight|bn[1-3]\.(weight|bias|running_mean|running_var|num_batches_tracked)"
-    r"|downsample\.0\.weight|downsample\.1\.(weight|bias|running_mean|running_var|num_batches_tracked)))$"
+from opera.weights.writers import (  # noqa: F401  (re-exported: the key maps and architectures live with the writers)
+    TORCHVISION_RESNETS, Written, backbone_spec, detectron2_to_torchvision, mmdet_to_torchvision,
+    save_atomic, timm_to_torchvision, torchvision_architecture, torchvision_to_detectron2, torchvision_to_mmdet, write_hf,
+    write_mocov3, write_opera,
 )
-_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+
+FORMATS = ("timm", "torchvision", "detectron2", "mmdet", "mocov3", "hf")
+#: what ``opera convert`` writes: the export formats and opera's own ``backbone.safetensors``
+WRITABLE = ("opera", *FORMATS)
+EXTENSIONS = {"timm": ".safetensors", "torchvision": ".pth", "detectron2": ".pth", "mmdet": ".pth", "mocov3": ".pth.tar",
+              "hf": ""}  # hf: a folder
 
 
 @dataclass
@@ -62,65 +73,6 @@ class ExportConfig(EvalConfig):
 
 
 # ----------------------------------------------------------------------------- key maps
-def timm_to_torchvision(state: dict[str, torch.Tensor], name: str = "backbone") -> dict[str, torch.Tensor]:
-    """timm ResNet -> torchvision ResNet names (identical; the classifier ``fc`` is dropped)."""
-    out = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    bad = [k for k in out if not _TV_KEY.match(k)]
-    if bad or not any(k.startswith("layer1.") for k in out):
-        raise OperaError(
-            f"{name} is not a torchvision-style ResNet (e.g. key {bad[0] if bad else 'layer1.*'!r}); "
-            "the torchvision, detectron2 and mmdet formats take resnet18/resnet50-like backbones: use --format timm"
-        )
-    return out
-
-
-def torchvision_to_detectron2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision ResNet names -> detectron2's (``convert-torchvision-to-d2.py``); detectron2's
-    FrozenBatchNorm2d has no ``num_batches_tracked``, so those are dropped."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        m = re.match(r"^layer([1-4])\.(\d+)\.(.*)$", k)
-        if m:
-            stage, block, rest = int(m.group(1)) + 1, m.group(2), m.group(3)
-            rest = re.sub(r"^bn([1-3])\.", r"conv\1.norm.", rest)
-            rest = re.sub(r"^downsample\.0\.", "shortcut.", rest)
-            rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
-            new = f"res{stage}.{block}.{rest}"
-        else:
-            new = "stem." + re.sub(r"^bn1\.", "conv1.norm.", k)
-        out[new] = v
-    return out
-
-
-def detectron2_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`torchvision_to_detectron2` (without ``num_batches_tracked``)."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in state.items():
-        m = re.match(r"^res([2-5])\.(\d+)\.(.*)$", k)
-        if m:
-            rest = m.group(3)
-            rest = re.sub(r"^conv([1-3])\.norm\.", r"bn\1.", rest)
-            rest = re.sub(r"^shortcut\.norm\.", "downsample.1.", rest)
-            rest = re.sub(r"^shortcut\.", "downsample.0.", rest)
-            new = f"layer{int(m.group(1)) - 1}.{m.group(2)}.{rest}"
-        elif k.startswith("stem."):
-            new = re.sub(r"^conv1\.norm\.", "bn1.", k[len("stem."):])
-        else:
-            raise OperaError(f"unexpected detectron2 key {k!r}; expected stem.* or resN.M.*")
-        out[new] = v
-    return out
-
-
-def torchvision_to_mmdet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"backbone.{k}": v for k, v in state.items()}
-
-
-def mmdet_to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-
-
 def convert(state: dict[str, torch.Tensor], fmt: str, name: str = "backbone") -> dict[str, torch.Tensor]:
     """The backbone's (timm) state dict in the key names of ``fmt``."""
     choose("--format", fmt, FORMATS)
@@ -136,28 +88,6 @@ def convert(state: dict[str, torch.Tensor], fmt: str, name: str = "backbone") ->
 
 
 # ----------------------------------------------------------------------------- architectures
-#: torchvision's ResNet constructors: name -> (depth, groups, width per group)
-TORCHVISION_RESNETS: dict[str, tuple[int, int, int]] = {
-    "resnet18": (18, 1, 64), "resnet34": (34, 1, 64), "resnet50": (50, 1, 64), "resnet101": (101, 1, 64),
-    "resnet152": (152, 1, 64), "resnext50_32x4d": (50, 32, 4), "resnext101_32x8d": (101, 32, 8),
-    "resnext101_64x4d": (101, 64, 4), "wide_resnet50_2": (50, 1, 128), "wide_resnet101_2": (101, 1, 128),
-}
-
-
-def torchvision_architecture(state: dict[str, torch.Tensor]) -> str | None:
-    """The name of the torchvision constructor (:data:`TORCHVISION_RESNETS`) whose model, ``fc``
-    left out, has exactly ``state``'s tensor names and shapes; None when none has."""
-    import torchvision
-
-    want = {k: tuple(v.shape) for k, v in state.items()}
-    for name in TORCHVISION_RESNETS:
-        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-            model = getattr(torchvision.models, name)()
-        if want == {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}:
-            return name
-    return None
-
-
 def describe_resnet(state: dict[str, torch.Tensor]) -> str:
     """``"BasicBlock stages [1, 1, 1, 1], widths [32, 64, 128, 256]"`` of a torchvision-named state."""
     blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
@@ -185,8 +115,9 @@ def _usage(fmt: str, path: Path, spec: dict, arch: str | None = None, shape: str
     :data:`TORCHVISION_RESNETS`; None: a ResNet ``shape`` that no stock config builds)."""
     if fmt == "timm":
         kw = ", ".join(f"{k}={v!r}" for k, v in spec.get("timm_kwargs", {}).items() if k != "num_classes")
+        load = "safetensors.torch.load_file" if path.suffix == ".safetensors" else "torch.load"
         return (f"m = timm.create_model({spec.get('timm_name')!r}, num_classes=0{', ' + kw if kw else ''}); "
-                f"m.load_state_dict(safetensors.torch.load_file({str(path)!r}))")
+                f"m.load_state_dict({load}({str(path)!r}))")
     if fmt == "torchvision":  # check_describable refused an arch of None
         return f"m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); m.load_state_dict(torch.load({str(path)!r}))"
     depth, groups, width = TORCHVISION_RESNETS.get(arch or "", (0, 0, 0))
@@ -211,23 +142,88 @@ def write_export(state: dict[str, torch.Tensor], fmt: str, path: Path, spec: dic
     from opera.files import atomic_write
 
     meta = {"exporter": "opera", "format": fmt, "backbone_spec": spec, "source": source}
-    if fmt == "timm":
+    if fmt == "timm" and path.suffix != ".safetensors":  # a .pth for timm.models.load_checkpoint
+        obj: Any = state
+    elif fmt == "timm":
         import json
 
         md = {"format": "pt", "opera_spec": json.dumps(spec), "opera_source": json.dumps(source)}
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(state, metadata=md)), what=f"the {fmt} export")
-    if fmt == "torchvision":
-        obj: Any = state
+    elif fmt == "torchvision":
+        obj = state
     elif fmt == "detectron2":
         obj = {"model": state, "__author__": "opera", "matching_heuristics": True}
     else:
         obj = {"state_dict": state, "meta": meta}
+    return save_atomic(obj, path, f"the {fmt} export")
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a Python file: a failed write is the OSError that names its cause
-            torch.save(obj, f)
 
-    return atomic_write(path, write, what=f"the {fmt} export")
+def write_format(backbone: torch.nn.Module, fmt: str, path: str | Path, source: dict[str, Any],
+                 heads: dict[str, torch.Tensor] | None = None, img_size: int | None = None) -> Written:
+    """Write ``backbone`` in ``fmt`` (one of :data:`WRITABLE`) to ``path`` (a folder for ``hf``);
+    ``heads`` (opera hierarchy names) go into a ``mocov3`` checkpoint only,
+    ``img_size`` (the size the weights were trained at) into an ``hf`` config only."""
+    fmt = choose("--format", fmt, WRITABLE)
+    spec = backbone_spec(backbone)
+    name = f"backbone {spec.get('name', type(backbone).__name__)!r}"
+    path = Path(path)
+    if fmt == "opera":
+        return write_opera(backbone, path, source)
+    if fmt == "mocov3":
+        return write_mocov3(backbone, path, heads, name)
+    if fmt == "hf":
+        return write_hf(backbone, path, source, img_size)
+    state = convert(backbone.state_dict(), fmt, name=name)
+    arch, shape = None, ""
+    if fmt != "timm":
+        tv = convert(backbone.state_dict(), "torchvision", name=name)
+        arch, shape = check_describable(tv, fmt, name), describe_resnet(tv)
+    write_export(state, fmt, path, spec, source)
+    return Written(path, fmt, len(state), _usage(fmt, path, spec, arch, shape), architecture=arch or shape)
+
+
+def _heads(cfg: ExportConfig, kind: str) -> dict[str, torch.Tensor]:
+    """The heads of the checkpoint's run (an opera run's ``last.pt``, a MoCo-v3 checkpoint), in
+    opera hierarchy names; none for a random or timm baseline."""
+    from opera.weights import read_weights
+
+    if kind in ("random", "timm"):
+        return {}
+    return read_weights(cfg.checkpoint, cfg.backbone, cfg.img_size).heads
+
+
+def run_convert(source: str, out: str | Path, fmt: str, backbone: str | None = None, img_size: int | None = None) -> Written:
+    """Read ``source`` (anything :func:`opera.weights.read_weights` reads) and write it to ``out`` in
+    ``fmt`` (:data:`WRITABLE`) without training; prints one line: what was read, what was written
+    and the line that loads it."""
+    from opera.weights import read_weights
+
+    fmt = choose("--format", fmt, WRITABLE)
+    out = Path(out)
+    _check_out(out, fmt, source)
+    w = read_weights(source, backbone=backbone, img_size=img_size)
+    src = {"checkpoint": w.source, "format": w.format, "file": str(w.file), "sha256": w.sha256}
+    written = write_format(w.backbone, fmt, out, src, w.heads, img_size=img_size)
+    note = f" ({written.note})" if written.note else ""
+    print(f"{w.report}; wrote {written.path} as {fmt}: {written.tensors} tensors{note}; load it with: {written.usage}",
+          flush=True)
+    return written
+
+
+def _check_out(out: Path, fmt: str, source: str) -> None:
+    """One line for an ``OUT`` that ``fmt`` cannot be written to (what else an ``hf`` folder may
+    hold is checked by its writer)."""
+    from opera.weights.readers import locate
+
+    if fmt != "hf" and out.is_dir():
+        raise OperaError(f"{out} is a folder; --format {fmt} writes a file: pass a file name such as "
+                         f"{out / ('backbone.safetensors' if fmt == 'opera' else 'backbone_' + fmt + EXTENSIONS[fmt])}")
+    read = locate(source).resolve()
+    if out.exists() and out.resolve() in (read, read.parent if fmt == "hf" else read):
+        raise OperaError(f"{out} holds the weights being read; write the conversion elsewhere")
+    if fmt == "opera" and out.suffix != ".safetensors":
+        raise OperaError(f"--format opera writes a safetensors file, but {out} ends in {out.suffix or 'no suffix'!r}: "
+                         "name it backbone.safetensors")
 
 
 def run_export(cfg: ExportConfig) -> dict:
@@ -235,23 +231,23 @@ def run_export(cfg: ExportConfig) -> dict:
     results.json and the table) is the line that loads it for this backbone's architecture."""
     fmt = choose("--format", cfg.format, FORMATS)
     loaded = load_eval_backbone(cfg.checkpoint, cfg.backbone, cfg.img_size, cfg.data, cfg.seed)
-    name = f"backbone {loaded.name!r}"
-    state = convert(loaded.model.state_dict(), fmt, name=name)
-    arch, shape = None, ""
-    if fmt != "timm":
-        tv = convert(loaded.model.state_dict(), "torchvision", name=name)
-        arch, shape = check_describable(tv, fmt, name), describe_resnet(tv)
+    heads = _heads(cfg, loaded.kind) if fmt == "mocov3" else {}
     run = EvalRun("export", cfg, tensorboard=False)
-    path = run.path(f"backbone_{fmt}{EXTENSIONS[fmt]}")
+    path = run.output / f"backbone_{fmt}{EXTENSIONS[fmt]}"  # made by the writer: a refused backbone leaves no folder
     source = {"checkpoint": loaded.source, "sha256": loaded.sha256}
-    write_export(state, fmt, path, loaded.spec or {}, source)
-    metrics = {"format": fmt, "file": str(path), "sha256": sha256_file(path), "tensors": len(state),
+    written = write_format(loaded.model, fmt, path, source, heads, img_size=loaded.img_size)
+    state = loaded.model.state_dict()
+    file = path / "model.safetensors" if fmt == "hf" else path
+    metrics = {"format": fmt, "file": str(path), "sha256": sha256_file(file), "tensors": written.tensors,
                "parameters": int(sum(v.numel() for k, v in state.items() if "running_" not in k and "num_batches" not in k)),
-               **({"architecture": arch or shape} if fmt != "timm" else {}),
-               "usage": _usage(fmt, path, loaded.spec or {}, arch, shape)}
+               **({"architecture": written.architecture} if written.architecture else {}),
+               "usage": written.usage, **({"note": written.note} if written.note else {})}
     res = run.finish(metrics, loaded, data={}, title=f"export {fmt}: {loaded.source}")
     from rich.console import Console
 
+    console = Console(soft_wrap=True, highlight=False)
+    if written.note:
+        console.print(f"note: {written.note}", markup=False)
     kind = "note" if metrics["usage"].startswith("no stock") else "usage"
-    Console(soft_wrap=True, highlight=False).print(f"{kind}: {metrics['usage']}", markup=False)
+    console.print(f"{kind}: {metrics['usage']}", markup=False)
     return res

@@ -245,7 +245,7 @@ class TrainingLoop:
             need = at.epoch + (1 if at.step_in_epoch else 0) if flag == "--epochs" else at.global_step
             raise OperaError(f"{flag} {value} ends at step {value * per}, before step {at.global_step} where {path} "
                              f"already is; pass {flag} {need} or more to resume it, or choose a new --output to "
-                             f"train {value} {flag[2:]} from the start")
+                             f"train {value} {flag[2:] if value != 1 else flag[2:-1]} from the start")
         if c.max_steps and at.global_step > c.max_steps:
             raise OperaError(f"max_steps={c.max_steps} ends before step {at.global_step} where {path} already is; "
                              f"pass max_steps={at.global_step} or more (0: no limit) to resume it, or choose a new "

@@ -128,13 +128,26 @@ def test_preempted_job_requeues_and_resumes_from_last_checkpoint(slurm_accountin
 @pytest.mark.slurm
 def test_impossible_request_is_one_line_exit_2(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    done = opera(["--slurm", "--nodes", "99", "--timeout", "5", *RUN, "-o", str(out)], timeout=60)
+    run = [*RUN[:RUN.index("--batch-size")], "--batch-size", "198", *RUN[RUN.index("--batch-size") + 2:]]  # 99 x 2
+    done = opera(["--slurm", "--nodes", "99", "--timeout", "5", *run, "-o", str(out)], timeout=60)
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith("error: SLURM refused the job:") and "nodes=99" in lines[0]
     print(f"\n{lines[0]}")
     assert not slurm_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.strip()  # nothing left pending
+
+
+@pytest.mark.slurm
+def test_a_batch_that_does_not_divide_over_the_tasks_is_refused_before_submitting(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    done = opera([*SLURM, *RUN, "--batch-size", "33", "-o", str(out)], timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines == ["error: --batch-size 33 is not divisible by the 2 tasks of the job; it is the global batch, split "
+                     "evenly over them: use a multiple of 2"], done.stderr
+    assert not slurm_cluster.run(["squeue", "-h", "-o", "%i"]).stdout.strip()  # nothing was submitted
+    assert not out.exists()
 
 
 def cube(x: int) -> int:

@@ -1,4 +1,4 @@
-"""Plant each bug of issue 18 in a scratch copy of the repository and run the tests that cover it.
+"""Plant each known bug in a scratch copy of the repository and run the tests that cover it.
 
     python tests/planted_bugs.py [NAME ...]     # from the repository root; no NAME: every bug
 

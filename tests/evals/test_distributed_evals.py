@@ -1,4 +1,4 @@
-"""Evaluations on 2 gloo processes give the metrics of 1 process (issue 15).
+"""Evaluations on 2 gloo processes give the metrics of 1 process.
 
 Each protocol runs once here and once in 2 spawned processes (``launch_local``, what
 ``--nproc 2`` does). The global batch is the same set of images for any world size

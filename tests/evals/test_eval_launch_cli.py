@@ -1,4 +1,4 @@
-"""The evaluation commands take pretraining's launch options (issue 15), from the CLI as typed.
+"""The evaluation commands take pretraining's launch options, from the CLI as typed.
 
 * ``opera run knn|linear --nproc 2`` (real subprocesses, gloo) writes the results of one process;
 * the README's 8-GPU and 4 x 8-GPU linear-probe and fine-tuning commands, run as written with

@@ -1,5 +1,5 @@
 """Linear probe and fine-tuning resume like pretraining: SIGKILL mid-run, rerun the same
-command, and the final weights equal those of an uninterrupted run (issue 15).
+command, and the final weights equal those of an uninterrupted run.
 
 Each run is the real CLI in a subprocess with one thread (so that both runs do the same float
 operations); the killed one is stopped as soon as its ``last.pt`` holds a step inside the run.

@@ -1,5 +1,5 @@
 """A damaged run directory resumes from its newest intact checkpoint, and says what it skipped;
-a checkpoint holding pickled code is refused without running it (issue 12)."""
+a checkpoint holding pickled code is refused without running it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A write that fails partway (a full disk, a quota, a file-size limit) leaves the previous
-checkpoint intact and stops the run with one line naming the file and the bytes it needs (issue 12).
+checkpoint intact and stops the run with one line naming the file and the bytes it needs.
 
 The failure is injected at the file layer with RLIMIT_FSIZE: the kernel fails the write that would
 cross the limit with EFBIG, exactly where ENOSPC or EDQUOT would come on a full disk or quota."""

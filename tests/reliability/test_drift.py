@@ -1,5 +1,5 @@
 """Resuming with another configuration is refused in one line listing every changed key; the
-documented keys (RESUMABLE_CHANGES) may change, each said in one line (issue 12)."""
+documented keys (RESUMABLE_CHANGES) may change, each said in one line."""
 
 from __future__ import annotations
 

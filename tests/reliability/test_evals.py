@@ -1,6 +1,6 @@
 """The evaluations that train (linear, finetune) own their --output like pretraining does (issue
 12) and, like it, a signal stops them after the current step with ``last.pt`` written at that
-step, in one line, releasing the lock; the same command resumes from it (issue 15)."""
+step, in one line, releasing the lock; the same command resumes from it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One writer per run directory: a second run refuses naming the holder; a lock left by a dead
 process (this host), an earlier run of the same SLURM job, or a host whose heartbeat stopped is
-taken over with a line saying so (issue 12)."""
+taken over with a line saying so."""
 
 from __future__ import annotations
 

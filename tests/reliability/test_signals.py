@@ -1,5 +1,5 @@
 """SIGTERM / SIGINT finish the current step, write last.pt at that step and exit non-zero with one
-line; a second Ctrl-C aborts at once; a second run started meanwhile is refused (issue 12).
+line; a second Ctrl-C aborts at once; a second run started meanwhile is refused.
 Real processes, real signals."""
 
 from __future__ import annotations

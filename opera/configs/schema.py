@@ -101,8 +101,8 @@ def _space_defaults() -> dict[str, Any]:
 @dataclass
 class PretrainConfig:
     hierarchy: str = option("self,full", help="task spaces from the base up: self | full | self,full | mask,self,full ...")
-    arrangement: str | None = option(None, help="where 'full' attaches: A | B | C | naive; None: C with self and "
-                                     "full, A with full alone")
+    arrangement: str | None = option(None, help="where 'full' attaches: A | B | C | naive; None: C with an instance "
+                                     "space (self, byol, ...) and full (B if it has no predictor), A with full alone")
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -127,7 +127,7 @@ class PretrainConfig:
         parse_spec(self.hierarchy)
         if self.arrangement is not None and self.arrangement not in ARRANGEMENTS:
             raise OperaError(f"config key arrangement={self.arrangement!r} must be one of {', '.join(ARRANGEMENTS)} "
-                             "(or null: C with self and full, A with full alone); set --set arrangement=C")
+                             "(or null: C with an instance space and full, A with full alone); set --set arrangement=C")
         if not is_all(self.data.labels):
             parse_labels(self.data.labels)
 

@@ -25,7 +25,7 @@ import opera.supervisions  # noqa: F401  (registers the built-in spaces)
 from opera.backbones import create_backbone, feature_dim, get_spec, is_token_backbone
 from opera.errors import OperaError, suggest
 from opera.hierarchy.teacher import MomentumTeacher
-from opera.supervisions.base import SPACES, BuildContext, Progress, Stage, TaskSpace, make_options
+from opera.supervisions.base import INSTANCE_LEVEL, SPACES, BuildContext, Progress, Stage, TaskSpace, make_options
 
 ARRANGEMENTS = ("A", "B", "C", "naive")
 
@@ -64,24 +64,39 @@ def parse_spec(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     else:
         tokens = [str(t).strip() for t in spec]
     valid = SPACES.names()
-    order = sorted(valid, key=lambda n: SPACES.get(n).level)
+    chain, listing = _spaces_by_level()
     if not tokens or any(not t for t in tokens):
-        raise OperaError(f"empty task space in hierarchy {spec!r}; write spaces from the base up, e.g. {','.join(order)}")
+        raise OperaError(f"empty task space in hierarchy {spec!r}; write spaces from the base up, e.g. {','.join(chain)}")
     for t in tokens:
         if t not in SPACES:
-            raise OperaError(f"unknown task space {t!r} in hierarchy {spec!r}{suggest(t, valid)}; valid spaces: {', '.join(order)}")
+            raise OperaError(f"unknown task space {t!r} in hierarchy {spec!r}{suggest(t, valid)}; valid spaces: {listing}")
     if len(set(tokens)) != len(tokens):
-        raise OperaError(f"hierarchy {spec!r} repeats a task space; each of {', '.join(order)} may appear once")
+        raise OperaError(f"hierarchy {spec!r} repeats a task space; each of {listing} may appear once")
     levels = [SPACES.get(t).level for t in tokens]
     if levels != sorted(levels):
         fixed = ",".join(sorted(tokens, key=lambda n: SPACES.get(n).level))
-        raise OperaError(f"hierarchy {spec!r} is out of order; spaces go from the base up ({', '.join(order)}): use {fixed!r}")
+        raise OperaError(f"hierarchy {spec!r} is out of order; use {fixed!r} (spaces go from the base up: {listing})")
     return tuple(tokens)
 
 
+def _spaces_by_level() -> tuple[list[str], str]:
+    """The first registered space of each level from the base up (``mask, self, full, coarse``),
+    and that chain with the other spaces of each level beside it, as error messages name them:
+    ``mask, self, full, coarse (at self's level also byol, simclr; at full's level also supcon)``."""
+    groups: dict[int, list[str]] = {}
+    for name in SPACES.names():
+        groups.setdefault(SPACES.get(name).level, []).append(name)
+    levels = [groups[level] for level in sorted(groups)]
+    chain = [group[0] for group in levels]
+    others = [f"at {group[0]}'s level also {', '.join(group[1:])}" for group in levels if len(group) > 1]
+    return chain, ", ".join(chain) + (f" ({'; '.join(others)})" if others else "")
+
+
 def resolve_arrangement(spaces: tuple[str, ...], arrangement: str | None) -> str:
-    """Default C when ``self`` and an arrangement-placed space (``full``, ``supcon``) are both
-    present, A when there is no ``self`` to attach to."""
+    """Default C when an instance space (level 1: ``self``, ``byol``, ...) and an
+    arrangement-placed space (``full``, ``supcon``) are both present, A when there is no instance
+    space to attach to. (A default C over an instance space without a predictor becomes B at
+    build time: ``class_space.class_source``.)"""
     if arrangement is not None and arrangement not in ARRANGEMENTS:
         raise OperaError(f"unknown arrangement {arrangement!r}; valid: {', '.join(ARRANGEMENTS)}")
     placed = [n for n in spaces if SPACES.get(n).placed_by_arrangement]
@@ -94,10 +109,12 @@ def resolve_arrangement(spaces: tuple[str, ...], arrangement: str | None) -> str
                 "add one (e.g. self,full) or drop the arrangement"
             )
         return "C"
-    if "self" not in spaces:
+    if not any(SPACES.get(n).level == INSTANCE_LEVEL for n in spaces):
         if arrangement not in (None, "A"):
+            others = [repr(n) for n in SPACES.names() if SPACES.get(n).level == INSTANCE_LEVEL and n != "self"]
+            also = f" nor any other instance space ({', '.join(others)})" if others else ""
             raise OperaError(
-                f"arrangement {arrangement!r} attaches {placed[0]!r} to the instance space, but the hierarchy has no 'self'; "
+                f"arrangement {arrangement!r} attaches {placed[0]!r} to the instance space, but the hierarchy has no 'self'{also}; "
                 f"use self,{placed[0]} or arrangement A"
             )
         return "A"
@@ -147,6 +164,7 @@ class SupervisionHierarchy(nn.Module):
         ``full={"layers": 2, "hidden": 256}``, ``mask={"ratio": 0.5}``.
         """
         names = parse_spec(spec)
+        arrangement_default = arrangement is None
         arrangement = resolve_arrangement(names, arrangement)
         if label_sets is None:
             label_sets = {"class": int(num_classes)} if num_classes else {}
@@ -165,7 +183,7 @@ class SupervisionHierarchy(nn.Module):
                 "build it with opera.backbones.create_backbone or timm.create_model(..., num_classes=0)"
             )
         ctx = BuildContext(backbone=backbone, label_sets=dict(label_sets), arrangement=arrangement, spec=names,
-                           token_backbone=is_token_backbone(backbone))
+                           token_backbone=is_token_backbone(backbone), arrangement_default=arrangement_default)
         ctx.publish("backbone", feature_dim(backbone))
         spaces: dict[str, TaskSpace] = {}
         for name in names:
@@ -174,7 +192,7 @@ class SupervisionHierarchy(nn.Module):
             if space_cls.placed_by_arrangement:
                 ctx.placed = True
         teacher = MomentumTeacher(backbone, ctx.reps, ctx.teacher_wanted) if ctx.teacher_wanted else None
-        return cls(backbone, spaces, arrangement, concat_views, teacher, label_sets)
+        return cls(backbone, spaces, ctx.arrangement, concat_views, teacher, label_sets)
 
     @classmethod
     def from_config(cls, cfg: Any, label_sets: dict[str, int] | None) -> "SupervisionHierarchy":

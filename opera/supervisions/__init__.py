@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from opera.supervisions.base import NO_LABEL, SPACES, BuildContext, Progress, SpaceOutput, Stage, TaskSpace
-from opera.supervisions.class_space import ARRANGEMENT_SOURCE, ClassOptions, ClassSpace
+from opera.supervisions.class_space import ARRANGEMENT_ROLE, ClassOptions, ClassSpace
 from opera.supervisions.instance import InstanceOptions, InstanceSpace
 from opera.supervisions.masked import MaskedImageSpace, MaskOptions
 
@@ -16,7 +16,7 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "ARRANGEMENT_SOURCE",
+    "ARRANGEMENT_ROLE",
     "NO_LABEL",
     "SPACES",
     "BuildContext",

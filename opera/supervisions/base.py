@@ -35,6 +35,9 @@ Encoder = Callable[[torch.Tensor, list[int]], torch.Tensor]
 #: the label of an image that has none in a label set (masked out of every space that needs it)
 NO_LABEL = -1
 
+#: the level of the instance spaces (``self``, ``byol``, ...): what arrangements B and C attach to
+INSTANCE_LEVEL = 1
+
 
 @dataclass
 class Published:
@@ -62,6 +65,9 @@ class BuildContext:
     top: str = "backbone"
     #: whether an arrangement-placed space (``full``, ``supcon``) is already below
     placed: bool = False
+    #: the arrangement was not asked for (the default C, which becomes B over an instance space
+    #: without a predictor; ``class_space.class_source``)
+    arrangement_default: bool = False
     #: representations whose teacher version some space asked for
     teacher_wanted: list[str] = field(default_factory=list)
 

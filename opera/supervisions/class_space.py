@@ -12,6 +12,14 @@ embedding width ``self.dim``, as the official class head ``_build_mlp(2, dim, di
   so both supervisions act on the same representation (Eq. 4) and contradict each other on
   same-class pairs (Eq. 5).
 
+"The instance space" is whichever level-1 space the hierarchy holds (``self``, ``byol``,
+``simclr``, ...; the last one when there are several): B reads what it publishes as
+``<name>/projector`` and C (and ``naive``) what it publishes as ``<name>/predictor``, so
+``byol,full`` with C puts h on ``byol/predictor``. An instance space without a predictor
+(``simclr``) has no C: asked for, C (or ``naive``) is a one-line error naming the arrangements
+that work; left to the default, the arrangement is B, the head on the projector output z, which for
+such a space is the representation its loss acts on (the role q plays for ``self``).
+
 A class space above another class-level space (``coarse`` above ``full``) stacks on the output of
 the one below it (Y^coarse = h'(Y^full)), whatever the arrangement.
 
@@ -26,22 +34,48 @@ from dataclasses import dataclass
 import torch
 
 from opera import distributed
+from opera.errors import OperaError
 from opera.fields import option
-from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
+from opera.supervisions.base import INSTANCE_LEVEL, SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
 from opera.supervisions.losses import labelled_mean_cross_entropy
 
-#: representation each arrangement feeds to the lowest class-level space
-ARRANGEMENT_SOURCE = {"A": "backbone", "B": "self/projector", "C": "self/predictor", "naive": "self/predictor"}
+#: the instance space's output each arrangement feeds to the lowest class-level space (None: the backbone's)
+ARRANGEMENT_ROLE: dict[str, str | None] = {"A": None, "B": "projector", "C": "predictor", "naive": "predictor"}
+
+
+def instance_space(ctx: BuildContext) -> str | None:
+    """The instance space below (the last level-1 space of the hierarchy built so far), or None."""
+    names = [n for n in ctx.spec if n in SPACES and SPACES.get(n).level == INSTANCE_LEVEL
+             and any(rep.split("/")[0] == n for rep in ctx.reps)]
+    return names[-1] if names else None
 
 
 def class_source(ctx: BuildContext) -> str:
     """Where a class-level space attaches: the arrangement's choice for the lowest one (A/B/C of
-    Fig. 4, ``backbone`` without an instance space), the space below's output above that."""
+    Fig. 4: the backbone, or the instance space's ``<name>/projector`` or ``<name>/predictor``;
+    ``backbone`` without an instance space), the space below's output above that.
+
+    An arrangement whose output the instance space does not publish is a one-line error naming
+    the instance space and the arrangements that work; the default C (``ctx.arrangement_default``)
+    becomes B, and ``ctx.arrangement`` says so."""
     if ctx.placed:
         return ctx.top
-    source = ARRANGEMENT_SOURCE[ctx.arrangement]
-    return source if source in ctx.reps else "backbone"
+    role = ARRANGEMENT_ROLE[ctx.arrangement]
+    instance = instance_space(ctx)
+    if role is None or instance is None:
+        return "backbone"
+    source = f"{instance}/{role}"
+    if source in ctx.reps:
+        return source
+    if ctx.arrangement_default and f"{instance}/projector" in ctx.reps:
+        ctx.arrangement = "B"
+        return f"{instance}/projector"
+    works = ["A"] + [a for a, r in ARRANGEMENT_ROLE.items() if r is not None and f"{instance}/{r}" in ctx.reps]
+    raise OperaError(
+        f"arrangement {ctx.arrangement!r} attaches the class space to the instance space's {role} output, but "
+        f"{instance!r} publishes no {source!r}; use arrangement {' or '.join(works)} with {instance!r}"
+    )
 
 
 def labelled_count(stage: Stage, label_set: str, labels: torch.Tensor) -> torch.Tensor:
@@ -58,7 +92,7 @@ class ClassOptions:
 
     layers: int = option(2, help="layers of the class head MLP (Fig. 6)", min=1)
     hidden: int | None = option(None, help="hidden width (Fig. 8); None: the instance embedding width self.dim "
-                                "(official), 256 without 'self'", min=1)
+                                "(official; the instance space's output width), 256 without one", min=1)
     weight: float = option(0.5, help="loss weight: the official loss is 0.5 CE(view1) + 0.5 CE(view2)", min=0)
     label_smoothing: float = option(0.0, help="label smoothing of the cross-entropy", min=0, max=1, max_exclusive=True)
     labels: str = option("class", help="the data's label set this space is supervised with")
@@ -88,7 +122,8 @@ class ClassSpace(TaskSpace):
     def build(cls, ctx: BuildContext, options: ClassOptions) -> "ClassSpace":
         num_classes = ctx.label_size(cls.name, options.labels)
         source = class_source(ctx)
-        instance_dim = ctx.dims.get("self/predictor", 256)  # the instance embedding width (self.dim)
+        instance = instance_space(ctx)  # the instance embedding width (self.dim), 256 without one
+        instance_dim = next((ctx.dims[f"{instance}/{r}"] for r in ("predictor", "projector") if f"{instance}/{r}" in ctx.dims), 256)
         space = cls(source, ctx.dims[source], num_classes, options,
                     naive=ctx.arrangement == "naive" and not ctx.placed, instance_dim=instance_dim)
         ctx.publish(space.key("logits"), num_classes, source, space.class_head, cls.name)

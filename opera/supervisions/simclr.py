@@ -25,9 +25,10 @@ Defaults (the official repository, github.com/google-research/simclr):
   (``--num_nlh_layers=1``: one hidden layer). Every layer is a bias-free linear map followed by
   BatchNorm (the hidden ones with ReLU), and the last BatchNorm has a scale but no shift
   (``linear_layer(..., use_bias=False, use_bn=True)`` -> ``batch_norm_relu(center=False)``).
-* ``temperature=0.1``: the repository's ``--temperature`` default, used by its ImageNet
-  commands (batch 4096, LARS); the v1 paper's CIFAR-10 setting and its CIFAR-10 command use
-  ``temperature=0.5`` (``--set simclr.temperature=0.5``).
+* ``temperature=0.1``: the repository's ``--temperature`` default and its README's ImageNet
+  command (batch 4096, LARS, "the default hyperparameters in our paper"); the README's CIFAR-10
+  command uses ``temperature=0.5`` (``--set simclr.temperature=0.5``).
+* ``docs/recipes/simclr_r50_100ep_b4096.yaml`` is that ImageNet command, each value cited.
 * SimCLR runs the 2N views as one batch through the network with BatchNorm statistics over all
   replicas (``--global_bn=True``): ``train.concat_views=true`` with ``train.sync_bn`` (the
   default) reproduces that; opera's default runs each view alone, as MoCo-v3 does.

@@ -221,3 +221,28 @@ def test_cli_trains(tmp_path, spec):
     if "full" in spec:
         assert "loss/full" in keys
     assert all(math.isfinite(row["loss/simclr"]) for row in rows if "loss/simclr" in row)
+
+
+# ----------------------------------------------------------------------------- the ImageNet recipe
+RECIPE = Path(__file__).resolve().parents[2] / "docs" / "recipes" / "simclr_r50_100ep_b4096.yaml"
+
+
+def test_imagenet_recipe_is_the_official_command():
+    """docs/recipes/simclr_r50_100ep_b4096.yaml against google-research/simclr's README ImageNet command
+    (--train_batch_size=4096 --train_epochs=100 --learning_rate=0.3 --weight_decay=1e-6
+    --temperature=0.1) and run.py's defaults (LARS, momentum 0.9, warmup 10, linear lr scaling,
+    --num_nlh_layers=1 --head_proj_dim=128, --global_bn=True); it also stacks 'full'."""
+    from opera.configs import load_config
+
+    cfg = load_config(str(RECIPE))
+    assert cfg.hierarchy == "simclr" and cfg.backbone.name == "resnet50" and cfg.backbone.img_size == 224
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.optim.name, cfg.optim.base_lr, cfg.optim.weight_decay,
+            cfg.optim.momentum, cfg.optim.warmup_epochs) == (4096, 100, "lars", 0.3, 1e-6, 0.9, 10)
+    assert cfg.optim.base_lr * cfg.train.batch_size / 256 == pytest.approx(4.8)  # the paper's 4.8
+    assert cfg.train.concat_views and cfg.train.sync_bn and cfg.data.crop_min == 0.08
+    assert cfg.space_options()["simclr"] == {"dim": 128, "mlp_dim": None, "layers": 2, "temperature": 0.1,
+                                             "weight": 1.0, "gather_distributed": True}
+    h = SupervisionHierarchy.from_config(load_config(str(RECIPE), ["hierarchy=simclr,full"]), {"class": 1000})
+    linears = [m for m in h.spaces["simclr"].projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2048, 2048), (2048, 128)]
+    assert h.spaces["full"].source == "simclr/projector"

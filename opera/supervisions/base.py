@@ -211,6 +211,25 @@ class TaskSpace(nn.Module):
         """
         raise NotImplementedError
 
+    def online_heads(self, stage: Stage, ids: list[int], *heads: nn.Module) -> list[list[torch.Tensor]]:
+        """The online views ``ids`` through ``heads`` in turn from the backbone (an instance
+        space's projector, then its predictor), each output published in ``stage.reps`` under
+        ``<name>/projector`` and ``<name>/predictor``; one list per head. The space needs two
+        views of each image (one line otherwise)."""
+        n = len(stage.views)
+        if n < 2:
+            raise OperaError(
+                f"the instance space {self.name!r} needs at least two views of each image, got {n}; "
+                f"pass views=[x1, x2] (two augmentations) or drop {self.name!r} from the hierarchy"
+            )
+        outputs, x = [], stage.get("backbone", ids)
+        for head, role in zip(heads, ("projector", "predictor")):
+            x = stage.apply(head, x)
+            for i, xi in zip(ids, x):
+                stage.reps[i][self.key(role)] = xi
+            outputs.append(x)
+        return outputs
+
     def represent(self, reps: dict[str, torch.Tensor]) -> None:
         """Add this space's representations of one batch of unmasked images to ``reps`` (which
         holds ``backbone`` and those of the spaces below): what ``diagnose`` measures."""

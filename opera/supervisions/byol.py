@@ -43,7 +43,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from opera.errors import OperaError
 from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
@@ -93,15 +92,7 @@ class BYOLSpace(TaskSpace):
         """Terms of views ``ids``: view i contributes mean_b L(v_i, v_{1-i}), so both views give
         Eq. 3's ``L(v, v') + L(v', v)``."""
         n = len(stage.views)
-        if n < 2:
-            raise OperaError(
-                f"the instance space 'byol' needs at least two views of each image, got {n}; "
-                "pass views=[x1, x2] (two augmentations) or drop 'byol' from the hierarchy"
-            )
-        z = stage.apply(self.projector, stage.get("backbone", ids))
-        q = stage.apply(self.predictor, z)
-        for i, zi, qi in zip(ids, z, q):
-            stage.reps[i][self.key("projector")], stage.reps[i][self.key("predictor")] = zi, qi
+        _, q = self.online_heads(stage, ids, self.projector, self.predictor)
         target = stage.teacher_rep(self.key("projector"))  # z'_xi of every view, once per step
         loss = sum(byol_regression(qi, target[j]).mean() for i, qi in zip(ids, q) for j in range(n) if j != i)
         if n > 2:

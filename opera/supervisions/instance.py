@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from opera.errors import OperaError
 from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
@@ -72,15 +71,7 @@ class InstanceSpace(TaskSpace):
         """Terms of views ``ids``: for two views view i contributes ctr(q_i, k_{1-i}), so all views
         give ``ctr(q1, k2) + ctr(q2, k1)``; for n > 2 views, sum_{j != i} ctr(q_i, k_j) * 2 / (n (n - 1))."""
         n = len(stage.views)
-        if n < 2:
-            raise OperaError(
-                f"the instance space 'self' needs at least two views of each image, got {n}; "
-                "pass views=[x1, x2] (two augmentations) or drop 'self' from the hierarchy"
-            )
-        z = stage.apply(self.projector, stage.get("backbone", ids))
-        q = stage.apply(self.predictor, z)
-        for i, zi, qi in zip(ids, z, q):
-            stage.reps[i][self.key("projector")], stage.reps[i][self.key("predictor")] = zi, qi
+        _, q = self.online_heads(stage, ids, self.projector, self.predictor)
         k = self.keys(stage)
         t, gather = self.resolved_temperature, self.options.gather_distributed
         ctr = sum(info_nce(qi, k[j], t, gather) for i, qi in zip(ids, q) for j in range(n) if j != i)

@@ -64,7 +64,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from opera import distributed
-from opera.errors import OperaError
 from opera.fields import option
 from opera.supervisions.base import SPACES, BuildContext, Encoder, SpaceOutput, Stage, TaskSpace
 from opera.supervisions.heads import build_mlp
@@ -197,14 +196,8 @@ class SimCLRSpace(TaskSpace):
 
     def forward(self, stage: Stage, ids: list[int]) -> SpaceOutput:
         n = len(stage.views)
-        if n < 2:
-            raise OperaError(
-                f"the instance space 'simclr' needs at least two views of each image, got {n}; "
-                "pass views=[x1, x2] (two augmentations) or drop 'simclr' from the hierarchy"
-            )
-        live = dict(zip(ids, stage.apply(self.projector, stage.get("backbone", ids))))
-        for i, zi in live.items():
-            stage.reps[i][self.key("projector")] = zi
+        (projected,) = self.online_heads(stage, ids, self.projector)
+        live = dict(zip(ids, projected))
         z = []
         for v in range(n):
             if v in live:

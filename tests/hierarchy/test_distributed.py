@@ -66,14 +66,16 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def run_two_ranks(out_dir: Path) -> list[dict]:
-    ctx = mp.spawn(worker, args=(distributed.free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
+def run_two_ranks(out_dir: Path, fn=None, timeout_s: float = TIMEOUT_S) -> list[dict]:
+    """``fn(rank, port, out_dir)`` (default: :func:`worker`) on 2 gloo processes; each rank's
+    ``OUT_DIR/rank{r}.pt`` record, in rank order (the test fails if they do not finish in time)."""
+    ctx = mp.spawn(fn or worker, args=(distributed.free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for proc in ctx.processes:
                 proc.terminate()
-            pytest.fail(f"2-rank gloo run did not finish in {TIMEOUT_S} s")
+            pytest.fail(f"2-rank gloo run did not finish in {timeout_s} s")
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -9,16 +9,15 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from opera import distributed
 from opera.hierarchy import SupervisionHierarchy
+from tests.hierarchy.test_distributed import run_two_ranks
 
 TAU = 0.1
 
@@ -175,14 +174,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     """Each rank's loss is the mean over its anchors against both ranks' z (gathered with
     gradient); the mean over ranks is the 1-process loss on the whole batch, and the ranks' mean
     gradients (DDP's) are its gradients, in the joint and in the per-view step."""
-    ctx = mp.spawn(_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            pytest.fail(f"2-rank gloo run did not finish in {TIMEOUT_S} s")
-    records = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    records = run_two_ranks(tmp_path, _worker, TIMEOUT_S)
     ref = build("simclr")
     x = views(n=WORLD * LOCAL)
     out = ref(views=x)

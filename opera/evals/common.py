@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import datetime as _dt
 import json

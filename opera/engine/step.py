@@ -59,7 +59,8 @@ class NonFiniteLoss(OperaError):
 
 def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimizer, views: list[torch.Tensor],
                targets: "dict[str, torch.Tensor] | torch.Tensor | None", lr: float, ema_momentum: float, device: torch.device, amp: str = "auto",
-               step: int = 0, per_view: bool = True, scaler: "torch.amp.GradScaler | None" = None) -> HierarchyOutput:
+               step: int = 0, per_view: bool = True, scaler: "torch.amp.GradScaler | None" = None,
+               global_views: int | None = None) -> HierarchyOutput:
     """Momentum update, forward, backward, check the loss terms are finite, optimizer step.
 
     The momentum update comes first, with this step's ``ema_momentum``, as in MoCo-v3
@@ -77,7 +78,12 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
     keys, masks and labels; ``tests/perf`` checks it), with peak memory down by up to the
     activations of one view. Under DDP the first backward runs in ``no_sync`` and the last one
     all-reduces the accumulated gradients, once. ``concat_views`` (views share BatchNorm
-    statistics) always runs jointly.
+    statistics) always runs jointly, and so does a hierarchy with a ``joint_only`` space (Barlow
+    Twins, VICReg: their losses need every view's batch at once).
+
+    ``global_views`` (multi-crop): ``views[:global_views]`` are the global views, the rest local
+    crops (``SupervisionHierarchy.forward``). Once the gradients are complete (all-reduced under
+    DDP), the spaces' ``after_backward`` runs, then the optimizer step.
 
     ``scaler`` (fp16): the losses are scaled before each backward and ``scaler.step`` skips the
     optimizer step when a gradient overflowed, lowering the scale, as MoCo-v3's GradScaler does; a
@@ -88,7 +94,8 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(views)
-    groups = [[i] for i in range(n)] if per_view and n > 1 and not getattr(hierarchy, "concat_views", False) else [None]
+    joint = getattr(hierarchy, "concat_views", False) or getattr(hierarchy, "joint_only", None)
+    groups = [[i] for i in range(n)] if per_view and n > 1 and not joint else [None]
     optimizer.zero_grad(set_to_none=True)
     outs: list[HierarchyOutput] = []
     for g, ids in enumerate(groups):
@@ -96,12 +103,16 @@ def train_step(model: torch.nn.Module, hierarchy, optimizer: torch.optim.Optimiz
         sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
         with sync:
             part = {} if ids is None else {"view_ids": ids, "state": outs[-1].state if outs else None}
+            if not outs and global_views is not None:
+                part["global_views"] = global_views
             with autocast_context(device, amp):
                 out = model(views=views, targets=targets, **part)
             (out.loss if scaler is None else scaler.scale(out.loss)).backward()
         out.state = None if last else out.state  # drop the step's keys and masks once the last view is done
         outs.append(out)
     out = outs[0] if len(outs) == 1 else _add_outputs(outs)
+    if hasattr(hierarchy, "after_backward"):
+        hierarchy.after_backward()
     # one host sync for all terms; the names are looked up only when something is wrong. The step
     # is not taken: the parameters stay those of the last good step. Under DDP every rank learns
     # whether any rank failed (one tiny all-reduce), so all of them stop together: otherwise the

@@ -25,7 +25,7 @@ import opera.supervisions  # noqa: F401  (registers the built-in spaces)
 from opera.backbones import create_backbone, feature_dim, get_spec, is_token_backbone
 from opera.errors import OperaError, suggest
 from opera.hierarchy.teacher import MomentumTeacher
-from opera.supervisions.base import INSTANCE_LEVEL, SPACES, BuildContext, Progress, Stage, TaskSpace, make_options
+from opera.supervisions.base import INSTANCE_LEVEL, SPACES, BuildContext, Progress, SpaceOutput, Stage, TaskSpace, make_options
 
 ARRANGEMENTS = ("A", "B", "C", "naive")
 
@@ -217,7 +217,7 @@ class SupervisionHierarchy(nn.Module):
     # ------------------------------------------------------------------ training step
     def forward(self, views: list[torch.Tensor] | None = None, targets: dict[str, torch.Tensor] | torch.Tensor | None = None,
                 *, labels: torch.Tensor | None = None, view_ids: list[int] | None = None,
-                state: StepState | None = None) -> HierarchyOutput:
+                state: StepState | None = None, global_views: int | None = None) -> HierarchyOutput:
         """The loss of the online views ``view_ids`` (default: all) of one step.
 
         ``views``/``targets`` start a step (``targets``: the named label sets, ``{"class": y}``;
@@ -225,7 +225,11 @@ class SupervisionHierarchy(nn.Module):
         same step with other views (the teacher's outputs and the masks are reused, not
         recomputed). Calling it for each part of a partition of the views and adding the losses
         gives exactly the loss of one call over all views (Eq. 9, 34, 36 are sums of per-view
-        terms with detached targets).
+        terms with detached targets), unless a space is ``joint_only`` (then only all views at once).
+
+        ``global_views=G`` (multi-crop): ``views[:G]`` are the global views and the rest local
+        crops, which only the spaces that declare ``multi_crop`` (DINO) read; the momentum teacher
+        and every other space see the global views alone.
         """
         if state is None:
             if views is None:
@@ -234,7 +238,13 @@ class SupervisionHierarchy(nn.Module):
                 targets = labels
             if isinstance(targets, torch.Tensor):
                 targets = {"class": targets}
-            stage = Stage(list(views), dict(targets or {}), [{} for _ in views], self.concat_views, teacher=self.teacher)
+            if global_views is not None and not 1 <= global_views <= len(views):
+                raise OperaError(f"global_views={global_views} must be between 1 and the number of views ({len(views)})")
+            if global_views is not None and global_views < len(views) and not any(s.multi_crop for s in self.spaces.values()):
+                raise OperaError(f"{len(views) - global_views} local crops were given but no space of {self.spec!r} reads them; "
+                                 "set data.local_crops=0 or add a multi-crop space (dino)")
+            stage = Stage(list(views), dict(targets or {}), [{} for _ in views], self.concat_views, teacher=self.teacher,
+                          global_views=global_views)
             # one batch through the backbone (online here, the teacher's too) when the views share statistics
             stage.extras["fuse_backbone"] = len(views) > 1 and self.concat_views
         else:
@@ -245,20 +255,40 @@ class SupervisionHierarchy(nn.Module):
             raise OperaError(f"view_ids {view_ids!r} must be distinct view indices in 0..{n - 1}")
         if self.concat_views and len(ids) != n:
             raise OperaError("concat_views runs all views as one batch (shared BatchNorm statistics); it cannot run a subset of the views")
-        encode = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
+        if self.joint_only and len(ids) != n:
+            raise OperaError(f"the space {self.joint_only!r} needs every view of the batch at once; run the step "
+                             "jointly (train.per_view=false) instead of a subset of the views")
+        g = stage.n_global
+        global_stage = stage.global_stage()
+        plain = lambda x, view_ids: self.backbone.forward_features(x)  # noqa: E731
+        encode_global = encode_local = plain
         for space in self.spaces.values():
-            encode = space.wrap_encoder(encode, stage, self.backbone)
+            encode_global = space.wrap_encoder(encode_global, stage if space.multi_crop else global_stage, self.backbone)
+            if space.multi_crop:
+                encode_local = space.wrap_encoder(encode_local, stage, self.backbone)
+        tokens: dict[int, torch.Tensor] = {}
         if stage.extras["fuse_backbone"] and len(ids) > 1:
-            tokens = encode(torch.cat([stage.views[i] for i in ids], 0), ids).chunk(len(ids), 0)
+            # one batch per kind of view (the global views together, the local crops together: DINO's
+            # grouping of the crops by resolution)
+            for group, encode in (([i for i in ids if i < g], encode_global), ([i for i in ids if i >= g], encode_local)):
+                if group:
+                    tokens.update(zip(group, encode(torch.cat([stage.views[i] for i in group], 0), group).chunk(len(group), 0)))
         else:
-            tokens = [encode(stage.views[i], [i]) for i in ids]
-        for i, t in zip(ids, tokens):
-            stage.reps[i]["tokens"] = t
-            stage.reps[i]["backbone"] = self.backbone.forward_head(t, pre_logits=True)
+            for i in ids:
+                tokens[i] = (encode_global if i < g else encode_local)(stage.views[i], [i])
+        for i in ids:
+            stage.reps[i]["tokens"] = tokens[i]
+            stage.reps[i]["backbone"] = self.backbone.forward_head(tokens[i], pre_logits=True)
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, torch.Tensor] = {}
+        global_ids = [i for i in ids if i < g]
         for name, space in self.spaces.items():
-            out = space(stage, ids)
+            if space.multi_crop:
+                out = space(stage, ids)
+            elif global_ids:
+                out = space(global_stage, global_ids)
+            else:  # a call over local crops only: nothing of this space's
+                out = SpaceOutput(torch.zeros((), device=stage.views[ids[0]].device))
             losses[name] = out.loss
             clash = set(out.logs) & set(logs)
             if clash:
@@ -266,6 +296,16 @@ class SupervisionHierarchy(nn.Module):
             logs.update(out.logs)
         loss = torch.stack(list(losses.values())).sum()
         return HierarchyOutput(loss, losses, logs, StepState(stage))
+
+    @property
+    def joint_only(self) -> str | None:
+        """The first space whose loss needs every view at once (``TaskSpace.joint_only``), or None."""
+        return next((name for name, space in self.spaces.items() if space.joint_only), None)
+
+    def after_backward(self) -> None:
+        """Once a step's gradients are complete, before the optimizer step (``TaskSpace.after_backward``)."""
+        for space in self.spaces.values():
+            space.after_backward()
 
     def on_step(self, progress: Progress) -> None:
         """Tell every space where training is (before each step)."""

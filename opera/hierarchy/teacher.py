@@ -61,12 +61,13 @@ class MomentumTeacher(nn.Module):
 
     @torch.no_grad()
     def rep(self, stage: Stage, name: str) -> list[torch.Tensor]:
-        """The teacher's ``name`` for every (unmasked) view, once per step (``stage.extras``)."""
+        """The teacher's ``name`` for every (unmasked) global view, once per step (``stage.extras``);
+        local crops (multi-crop) never reach the teacher, as in DINO."""
         cache: dict[str, list[torch.Tensor]] = stage.extras.setdefault("teacher", {})
         if name in cache:
             return cache[name]
         if name == "backbone":
-            views = stage.views
+            views = stage.views[:stage.n_global]
             if stage.extras.get("fuse_backbone") and len(views) > 1:
                 out = list(pooled_features(self.backbone, torch.cat(views, 0)).chunk(len(views), 0))
             else:

@@ -13,7 +13,14 @@ registered in ``SPACES``; nothing else in the package names it:
   hierarchy: a space asks for the teacher's version of a representation
   (``BuildContext.want_teacher`` at build time, ``Stage.teacher_rep`` in a step), and the
   hierarchy copies each module on the way once, however many spaces ask;
-* ``on_step(progress)`` tells a space where training is, for schedules inside a space.
+* ``on_step(progress)`` tells a space where training is, for schedules inside a space;
+  ``after_backward()`` runs once the step's gradients are complete, before the optimizer step;
+* ``joint_only``: a space whose loss needs the whole batch of every view at once (batch
+  statistics across views, Barlow Twins' cross-correlation, VICReg's covariance) says so, and the
+  step then runs its views jointly instead of one at a time (``train.per_view``);
+* ``multi_crop``: a space that reads the local crops too (DINO). A step's views are its global
+  views first (``Stage.global_views``), then any local crops (``data.local_crops``); every other
+  space, and the momentum teacher, sees only the global views.
 """
 
 from __future__ import annotations
@@ -143,6 +150,21 @@ class Stage:
     concat_views: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
     teacher: TeacherRepresentations | None = None  # the hierarchy's momentum teacher
+    #: the views ``0..global_views-1`` are the global views, the rest local crops (None: all global)
+    global_views: int | None = None
+
+    @property
+    def n_global(self) -> int:
+        """How many leading views are global (what the teacher and the single-crop spaces see)."""
+        return len(self.views) if self.global_views is None else int(self.global_views)
+
+    def global_stage(self) -> "Stage":
+        """This stage restricted to its global views: the same per-view dicts, labels and step
+        extras (so what a space publishes on one is seen on the other), without the local crops."""
+        g = self.n_global
+        if g == len(self.views):
+            return self
+        return Stage(self.views[:g], self.targets, self.reps[:g], self.concat_views, self.extras, self.teacher, g)
 
     def apply(self, module: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.concat_views and len(xs) > 1:
@@ -187,6 +209,11 @@ class TaskSpace(nn.Module):
     Options: ClassVar[type]
     placed_by_arrangement: ClassVar[bool] = False
     token_only: ClassVar[bool] = False  # needs a ViT backbone (patch tokens)
+    #: the loss needs every view of the batch at once (not a sum of per-view terms against detached
+    #: targets): the step runs such a hierarchy jointly, and a call over a subset of views is refused
+    joint_only: ClassVar[bool] = False
+    #: the space reads the local crops (views past ``Stage.global_views``); others see global views only
+    multi_crop: ClassVar[bool] = False
 
     def key(self, what: str) -> str:
         """``"<space name>/<what>"``: every log and representation key of the space."""
@@ -216,7 +243,7 @@ class TaskSpace(nn.Module):
         space's projector, then its predictor), each output published in ``stage.reps`` under
         ``<name>/projector`` and ``<name>/predictor``; one list per head. The space needs two
         views of each image (one line otherwise)."""
-        n = len(stage.views)
+        n = stage.n_global
         if n < 2:
             raise OperaError(
                 f"the instance space {self.name!r} needs at least two views of each image, got {n}; "
@@ -236,6 +263,10 @@ class TaskSpace(nn.Module):
 
     def on_step(self, progress: Progress) -> None:
         """Called by the training loop before every step (schedules inside a space)."""
+
+    def after_backward(self) -> None:
+        """Called by the step once all of its gradients are accumulated (and all-reduced under
+        DDP), before the optimizer step: e.g. DINO's ``cancel_gradients_last_layer``."""
 
     def momentum_pairs(self, backbone: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) module pairs of the space's own that the momentum update keeps in

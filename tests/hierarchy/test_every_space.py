@@ -74,6 +74,9 @@ def test_per_view_step_equals_the_joint_step(name, partly_labelled):
     views, targets = batch(h)
     if partly_labelled:
         targets = {k: v.index_fill(0, torch.tensor([0, 3, 4, 6]), -1) for k, v in targets.items()}
+    if SPACES.get(name).joint_only:
+        _joint_only_runs_jointly(h, views, targets)
+        return
     joint = copy.deepcopy(h)
     torch.manual_seed(5)
     out = joint(views=views, targets=targets)
@@ -91,6 +94,27 @@ def test_per_view_step_equals_the_joint_step(name, partly_labelled):
     assert g_joint.keys() == g_parts.keys()
     for k in g_joint:
         torch.testing.assert_close(g_parts[k], g_joint[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _joint_only_runs_jointly(h: SupervisionHierarchy, views, targets) -> None:
+    """A space declared ``joint_only`` (its loss needs every view's batch at once) refuses a call
+    over a subset of the views in one line, and the step (``train_step``, per_view on) runs it
+    jointly: its gradients are those of one backward of the joint loss."""
+    from opera.engine.step import train_step
+
+    with pytest.raises(OperaError) as err:
+        h(views=views, targets=targets, view_ids=[0])
+    assert "\n" not in str(err.value) and "per_view=false" in str(err.value)
+    joint = copy.deepcopy(h)
+    torch.manual_seed(5)
+    joint(views=views, targets=targets).loss.backward()
+    opt = torch.optim.SGD([p for _, p in h.trainable_parameters()], lr=0.0)
+    torch.manual_seed(5)
+    train_step(h, h, opt, views, targets, lr=0.0, ema_momentum=1.0, device=torch.device("cpu"), amp="off", per_view=True)
+    g_joint, g_step = grads(joint), grads(h)
+    assert g_joint.keys() == g_step.keys() and g_joint
+    for k in g_joint:
+        torch.testing.assert_close(g_step[k], g_joint[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -43,6 +43,12 @@ class DataConfig:
                              "(<data>/unlabelled) or a data spec")
     labelled_per_batch: int = option(0, help="> 0: exactly this many labelled images in every global batch "
                                      "(opera.data.labels); 0: plain random", min=0)
+    local_crops: int = option(0, help="multi-crop: this many local crops after the two global views (DINO's "
+                              "--local_crops_number, 8 for ImageNet); read by multi-crop spaces (dino) only", min=0)
+    local_size: int = option(0, help="local crop size in px; 0: 96/224 of backbone.img_size (DINO's 96 at 224)", min=0)
+    local_crop_scale: tuple[float, float] = option((0.05, 0.4), help="RandomResizedCrop scale of the local crops "
+                                                   "(DINO's --local_crops_scale)", min=0, max=1, min_exclusive=True,
+                                                   example="[0.05,0.4]")
 
 
 @dataclass
@@ -124,7 +130,14 @@ class PretrainConfig:
         from opera.data.labels import is_all, parse_labels
         from opera.hierarchy import ARRANGEMENTS, parse_spec
 
-        parse_spec(self.hierarchy)
+        names = parse_spec(self.hierarchy)
+        if self.data.local_crops and not any(SPACES.get(n).multi_crop for n in names):
+            readers = ", ".join(n for n in SPACES.names() if SPACES.get(n).multi_crop) or "none registered"
+            raise OperaError(f"data.local_crops={self.data.local_crops} but no space of hierarchy {self.hierarchy!r} reads "
+                             f"local crops (multi-crop spaces: {readers}); set data.local_crops=0 or add one")
+        lo, hi = self.data.local_crop_scale
+        if lo > hi:
+            raise OperaError(f"data.local_crop_scale={list(self.data.local_crop_scale)} is [max, min]; write [{hi},{lo}]")
         if self.arrangement is not None and self.arrangement not in ARRANGEMENTS:
             raise OperaError(f"config key arrangement={self.arrangement!r} must be one of {', '.join(ARRANGEMENTS)} "
                              "(or null: C with an instance space and full, A with full alone); set --set arrangement=C")

@@ -53,8 +53,17 @@ PARAM_NAMES = (
 P = {name: k for k, name in enumerate(PARAM_NAMES)}
 NUM_PARAMS = len(PARAM_NAMES)
 
-#: MoCo-v3's asymmetric views: (blur p, solarize p).
+#: MoCo-v3's asymmetric views: (blur p, solarize p). They are DINO's two global views too.
 VIEWS = ((1.0, 0.0), (0.1, 0.2))
+#: DINO's local crops (``DataAugmentationDINO.local_transfo``): blur p 0.5, no solarize; crop
+#: scale (0.05, 0.4) and 96 px for 224 px global views (``--local_crops_scale``)
+LOCAL_VIEW = (0.5, 0.0)
+LOCAL_SCALE = (0.05, 0.4)
+
+
+def local_size_for(img_size: int) -> int:
+    """DINO's local crop size for global views of ``img_size``: 96 px at 224, in proportion."""
+    return max(1, round(img_size * 96 / 224))
 JITTER = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1) ranges
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -119,24 +128,47 @@ class BatchTwoCrop:
     ``PretrainTransform``); ``self(images, params)`` turns uint8 ``[B, 3, h, w]`` images (on any
     device; ``params`` ``[B, 2, NUM_PARAMS]``) into ``[view1, view2]``, float ``[B, 3, S, S]``,
     normalised - the views of Eq. 34.
+
+    Multi-crop (DINO, Caron et al. 2021, ``DataAugmentationDINO``): ``local_crops=N`` adds N local
+    crops after the two global views, each ``local_size`` px (0: 96/224 of ``img_size``) from a
+    RandomResizedCrop of scale ``local_scale`` (DINO's (0.05, 0.4)), flipped and colour-jittered as
+    the global views, blurred with p 0.5 and never solarized. Their parameters are drawn after the
+    global views' from the same per-sample generator, so the global views of a sample are those of
+    the two-crop recipe, and resume stays exact.
     """
 
     def __init__(self, img_size: int = 224, crop_min: float = 0.08, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, flip: bool = True):
+                 std: Sequence[float] = IMAGENET_STD, flip: bool = True, local_crops: int = 0, local_size: int = 0,
+                 local_scale: tuple[float, float] = LOCAL_SCALE):
         _check(img_size, crop_min)
         self.img_size, self.crop_min, self.flip = img_size, float(crop_min), flip
         self.mean, self.std = tuple(mean), tuple(std)
         self.kernel_size = blur_kernel_size(img_size)
+        self.local_crops = int(local_crops)
+        self.local_size = int(local_size) or local_size_for(img_size)
+        self.local_scale = (float(local_scale[0]), float(local_scale[1]))
+        if self.local_crops:
+            _check(self.local_size, self.local_scale[0])
+
+    @property
+    def views(self) -> tuple[tuple[float, float, float, float, int], ...]:
+        """Each view's (crop scale min, max, blur p, solarize p, size): the two global views, then
+        the local crops."""
+        g = tuple((self.crop_min, 1.0, blur_p, solarize_p, self.img_size) for blur_p, solarize_p in VIEWS)
+        return g + ((*self.local_scale, *LOCAL_VIEW, self.local_size),) * self.local_crops
+
+    def size_of(self, view: int) -> int:
+        return self.img_size if view < len(VIEWS) else self.local_size
 
     # ------------------------------------------------------------------ parameters (CPU)
     def sample(self, src_hw: tuple[int, int], generator: torch.Generator | None = None) -> torch.Tensor:
         """Both views' parameters for a source image of ``src_hw`` pixels, drawn from
         ``generator`` (default: torch's global RNG) in ``PretrainTransform``'s order."""
         h, w = int(src_hw[0]), int(src_hw[1])
-        rows = torch.zeros(2, NUM_PARAMS, dtype=torch.float64)
-        for v, (blur_p, solarize_p) in enumerate(VIEWS):
+        rows = torch.zeros(len(self.views), NUM_PARAMS, dtype=torch.float64)
+        for v, (lo, hi, blur_p, solarize_p, _) in enumerate(self.views):
             r = rows[v]
-            r[0:4] = torch.tensor(crop_box(h, w, (self.crop_min, 1.0), generator), dtype=torch.float64)
+            r[0:4] = torch.tensor(crop_box(h, w, (lo, hi), generator), dtype=torch.float64)
             r[P["src_h"]], r[P["src_w"]] = h, w
             if self.flip:
                 r[P["flip"]] = float(_rand(generator) < FLIP_P)
@@ -172,16 +204,21 @@ class BatchTwoCrop:
         params = params.to(torch.float64).cpu()
         with _one_cpu_thread(images.device):
             src = _to_float(images)
-            return [self.finish(self.resized_crop(src, params[:, v]), params[:, v]) for v in range(params.shape[1])]
+            return [self.finish(self.resized_crop(src, params[:, v], self.size_of(v)), params[:, v])
+                    for v in range(params.shape[1])]
 
-    def from_crops(self, crops: torch.Tensor, params: torch.Tensor) -> list[torch.Tensor]:
-        """``[view1, view2]`` from the two uint8 crops ``[B, 2, 3, S, S]`` that workers cut
-        (:class:`CropForDevice`): the recipe after the crop, batched here."""
-        if crops.ndim != 5 or crops.shape[1] != params.shape[1] or crops.shape[2] != 3:
+    def from_crops(self, crops: torch.Tensor, params: torch.Tensor, local: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``[view1, view2, local crops...]`` from the two uint8 global crops ``[B, 2, 3, S, S]``
+        (and the local ones ``[B, L, 3, s, s]``) that workers cut (:class:`CropForDevice`): the
+        recipe after the crop, batched here."""
+        if crops.ndim != 5 or crops.shape[1] != len(VIEWS) or crops.shape[2] != 3:
             raise ValueError(f"expected uint8 crops [B, 2, 3, S, S], got {tuple(crops.shape)}")
+        views = [crops[:, v] for v in range(crops.shape[1])] + ([] if local is None else [local[:, v] for v in range(local.shape[1])])
+        if len(views) != params.shape[1]:
+            raise ValueError(f"{len(views)} crops for {params.shape[1]} views' parameters")
         params = params.to(torch.float64).cpu()
         with _one_cpu_thread(crops.device):
-            return [self.finish(_to_float(crops[:, v]), params[:, v]) for v in range(params.shape[1])]
+            return [self.finish(_to_float(x), params[:, v]) for v, x in enumerate(views)]
 
     def finish(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """The recipe after the crop, on float ``[B, 3, S, S]`` in [0, 1] (modified in place):
@@ -202,16 +239,16 @@ class BatchTwoCrop:
             x[idx] = torch.where(sub >= 128 / 255, 1.0 - sub, sub)
         return F.normalize(x, list(self.mean), list(self.std), inplace=True)
 
-    def resized_crop(self, src: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    def resized_crop(self, src: torch.Tensor, p: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """Crop each sample's box (source pixels, mapped onto ``src``'s size) and resize it to
-        ``img_size``: bilinear, averaging ``ceil(box / img_size)``^2 samples per output pixel when
+        ``size`` (default ``img_size``): bilinear, averaging ``ceil(box / img_size)``^2 samples per output pixel when
         shrinking (``roi_align``, aligned=True), like the antialiased resize of the per-image path."""
         b, _, h, w = src.shape
         sy, sx = h / p[:, P["src_h"]], w / p[:, P["src_w"]]
         y0, x0 = p[:, P["top"]] * sy, p[:, P["left"]] * sx
         y1, x1 = y0 + p[:, P["height"]] * sy, x0 + p[:, P["width"]] * sx
         boxes = torch.stack([torch.arange(b, dtype=torch.float64), x0, y0, x1, y1], 1)
-        s = self.img_size
+        s = size or self.img_size
         # one roi_align per distinct sampling ratio (its adaptive choice is per box already; a
         # fixed, larger ratio for all would cost more), samples in their own order
         ratio = torch.ceil(torch.maximum(y1 - y0, x1 - x0) / s).clamp_min(1).to(torch.int64)
@@ -247,7 +284,8 @@ class BatchTwoCrop:
             return x
         sigma = p[:, P["sigma"]]
         s = x.shape[-1]
-        half = torch.ceil(4.0 * sigma).clamp(max=self.kernel_size // 2).clamp(max=min(x.shape[-2:]) - 1).to(torch.int64)
+        kernel_size = self.kernel_size if s == self.img_size else blur_kernel_size(s)
+        half = torch.ceil(4.0 * sigma).clamp(max=kernel_size // 2).clamp(max=min(x.shape[-2:]) - 1).to(torch.int64)
         for hf in half[blur].unique().tolist():
             sel = (blur & (half == hf)).nonzero().flatten()
             if hf < 1:
@@ -311,13 +349,17 @@ class CropForDevice:
     def __init__(self, two_crop: BatchTwoCrop):
         self.two_crop = two_crop
 
-    def __call__(self, img) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, img) -> tuple[torch.Tensor, ...]:
         from opera.data.transforms import _as_uint8_tensor
 
         img = _as_uint8_tensor(img)
-        params = self.two_crop.sample((img.shape[-2], img.shape[-1]))
-        s = self.two_crop.img_size
-        crops = [F.resized_crop(img, *[int(v) for v in row[0:4]], [s, s], antialias=True) for row in params]
+        aug = self.two_crop
+        params = aug.sample((img.shape[-2], img.shape[-1]))
+        crops = [F.resized_crop(img, *[int(v) for v in row[0:4]], [aug.size_of(k)] * 2, antialias=True)
+                 for k, row in enumerate(params)]
+        g = len(VIEWS)
+        if aug.local_crops:  # (global crops, local crops, parameters): the two sizes batch apart
+            return torch.stack(crops[:g]), torch.stack(crops[g:]), params
         return torch.stack(crops), params
 
     def __repr__(self) -> str:

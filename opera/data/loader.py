@@ -431,7 +431,8 @@ def in_memory_images(dataset) -> torch.Tensor | None:
 
 
 class PretrainFeed:
-    """Batches of MoCo-v3 two-crop views, on ``device``, for the pretraining loop (Eq. 34's views).
+    """Batches of MoCo-v3 two-crop views, on ``device``, for the pretraining loop (Eq. 34's views),
+    then ``local_crops`` DINO local crops of ``local_size`` px when asked (multi-crop).
 
     ``augment_on="workers"``: ``PretrainTransform`` per image in the DataLoader (the classic way).
     ``augment_on="device"`` (default): ``opera.data.device_augment.BatchTwoCrop`` on whole
@@ -450,7 +451,8 @@ class PretrainFeed:
 
     def __init__(self, dataset, *, img_size: int, crop_min: float, flip: bool, seed: int, augment_on: str = "device",
                  device: torch.device | str = "cpu", workers: int = 0, target_sets: dict | None = None,
-                 labelled_per_batch: int = 0):
+                 labelled_per_batch: int = 0, local_crops: int = 0, local_size: int = 0,
+                 local_scale: tuple[float, float] = (0.05, 0.4)):
         from opera.data.datasets import dataset_label_sets, dataset_target_sets
         from opera.data.device_augment import BatchTwoCrop, CropForDevice
         from opera.data.transforms import PretrainTransform
@@ -459,7 +461,10 @@ class PretrainFeed:
             raise OperaError(f"data.augment_on must be one of {', '.join(AUGMENT_ON)}, got {augment_on!r}; "
                              "use --set data.augment_on=device")
         self.augment_on, self.device, self.workers, self.seed = augment_on, torch.device(device), int(workers), int(seed)
-        self.two_crop = BatchTwoCrop(img_size, crop_min=crop_min, flip=flip)
+        multi = {"local_crops": local_crops, "local_size": local_size, "local_scale": tuple(local_scale)}
+        self.two_crop = BatchTwoCrop(img_size, crop_min=crop_min, flip=flip, **multi)
+        #: how many leading views of a batch are global (the rest are DINO's local crops)
+        self.global_views = 2
         images = in_memory_images(dataset) if augment_on == "device" else None
         self.in_memory = images is not None
         self.label_sets = dataset_label_sets(dataset)
@@ -479,7 +484,7 @@ class PretrainFeed:
         elif augment_on == "device":
             dataset.transform = CropForDevice(self.two_crop)
         else:
-            dataset.transform = PretrainTransform(img_size, crop_min=crop_min, flip=flip)
+            dataset.transform = PretrainTransform(img_size, crop_min=crop_min, flip=flip, **multi)
         base = dataset.dataset if isinstance(dataset, SeededDataset) else dataset
         self.dataset = IndexedSeededDataset(base, seed)
 
@@ -511,8 +516,9 @@ class PretrainFeed:
             if self.augment_on == "workers":
                 yield [v.to(self.device, non_blocking=True) for v in items], targets
             else:
-                crops, params = items
-                yield self.two_crop.from_crops(crops.to(self.device, non_blocking=True), params), targets
+                *crops, params = items
+                crops = [c.to(self.device, non_blocking=True) for c in crops]
+                yield self.two_crop.from_crops(*crops[:1], params, *crops[1:]), targets
 
     def targets_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named label sets of the images ``index`` (a tensor of dataset indices on the device)."""

@@ -158,7 +158,8 @@ class RandomSolarize(torch.nn.Module):
 
 
 class PretrainTransform:
-    """MoCo-v3 / BYOL two-crop asymmetric augmentation; returns ``[view1, view2]``.
+    """MoCo-v3 / BYOL two-crop asymmetric augmentation; returns ``[view1, view2]`` (then
+    ``local_crops`` DINO local crops: :class:`opera.data.device_augment.BatchTwoCrop`).
 
     Per view: RandomResizedCrop(img_size, scale=(crop_min, 1)), horizontal flip (``flip``),
     ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, RandomGrayscale p=0.2, GaussianBlur
@@ -175,17 +176,27 @@ class PretrainTransform:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         flip: bool = True,
+        local_crops: int = 0,
+        local_size: int = 0,
+        local_scale: tuple[float, float] = (0.05, 0.4),
     ):
+        from opera.data.device_augment import LOCAL_VIEW, local_size_for
+
         _check(img_size, crop_min)
         self.img_size, self.crop_min, self.flip = img_size, float(crop_min), flip
         self.mean, self.std = tuple(mean), tuple(std)
         self.view1 = self._view(blur_p=1.0, solarize_p=0.0)
         self.view2 = self._view(blur_p=0.1, solarize_p=0.2)
+        self.local_crops, self.local_size = int(local_crops), int(local_size) or local_size_for(img_size)
+        # DINO's local_transfo: every local crop is drawn with the same transform, one after another
+        self.local = self._view(*LOCAL_VIEW, size=self.local_size, scale=tuple(local_scale)) if self.local_crops else None
 
-    def _view(self, blur_p: float, solarize_p: float) -> v2.Compose:
+    def _view(self, blur_p: float, solarize_p: float, size: int | None = None,
+              scale: tuple[float, float] | None = None) -> v2.Compose:
         # Geometry on uint8 (the resize has a fast uint8 kernel), then one conversion to float:
         # torchvision's uint8 color kernels convert to float and back internally for every op.
-        ops: list = [v2.RandomResizedCrop(self.img_size, scale=(self.crop_min, 1.0), antialias=True)]
+        size = size or self.img_size
+        ops: list = [v2.RandomResizedCrop(size, scale=scale or (self.crop_min, 1.0), antialias=True)]
         if self.flip:
             ops.append(v2.RandomHorizontalFlip())
         ops += [
@@ -193,7 +204,7 @@ class PretrainTransform:
             v2.RandomApply([FastColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply(
-                [FastGaussianBlur(blur_kernel_size(self.img_size), sigma=(0.1, 2.0))], p=blur_p
+                [FastGaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=blur_p
             ),
             RandomSolarize(solarize_p),
             v2.Normalize(self.mean, self.std),
@@ -202,12 +213,12 @@ class PretrainTransform:
 
     def __call__(self, img) -> list[torch.Tensor]:
         img = _as_uint8_tensor(img)
-        return [self.view1(img), self.view2(img)]
+        return [self.view1(img), self.view2(img)] + [self.local(img) for _ in range(self.local_crops)]
 
     def __repr__(self) -> str:
         return (
             f"PretrainTransform(img_size={self.img_size}, crop_min={self.crop_min}, "
-            f"flip={self.flip})"
+            f"flip={self.flip}" + (f", local_crops={self.local_crops}@{self.local_size}px" if self.local_crops else "") + ")"
         )
 
 

@@ -132,7 +132,8 @@ class PretrainProtocol:
         self._m_now = ema_momentum_at(epoch_f, cfg.train.epochs, cfg.optim.ema_momentum, cfg.optim.ema_cosine)
         self.hierarchy.on_step(Progress(epoch_f, at.global_step, cfg.train.epochs, self.total_steps))
         out = train_step(self.model, self.hierarchy, self.optimizer, views, targets, self._lr_now, self._m_now, self.device,
-                         cfg.train.amp, at.global_step, per_view=cfg.train.per_view, scaler=self.scaler)
+                         cfg.train.amp, at.global_step, per_view=cfg.train.per_view, scaler=self.scaler,
+                         global_views=self.feed.global_views if cfg.data.local_crops else None)
         online_linear_step(self.monitor, self.tap, targets)
         return {"loss": out.loss.detach(), **{f"loss/{k}": v.detach() for k, v in out.losses.items()}, **out.logs}
 
@@ -191,7 +192,9 @@ def setup_pretrain(cfg: PretrainConfig, run: RunDirectory, init: Initializer | N
                  if "unlabelled_images" in label_summary else ""), flush=True)
     feed = PretrainFeed(train_data, img_size=b.img_size, crop_min=cfg.data.crop_min, flip=cfg.data.flip,
                         seed=cfg.train.seed, augment_on=cfg.data.augment_on, device=device, workers=cfg.data.workers,
-                        target_sets=target_sets, labelled_per_batch=cfg.data.labelled_per_batch)
+                        target_sets=target_sets, labelled_per_batch=cfg.data.labelled_per_batch,
+                        local_crops=cfg.data.local_crops, local_size=cfg.data.local_size,
+                        local_scale=cfg.data.local_crop_scale)
     batch = cfg.train.batch_size
     if batch % world:
         raise OperaError(f"--batch-size {batch} is not divisible by the {world} processes; use a multiple of {world}")

@@ -198,15 +198,20 @@ class SupervisionHierarchy(nn.Module):
     def from_config(cls, cfg: Any, label_sets: dict[str, int] | None) -> "SupervisionHierarchy":
         """The hierarchy of a :class:`~opera.configs.PretrainConfig` over data with ``label_sets``."""
         b = cfg.backbone
+        options = {"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
+                   "drop_path_rate": b.drop_path_rate or None}
+        backbone = create_backbone(b.name, img_size=b.img_size, **options)
+        if getattr(cfg.data, "local_crops", 0) and is_token_backbone(backbone):
+            # local crops are smaller than the global views: the ViT interpolates its position
+            # embedding to each input's grid (DINO's interpolate_pos_encoding; timm's dynamic_img_size)
+            backbone = create_backbone(b.name, img_size=b.img_size, dynamic_img_size=True, **options)
         return cls.from_spec(
             cfg.hierarchy,
-            backbone=b.name,
+            backbone=backbone,
             label_sets=label_sets or {},
             arrangement=cfg.arrangement,
             img_size=b.img_size,
             concat_views=cfg.train.concat_views,
-            backbone_options={"patch_size": b.patch_size, "stop_grad_patch_embed": b.stop_grad_patch_embed,
-                              "drop_path_rate": b.drop_path_rate or None},
             **cfg.space_options(),
         )
 

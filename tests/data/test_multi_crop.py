@@ -21,6 +21,7 @@ from torchvision import transforms as T
 from opera.data import PretrainFeed, PretrainTransform, build_dataset, sample_seed
 from opera.data.device_augment import P, BatchTwoCrop, CropForDevice, local_size_for
 from opera.errors import OperaError
+from tests.data.test_device_augment import _NoImages
 
 ALPHA = 1e-3
 
@@ -97,20 +98,6 @@ def test_local_crop_parameters_follow_dinos_recipe():
     assert not math.isclose(float(params[:, 0, P["height"]].mean()), float(params[:, 2, P["height"]].mean()), rel_tol=0.2)
     wrong = BatchTwoCrop(64, crop_min=0.4, local_crops=2, local_scale=(0.1, 0.4)).sample_seeded(range(n), [(h, w)] * n)
     assert "local1 crop area" in _local_fails(wrong, h, w, (0.05, 0.4))
-
-
-class _NoImages(torch.utils.data.Dataset):
-    """digits without its in-memory ``images``: forces the decode-in-workers device path."""
-
-    def __init__(self, ds):
-        self.ds, self.targets, self.num_classes, self.transform = ds, ds.targets, ds.num_classes, None
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        img = self.ds.load_image(i)
-        return (self.transform(img) if self.transform else img), self.targets[i]
 
 
 def test_feed_paths_agree_and_resume_mid_epoch_exactly_with_local_crops():

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from opera import distributed
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy
 from opera.supervisions.barlow import BarlowOptions, BarlowTwinsSpace
 from tests.hierarchy.test_distributed import run_two_ranks
+from tests.supervisions.helpers import gloo_group, train_cli
 
 LAMBD = 0.0051
 EPS = 1e-5  # BatchNorm1d's eps, the official self.bn's
@@ -173,10 +168,7 @@ TIMEOUT_S = 90
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         x = [v[rank * LOCAL:(rank + 1) * LOCAL] for v in views(n=WORLD * LOCAL)]
         h = distributed.convert_sync_batchnorm(build())  # the official convert_sync_batchnorm
         out = h(views=x)
@@ -187,8 +179,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         record = {"loss": out.losses["barlow"].detach(), "grads": grads,
                   "local_loss": local(views=x).losses["barlow"].detach()}
         torch.save(record, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -219,14 +209,7 @@ def test_two_gloo_ranks_give_the_official_loss_and_gradient(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["barlow", "barlow,full"])
 def test_cli_trains(tmp_path, spec):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", spec, "--epochs", "1",
-                        "--output", str(out), "--set", "train.max_steps=3", "--set", "train.knn_every=0",
-                        "--set", "data.spec=digits:0-4", "--set", "train.batch_size=64", "--set", "train.log_every=1",
-                        "--set", "barlow.mlp_dim=64", "--set", "barlow.dim=32"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train_cli(tmp_path, spec, "barlow.mlp_dim=64", "barlow.dim=32")
     rows = [row for row in rows if "loss/barlow" in row]
     assert rows and all(math.isfinite(row["loss/barlow"]) and row["barlow/on_diag"] >= 0 for row in rows)
     if "full" in spec:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy
+from tests.supervisions.helpers import train_cli
 
 
 def build(spec="byol", seed=0, **kw):
@@ -93,14 +91,7 @@ def test_one_view_is_a_one_line_error():
 
 
 def run_cli(tmp_path, hierarchy: str) -> list[dict]:
-    out = tmp_path / hierarchy.replace(",", "_")
-    r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", hierarchy, "--epochs", "1",
-                        "--output", str(out), "--set", "train.max_steps=3", "--set", "train.log_every=1",
-                        "--set", "train.knn_every=0", "--set", "byol.dim=32", "--set", "byol.mlp_dim=64",
-                        "--set", "data.spec=digits:0-4"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return train_cli(tmp_path, hierarchy, "byol.dim=32", "byol.mlp_dim=64")
 
 
 @pytest.mark.slow

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from opera import distributed
 from opera.hierarchy import SupervisionHierarchy
 from tests.hierarchy.test_distributed import run_two_ranks
+from tests.supervisions.helpers import gloo_group, train_cli
 
 TAU = 0.1
 
@@ -140,10 +135,7 @@ def _hierarchy():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         x = [v[rank * LOCAL:(rank + 1) * LOCAL] for v in views(n=WORLD * LOCAL)]
         record = {}
         for mode in ("joint", "per_view"):
@@ -165,8 +157,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local.spaces["simclr"].options.gather_distributed = False
         record["local_loss"] = distributed.convert_sync_batchnorm(local)(views=x).losses["simclr"].detach()
         torch.save(record, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -200,14 +190,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["simclr", "simclr,full"])
 def test_cli_trains(tmp_path, spec):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", spec, "--epochs", "1",
-                        "--output", str(out), "--set", "train.max_steps=3", "--set", "train.knn_every=0",
-                        "--set", "data.spec=digits:0-4", "--set", "train.batch_size=64", "--set", "train.log_every=1",
-                        "--set", "simclr.mlp_dim=64", "--set", "simclr.dim=32"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train_cli(tmp_path, spec, "simclr.mlp_dim=64", "simclr.dim=32")
     keys = set().union(*rows)
     assert {"loss/simclr", "simclr/nt_xent"} <= keys, keys
     if "full" in spec:

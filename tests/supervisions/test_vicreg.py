@@ -3,21 +3,16 @@ Eq. 1-6) as facebookresearch/vicreg's ``main_vicreg.py`` computes them, no teach
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from opera import distributed
 from opera.hierarchy import SupervisionHierarchy
 from tests.hierarchy.test_distributed import run_two_ranks
+from tests.supervisions.helpers import gloo_group, train_cli
 
 #: non-default values, so that a coefficient on the wrong term (or a dropped gamma / eps) shows
 CUSTOM = {"sim_coeff": 3.0, "std_coeff": 5.0, "cov_coeff": 7.0, "gamma": 1.5, "eps": 1e-3, "weight": 0.5}
@@ -176,10 +171,7 @@ TIMEOUT_S = 90
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         x = [v[rank * LOCAL:(rank + 1) * LOCAL] for v in views(n=WORLD * LOCAL)]
         h = distributed.convert_sync_batchnorm(build(**CUSTOM))  # BatchNorm over both ranks, as the official SyncBN
         out = h(views=x)
@@ -193,8 +185,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local = distributed.convert_sync_batchnorm(build(**CUSTOM, gather_distributed=False))
         record["local_loss"] = local(views=x).losses["vicreg"].detach()
         torch.save(record, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -233,14 +223,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["vicreg", "vicreg,full"])
 def test_cli_trains(tmp_path, spec):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", spec, "--epochs", "1",
-                        "--output", str(out), "--set", "train.max_steps=3", "--set", "train.knn_every=0",
-                        "--set", "data.spec=digits:0-4", "--set", "train.batch_size=64", "--set", "train.log_every=1",
-                        "--set", "vicreg.mlp_dim=64", "--set", "vicreg.dim=32"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train_cli(tmp_path, spec, "vicreg.mlp_dim=64", "vicreg.dim=32")
     keys = set().union(*rows)
     assert {"loss/vicreg", "vicreg/invariance", "vicreg/variance", "vicreg/covariance"} <= keys, keys
     if "full" in spec:

@@ -41,6 +41,20 @@ def logged_steps(output: Path) -> int:
     return max(steps, default=0)
 
 
+def kill_midway(cmd: list[str], output: Path, total: int) -> int:
+    """Start ``cmd``, SIGKILL it once it has logged past half of its ``total`` steps (mid second
+    epoch or late first: an arbitrary step, not an epoch end); the step its ``last.pt`` holds."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while logged_steps(output) < total // 2 + 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = load_state(output / "last.pt")["global_step"]
+    assert 0 < stopped < total, f"kill came too late or too early (checkpoint at step {stopped} of {total})"
+    return stopped
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -48,15 +62,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     total = load_state(clean / "last.pt")["global_step"]
     assert total > 8
 
-    proc = subprocess.Popen(opera_cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    target = total // 2 + 1  # mid second epoch or late first: an arbitrary step, not an epoch end
-    while logged_steps(killed) < target and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped = load_state(killed / "last.pt")["global_step"]
-    assert 0 < stopped < total, f"kill came too late or too early (checkpoint at step {stopped} of {total})"
+    stopped = kill_midway(opera_cmd(killed), killed, total)
 
     done = subprocess.run(opera_cmd(killed), env=env(), timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -191,7 +191,7 @@ class SupervisionHierarchy(nn.Module):
             spaces[name] = space_cls.build(ctx, make_options(space_cls.Options, options.get(name), name))
             if space_cls.placed_by_arrangement:
                 ctx.placed = True
-        teacher = MomentumTeacher(backbone, ctx.reps, ctx.teacher_wanted) if ctx.teacher_wanted else None
+        teacher = MomentumTeacher(backbone, ctx.reps, ctx.teacher_wanted, ctx.teacher_drop_path) if ctx.teacher_wanted else None
         return cls(backbone, spaces, ctx.arrangement, concat_views, teacher, label_sets)
 
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from timm.layers import DropPath
 from torch import nn
 
 from opera.backbones import pooled_features
@@ -36,9 +37,13 @@ class MomentumTeacher(nn.Module):
     """EMA copies: ``backbone`` and ``heads[head_key(rep)]`` for every representation on the way
     up to the ones asked for. ``momentum_pairs()`` names the (online, target) pairs."""
 
-    def __init__(self, backbone: nn.Module, reps: dict[str, Published], wanted: list[str]):
+    def __init__(self, backbone: nn.Module, reps: dict[str, Published], wanted: list[str], drop_path: bool = True):
         super().__init__()
         self.backbone = _frozen_copy(backbone)
+        if not drop_path:  # no stochastic depth in the teacher (DINO builds it without drop_path_rate)
+            for m in self.backbone.modules():
+                if isinstance(m, DropPath):
+                    m.drop_prob = 0.0
         self.heads = nn.ModuleDict()
         # rep -> (source rep, online module); a plain dict, so the online modules are not
         # registered twice (they belong to their spaces)

@@ -77,6 +77,9 @@ class BuildContext:
     arrangement_default: bool = False
     #: representations whose teacher version some space asked for
     teacher_wanted: list[str] = field(default_factory=list)
+    #: the teacher's backbone keeps the student's stochastic depth (MoCo-v3 builds both encoders
+    #: alike); a space may ask for a teacher without it (DINO: ``want_teacher(..., drop_path=False)``)
+    teacher_drop_path: bool = True
 
     @property
     def dims(self) -> dict[str, int]:
@@ -102,9 +105,12 @@ class BuildContext:
             raise OperaError(f"the space {space!r} needs at least 2 classes in label set {label_set!r}, the data has {size}")
         return size
 
-    def want_teacher(self, name: str) -> None:
+    def want_teacher(self, name: str, drop_path: bool = True) -> None:
         """Ask for the momentum teacher's version of representation ``name`` (EMA copies of the
-        backbone and of every module from it up to ``name``)."""
+        backbone and of every module from it up to ``name``); ``drop_path=False``: the teacher's
+        backbone runs without stochastic depth."""
+        if not drop_path:
+            self.teacher_drop_path = False
         if name not in self.reps:
             raise OperaError(f"no representation {name!r} to copy into the momentum teacher; have: {', '.join(self.reps)}")
         if name not in self.teacher_wanted:

@@ -64,7 +64,11 @@ checkpoints), updated in training mode only (a loss computed in eval mode leaves
 epoch follow ``on_step``'s integer epoch, as the official code indexes them by ``epoch``.
 
 Multi-crop: the step's views are the global views ``0..G-1`` first, then the local crops
-(``Stage.global_views``); the teacher sees the global views only. With two views and no local
+(``Stage.global_views``; ``data.local_crops``, ``data.local_size``, ``data.local_crop_scale``;
+a ViT then interpolates its position embedding to each crop's grid, timm's
+``dynamic_img_size``, as DINO's ``interpolate_pos_encoding``); the teacher sees the global views
+only, and its backbone has no stochastic depth (``want_teacher(..., drop_path=False)``: the
+official teacher ViT is built without ``drop_path_rate``). With two views and no local
 crops this is DINO's 2-crop version.
 
 Published: ``dino/projector``, the MLP's bottleneck output before the L2 normalisation (the
@@ -76,9 +80,7 @@ arrangement B (the class head on ``dino/projector``); C is a one-line error.
 
 Where opera differs from the official code (not in the loss): the teacher starts as a copy of the
 student and is updated before the step's forward with this step's momentum (MoCo-v3's order; the
-official update follows the optimizer step); the teacher's backbone is a copy of the student's,
-so it shares its stochastic depth setting (the official teacher is built without drop path);
-the head runs on each view alone (BatchNorm statistics per view with ``use_bn``), where the
+official update follows the optimizer step); the head runs on each view alone (BatchNorm statistics per view with ``use_bn``), where the
 official ``MultiCropWrapper`` runs it on all crops concatenated (``train.concat_views=true``
 does that); the official weight-decay schedule (0.04 to 0.4, cosine), gradient clipping
 (``--clip_grad 3.0``), the final learning rate ``--min_lr`` 1e-6 (opera decays to 0) and fp16
@@ -193,7 +195,9 @@ class DINOSpace(TaskSpace):
         space = cls(ctx.dims["backbone"], options)
         ctx.publish(space.key("projector"), options.bottleneck_dim, "backbone", space.projector, cls.name)
         ctx.publish(space.key("prototypes"), options.dim, space.key("projector"), space.prototypes, cls.name)
-        ctx.want_teacher(space.key("prototypes"))  # the teacher: EMA backbone + the whole head
+        # the teacher: EMA backbone + the whole head, without stochastic depth (main_dino.py builds
+        # the teacher ViT without drop_path_rate)
+        ctx.want_teacher(space.key("prototypes"), drop_path=False)
         return space
 
     def represent(self, reps: dict[str, torch.Tensor]) -> None:

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import datetime
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import yaml
 
 from opera import distributed
 from opera.errors import OperaError
 from opera.hierarchy import SupervisionHierarchy
 from opera.supervisions.base import Progress
 from tests.hierarchy.test_distributed import run_two_ranks
+from tests.supervisions.helpers import gloo_group, train_cli
 
 SMALL = {"dim": 8, "hidden_dim": 16, "bottleneck_dim": 8}
 
@@ -291,10 +284,7 @@ def _gloo_model() -> SupervisionHierarchy:
 
 
 def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         x = [v[rank * LOCAL:(rank + 1) * LOCAL] for v in views(n=WORLD * LOCAL, sizes=(16, 16))]
         h = _gloo_model()
         first = h(views=x)
@@ -304,8 +294,6 @@ def _gloo_worker(rank: int, port: int, out_dir: str) -> None:
         second = h(views=x)  # this loss uses the all-reduced center
         torch.save({"loss1": first.losses["dino"].detach(), "loss2": second.losses["dino"].detach(), "grads": grads,
                     "center1": center1, "center2": h.spaces["dino"].center.clone()}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -341,19 +329,22 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["dino", "dino,full"])
 def test_cli_trains(tmp_path, spec):
-    out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "opera", "run", "pretrain", "--hierarchy", spec, "--epochs", "1",
-                        "--output", str(out), "--set", "train.max_steps=3", "--set", "train.knn_every=0",
-                        "--set", "data.spec=digits:0-4", "--set", "train.batch_size=64", "--set", "train.log_every=1",
-                        "--set", "dino.dim=256", "--set", "dino.hidden_dim=64", "--set", "dino.bottleneck_dim=32"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = train_cli(tmp_path, spec, "dino.dim=256", "dino.hidden_dim=64", "dino.bottleneck_dim=32")
     rows = [row for row in rows if "loss/dino" in row]
     assert len(rows) == 3, rows
     assert all(math.isfinite(row["loss/dino"]) and row["dino/teacher_temp"] == pytest.approx(0.04) for row in rows)
     if "full" in spec:
         assert all("loss/full" in row and "full/ce" in row for row in rows)
+
+
+@pytest.mark.slow
+def test_cli_trains_dino_full_with_six_local_crops(tmp_path):
+    """Multi-crop from the CLI: 2 global views and 6 local crops (data.local_crops=6); the loss
+    has 2 x 7 = 14 (teacher view, other view) pairs, and full still reads the global views."""
+    rows = train_cli(tmp_path, "dino,full", "data.local_crops=6", "dino.dim=256", "dino.hidden_dim=64",
+                     "dino.bottleneck_dim=32")
+    rows = [row for row in rows if "loss/dino" in row]
+    assert len(rows) == 3 and all(math.isfinite(row["loss/dino"]) and "loss/full" in row for row in rows)
 
 
 # ----------------------------------------------------------------------------- the ImageNet recipe
@@ -362,29 +353,13 @@ RECIPE = Path(__file__).resolve().parents[2] / "docs" / "recipes" / "dino_vits16
 LOCAL_CROPS = {"local_crops": 8, "local_size": 96, "local_crop_scale": [0.05, 0.4]}
 
 
-def load_recipe(tmp_path: Path, overrides: list[str] | None = None):
-    """The recipe as a config, and which multi-crop keys this tree's DataConfig does not have yet
-    (left out of the loaded config, so the rest is still checked)."""
-    from opera.configs import load_config
-    from opera.configs.schema import RECIPES, DataConfig, load_yaml
-
-    have = {f.name for f in dataclasses.fields(DataConfig)}
-    missing = [k for k in LOCAL_CROPS if k not in have]
-    if not missing:
-        return load_config(str(RECIPE), overrides), missing
-    data = load_yaml(RECIPE, RECIPES)
-    for k in missing:
-        assert data["data"].pop(k) == LOCAL_CROPS[k], k  # the file holds the official value all the same
-    path = tmp_path / RECIPE.name
-    path.write_text(yaml.safe_dump(data))
-    return load_config(str(path), overrides), missing
-
-
 def test_imagenet_recipe_is_the_official_command(tmp_path):
     """docs/recipes/dino_vits16_100ep_b512.yaml against the README's vanilla ViT-S/16 command
     (8 GPUs x --batch_size_per_gpu 64, --epochs 100) and main_dino.py's defaults; it builds with
     'full' on dino/projector."""
-    cfg, missing = load_recipe(tmp_path)
+    from opera.configs import load_config
+
+    cfg = load_config(str(RECIPE))
     assert cfg.hierarchy == "dino" and cfg.arrangement is None
     b = cfg.backbone
     assert (b.name, b.img_size, b.patch_size, b.stop_grad_patch_embed, b.drop_path_rate) == \
@@ -396,16 +371,21 @@ def test_imagenet_recipe_is_the_official_command(tmp_path):
     assert o.base_lr * cfg.train.batch_size / 256 == pytest.approx(0.001)
     assert cfg.data.crop_min == 0.4
     for k, v in LOCAL_CROPS.items():
-        if k in missing:
-            continue  # this tree's DataConfig has no data.{k} yet; the file's value was checked on loading
-        assert list(getattr(cfg.data, k)) == v if isinstance(v, list) else getattr(cfg.data, k) == v, k
+        assert (list(getattr(cfg.data, k)) if isinstance(v, list) else getattr(cfg.data, k)) == v, k
     assert cfg.space_options()["dino"] == {
         "dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "layers": 3, "use_bn": False, "norm_last_layer": True,
         "student_temp": 0.1, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
         "center_momentum": 0.9, "freeze_last_layer": 1, "weight": 1.0}
-    full, _ = load_recipe(tmp_path, ["hierarchy=dino,full"])
+    full = load_config(str(RECIPE), ["hierarchy=dino,full"])
     h = SupervisionHierarchy.from_config(full, {"class": 1000})
     blocks = h.backbone.blocks
     assert len(blocks) == 12 and blocks[0].attn.num_heads == 6 and h.backbone.num_features == 384
     assert h.arrangement == "B" and h.spaces["full"].source == "dino/projector"
     assert h.spaces["dino"].projector[0].in_features == 384
+    # the 96 px local crops reach the 224 px ViT: its position embedding follows each input's grid
+    with torch.no_grad():
+        assert h.backbone.forward_features(torch.zeros(1, 3, 96, 96)).shape[1] == 1 + 6 * 6
+    # the teacher has no stochastic depth (main_dino.py builds it without drop_path_rate)
+    drops = [m.drop_prob for m in h.teacher.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert drops and all(p == 0.0 for p in drops)
+    assert any(m.drop_prob > 0 for m in h.backbone.modules() if type(m).__name__ == "DropPath")

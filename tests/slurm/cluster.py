@@ -1,4 +1,5 @@
-"""A real one-node SLURM cluster, started from a temp dir, for tests.
+"""A real SLURM cluster of one node, or of several nodes (namespaces as hosts: hosts.py),
+started from a temp dir, for tests.
 
 ``SlurmCluster().start(tmpdir)`` starts, without systemd and without touching ``/etc``:
 
@@ -8,7 +9,8 @@
   submitit learns that a job was cancelled or failed without writing a result: without it,
   ``job.result()`` of a cancelled job waits forever;
 * ``slurmctld`` and ``slurmd`` for this host, on free ports, with every state/spool/pid/log file
-  under ``tmpdir``.
+  under ``tmpdir``; :class:`MultiNodeCluster` runs one ``slurmd`` per host of
+  :class:`~hosts.HostNamespaces` (``node1``, ``node2``) instead.
 
 It sets ``SLURM_CONF`` in ``os.environ`` so that ``sbatch``/``squeue``/``sacct`` (and submitit)
 talk to this cluster, and ``stop()`` cancels the jobs, stops every daemon it started by PID, kills
@@ -28,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hosts import HostNamespaces
 
 CORE_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo")
 ACCOUNTING_BINARIES = ("slurmdbd", "mariadbd", "mariadb-install-db", "sacct", "sacctmgr")
@@ -71,11 +75,16 @@ class SlurmClusterError(RuntimeError):
 class SlurmCluster:
     """One controller + one compute node on this machine (see the module docstring)."""
 
-    def __init__(self, accounting: bool | None = None, cluster_name: str = "opera"):
+    def __init__(self, accounting: bool | None = None, cluster_name: str = "opera", set_env: bool = True,
+                 partition: str = "debug"):
+        """``set_env=False``: leave ``os.environ`` alone (use :meth:`env` to talk to this cluster);
+        ``partition``: the name of its one (default) partition."""
         if accounting is None:
             accounting = not missing_binaries(accounting=True)
         self.accounting = accounting
         self.cluster_name = cluster_name
+        self.set_env = set_env
+        self.partition = partition
         self.root: Path | None = None
         self.hostname = socket.gethostname().split(".")[0]
         self.conf: Path | None = None
@@ -113,8 +122,7 @@ class SlurmCluster:
                 self._start_slurmdbd(timeout)
             self._spawn("slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait(lambda: self._ok(["scontrol", "ping"], "UP"), timeout, "slurmctld")
-            self._spawn("slurmd", [which("slurmd"), "-D", "-f", str(self.conf)])
-            self._wait(self._node_idle, timeout, "slurmd (node idle)")
+            self._start_nodes(timeout)
             if self.accounting:
                 self._wait(self._sacct_ok, timeout, "accounting (sacct)")
         except BaseException:
@@ -126,7 +134,8 @@ class SlurmCluster:
     def stop(self, timeout: float = 15.0) -> None:
         if self.conf is not None and self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
             self.cancel_all(timeout=timeout)
-        for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd-")]
+        for name in (*slurmds, "slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 _terminate(proc, timeout)
@@ -168,6 +177,27 @@ class SlurmCluster:
         return int(self.node.get("CPUs", "1"))
 
     # ----------------------------------------------------------------- daemons
+    def _start_nodes(self, timeout: float) -> None:
+        self._spawn("slurmd", [which("slurmd"), "-D", "-f", str(self.conf)])
+        self._wait(self._node_idle, timeout, "slurmd (node idle)")
+
+    def _controller_addr(self) -> str:
+        """The address slurmctld is reached at, by the clients and by every slurmd."""
+        return "127.0.0.1"
+
+    def _node_lines(self) -> list[str]:
+        """slurm.conf's node definitions and the files of their slurmd."""
+        assert self.root is not None
+        r = self.root
+        node_line = " ".join(f"{k}={v}" for k, v in self.node.items() if k != "NodeName")
+        self._logs["slurmd"] = r / "log/slurmd.log"
+        return [
+            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmdPidFile={r / 'run/slurmd.pid'}",
+            f"SlurmdLogFile={r / 'log/slurmd.log'}",
+            f"NodeName={self.hostname} NodeAddr=127.0.0.1 {node_line} State=UNKNOWN",
+        ]
+
     def _spawn(self, name: str, cmd: list, user: str | None = None, env: dict | None = None,
                cwd: Path | None = None) -> subprocess.Popen:
         assert self.root is not None
@@ -255,12 +285,10 @@ class SlurmCluster:
         self.node = _node_config()
         self.ctld_port, self.slurmd_port = _free_port(), _free_port()
         self.dbd_port = _free_port()
-        node_line = " ".join(f"{k}={v}" for k, v in self.node.items() if k != "NodeName")
         self._logs["slurmctld"] = r / "log/slurmctld.log"
-        self._logs["slurmd"] = r / "log/slurmd.log"
         lines = [
             f"ClusterName={self.cluster_name}",
-            f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"SlurmctldHost={self.hostname}({self._controller_addr()})",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
@@ -270,11 +298,8 @@ class SlurmCluster:
             # cred_expire=10: a requeued job restarts in ~12 s instead of ~163 s.
             f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run/slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run/slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log/slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log/slurmd.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -305,8 +330,8 @@ class SlurmCluster:
         else:
             lines += ["AccountingStorageType=accounting_storage/none"]
         lines += [
-            f"NodeName={self.hostname} NodeAddr=127.0.0.1 {node_line} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+            *self._node_lines(),
+            f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         self.conf = r / "slurm.conf"
         self.conf.write_text("\n".join(lines) + "\n")
@@ -365,6 +390,8 @@ class SlurmCluster:
 
     # --------------------------------------------------------------- env/stop
     def _set_env(self) -> None:
+        if not self.set_env:
+            return
         for k, v in self.env().items():
             self._saved_env.setdefault(k, os.environ.get(k))
             os.environ[k] = v
@@ -389,6 +416,71 @@ class SlurmCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+class MultiNodeCluster(SlurmCluster):
+    """One controller + one slurmd per host of :class:`~hosts.HostNamespaces` (``node1``, ``node2``).
+
+    Each slurmd runs as its host (own network namespace and address, hostname, pids and
+    ``/etc/hosts``) and so does every job step it starts; slurmctld, slurmdbd, mariadbd and munged
+    run in the root namespace, reached over the hosts' bridge. The nodes share this machine's
+    files (like a cluster's shared filesystem) and clock. ``stop()`` also removes the namespaces.
+    """
+
+    def __init__(self, names: tuple[str, ...] = ("node1", "node2"), accounting: bool | None = None,
+                 cluster_name: str = "opera2", set_env: bool = True, partition: str = "debug"):
+        super().__init__(accounting=accounting, cluster_name=cluster_name, set_env=set_env, partition=partition)
+        self.hosts = HostNamespaces(names)
+
+    def start(self, tmpdir: str | os.PathLike, timeout: float = 60.0) -> MultiNodeCluster:
+        try:
+            Path(tmpdir).mkdir(parents=True, exist_ok=True)
+            self.hosts.create(tmpdir)
+            super().start(tmpdir, timeout)
+        except BaseException:
+            self.hosts.remove()
+            raise
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        try:
+            super().stop(timeout)
+        finally:
+            self.hosts.remove()
+
+    @property
+    def node_names(self) -> list[str]:
+        return [h.name for h in self.hosts.hosts]
+
+    def node_states(self) -> dict[str, str]:
+        out = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def _node_idle(self) -> bool:
+        return self.node_states() == {name: "idle" for name in self.node_names}
+
+    def _controller_addr(self) -> str:
+        return self.hosts.controller_addr
+
+    def _node_lines(self) -> list[str]:
+        assert self.root is not None
+        r = self.root
+        node_line = " ".join(f"{k}={v}" for k, v in self.node.items() if k != "NodeName")
+        for host in self.hosts.hosts:
+            (r / "spool" / host.name).mkdir(parents=True, exist_ok=True)
+            self._logs[f"slurmd-{host.name}"] = r / f"log/slurmd.{host.name}.log"
+        return [  # %n: the node name, so each slurmd has its own spool, pid and log file
+            f"SlurmdSpoolDir={r / 'spool/%n'}",
+            f"SlurmdPidFile={r / 'run/slurmd.%n.pid'}",
+            f"SlurmdLogFile={r / 'log/slurmd.%n.log'}",
+            *(f"NodeName={h.name} NodeAddr={h.addr} {node_line} State=UNKNOWN" for h in self.hosts.hosts),
+        ]
+
+    def _start_nodes(self, timeout: float) -> None:
+        for host in self.hosts.hosts:
+            self._spawn(f"slurmd-{host.name}",
+                        self.hosts.command(host, [which("slurmd"), "-D", "-N", host.name, "-f", str(self.conf)]))
+        self._wait(self._node_idle, timeout, "every slurmd (nodes idle)")
 
 
 def _die_with_parent() -> None:

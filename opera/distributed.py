@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -240,6 +241,18 @@ def detect_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist, as ``scontrol show hostnames`` would list it:
+    ``node[1-2]`` -> ``node1``, ``gpu[007-009,011],cpu1`` -> ``gpu007``, ``r[1-2]-n[01-04]`` -> ``r1-n01``."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # the first entry: up to the first comma outside brackets
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+
+
 def _slurm_master_addr() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
@@ -255,7 +268,7 @@ def _slurm_master_addr() -> str:
             return first[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    return nodelist.split(",")[0]
+    return first_host(nodelist)  # no scontrol here: the same host, read from the hostlist itself
 
 
 def init(device: str = "cpu", timeout_min: int = 30) -> DistEnv:

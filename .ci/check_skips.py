@@ -6,8 +6,9 @@
 REPORT is pytest's ``--junitxml`` file, or a saved text log of a run with ``-rs``/``-ra``
 (its ``SKIPPED [n] path:line: reason`` lines). Every skip is printed with its reason. The SLURM
 tests (``tests/slurm``) can run where we are root and apt-get exists (``.ci/install_slurm.sh``
-then installs a one-node cluster); there, any skipped SLURM test, or none having run at all, is
-a failure (exit 1). ``--slurm-can-run`` overrides the detection. A missing or unreadable report
+then installs what their one-node and two-node clusters need); there, any skipped SLURM test
+(the two-node tests skip where namespaces cannot be made), or none having run at all, is a
+failure (exit 1). ``--slurm-can-run`` overrides the detection. A missing or unreadable report
 is a one-line error (exit 2).
 """
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install what tests/slurm needs for a real one-node SLURM cluster (Debian/Ubuntu, as root).
+# Install what tests/slurm needs for its real SLURM clusters, one node and two (Debian/Ubuntu, as root).
 #
 #   slurmctld slurmd slurm-client munge   the cluster itself
+#   iproute2 util-linux                   the two-node cluster's hosts: network namespaces on a bridge
+#                                         (ip), each with its own hostname and pids (unshare, nsenter)
 #   slurmdbd mariadb-server               accounting: lets `sacct` answer, so submitit can see that a
 #                                         cancelled job is CANCELLED (its result() raises instead of
 #                                         waiting forever)
@@ -13,7 +15,7 @@ set -euo pipefail
 
 need=()
 for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge \
-            slurmdbd:slurmdbd mariadbd:mariadb-server; do
+            slurmdbd:slurmdbd mariadbd:mariadb-server ip:iproute2 unshare:util-linux nsenter:util-linux; do
     bin=${pair%%:*}; pkg=${pair##*:}
     if ! command -v "$bin" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$bin" ]; then
         need+=("$pkg")
@@ -21,7 +23,7 @@ for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge \
 done
 
 if [ ${#need[@]} -eq 0 ]; then
-    echo "install_slurm: SLURM, munge and slurmdbd/mariadb already installed"
+    echo "install_slurm: SLURM, munge, slurmdbd/mariadb and iproute2 already installed"
     exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,7 +1,8 @@
 """The evaluation commands take pretraining's launch options, from the CLI as typed.
 
 * ``opera run knn|linear --nproc 2`` (real subprocesses, gloo) writes the results of one process;
-* the README's 8-GPU and 4 x 8-GPU linear-probe and fine-tuning commands, run as written with
+* the README's 8-GPU and 4 x 8-GPU linear-probe and fine-tuning commands and its 4 x 8-GPU kNN
+  command, run as written with
   only ``submit`` replaced, submit one requeueable job of ``nodes x 8`` tasks whose protocol
   config has absolute paths and the recipe's global batch.
 """
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 import opera.launch.options as launch_options
 from opera.cli import app
 from opera.evals.finetune import FinetuneConfig
+from opera.evals.knn import KNNConfig
 from opera.evals.linear import LinearConfig
 from opera.launch.options import run_task
 
@@ -78,7 +80,7 @@ def test_readme_eval_commands_submit_one_requeueable_job_per_command(tmp_path, m
     monkeypatch.setattr(launch_options, "submit", fake_submit)
     monkeypatch.chdir(tmp_path)
     lines = readme_commands()
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line in lines:
         argv = shlex.split(line)
         assert argv[:2] == ["opera", "run"]
@@ -95,8 +97,10 @@ def test_readme_eval_commands_submit_one_requeueable_job_per_command(tmp_path, m
         if isinstance(cfg, LinearConfig):
             assert cfg.grid and cfg.epochs == 90 and cfg.batch_size == 1024  # C.1; lr = 0.1 x 1024 / 256 over any world
             kinds.append(("linear", nodes))
+        elif isinstance(cfg, KNNConfig):
+            kinds.append(("knn", nodes))
         else:
             assert isinstance(cfg, FinetuneConfig) and cfg.recipe == "finetune_100ep" and cfg.epochs == 100
             assert cfg.batch_size == 1024 and cfg.batch_size % (8 * nodes) == 0  # global batch over 8 or 32 GPUs
             kinds.append(("finetune", nodes))
-    assert kinds == [("linear", 1), ("linear", 4), ("finetune", 1), ("finetune", 4)]
+    assert kinds == [("linear", 1), ("linear", 4), ("knn", 4), ("finetune", 1), ("finetune", 4)]

@@ -444,6 +444,15 @@ class MultiNodeCluster(SlurmCluster):
 
     def stop(self, timeout: float = 15.0) -> None:
         try:
+            if self.conf is not None and self.procs.get("slurmctld") and self.procs["slurmctld"].poll() is None:
+                self.cancel_all(timeout=timeout)
+            for name, proc in self.procs.items():  # `unshare --fork` ignores SIGTERM: stop its child, the
+                if name.startswith("slurmd-"):   # host's pid 1 (the whole host goes with it)
+                    for pid in _children(proc.pid):
+                        try:
+                            os.kill(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
             super().stop(timeout)
         finally:
             self.hosts.remove()
@@ -491,6 +500,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _terminate(proc: subprocess.Popen, timeout: float) -> None:

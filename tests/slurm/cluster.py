@@ -76,15 +76,18 @@ class SlurmCluster:
     """One controller + one compute node on this machine (see the module docstring)."""
 
     def __init__(self, accounting: bool | None = None, cluster_name: str = "opera", set_env: bool = True,
-                 partition: str = "debug"):
+                 partition: str = "debug", first_job_id: int = 1):
         """``set_env=False``: leave ``os.environ`` alone (use :meth:`env` to talk to this cluster);
-        ``partition``: the name of its one (default) partition."""
+        ``partition``: the name of its one (default) partition; ``first_job_id``: where its job ids
+        start (clusters of one test session must not share ids: submitit's state cache is
+        process-wide and keyed by job id)."""
         if accounting is None:
             accounting = not missing_binaries(accounting=True)
         self.accounting = accounting
         self.cluster_name = cluster_name
         self.set_env = set_env
         self.partition = partition
+        self.first_job_id = first_job_id
         self.root: Path | None = None
         self.hostname = socket.gethostname().split(".")[0]
         self.conf: Path | None = None
@@ -288,6 +291,7 @@ class SlurmCluster:
         self._logs["slurmctld"] = r / "log/slurmctld.log"
         lines = [
             f"ClusterName={self.cluster_name}",
+            f"FirstJobId={self.first_job_id}",
             f"SlurmctldHost={self.hostname}({self._controller_addr()})",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
@@ -428,8 +432,10 @@ class MultiNodeCluster(SlurmCluster):
     """
 
     def __init__(self, names: tuple[str, ...] = ("node1", "node2"), accounting: bool | None = None,
-                 cluster_name: str = "opera2", set_env: bool = True, partition: str = "debug"):
-        super().__init__(accounting=accounting, cluster_name=cluster_name, set_env=set_env, partition=partition)
+                 cluster_name: str = "opera2", set_env: bool = True, partition: str = "debug",
+                 first_job_id: int = 100001):
+        super().__init__(accounting=accounting, cluster_name=cluster_name, set_env=set_env, partition=partition,
+                         first_job_id=first_job_id)
         self.hosts = HostNamespaces(names)
 
     def start(self, tmpdir: str | os.PathLike, timeout: float = 60.0) -> MultiNodeCluster:

@@ -37,7 +37,16 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as F
 
-from opera.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check, adjust_hue_fast, blur_kernel_size
+from opera.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LOCAL_SCALE,
+    LOCAL_VIEW,
+    _check,
+    adjust_hue_fast,
+    blur_kernel_size,
+    local_size_for,
+)
 
 #: Columns of one view's parameter row (``BatchTwoCrop.sample`` -> ``[2, NUM_PARAMS]`` per sample).
 PARAM_NAMES = (
@@ -55,15 +64,7 @@ NUM_PARAMS = len(PARAM_NAMES)
 
 #: MoCo-v3's asymmetric views: (blur p, solarize p). They are DINO's two global views too.
 VIEWS = ((1.0, 0.0), (0.1, 0.2))
-#: DINO's local crops (``DataAugmentationDINO.local_transfo``): blur p 0.5, no solarize; crop
-#: scale (0.05, 0.4) and 96 px for 224 px global views (``--local_crops_scale``)
-LOCAL_VIEW = (0.5, 0.0)
-LOCAL_SCALE = (0.05, 0.4)
 
-
-def local_size_for(img_size: int) -> int:
-    """DINO's local crop size for global views of ``img_size``: 96 px at 224, in proportion."""
-    return max(1, round(img_size * 96 / 224))
 JITTER = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1) ranges
 JITTER_P, GRAY_P, FLIP_P = 0.8, 0.2, 0.5
 RATIO = (3.0 / 4.0, 4.0 / 3.0)

@@ -20,6 +20,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: DINO's local crops (``DataAugmentationDINO.local_transfo``): blur p 0.5, no solarize; crop
+#: scale (0.05, 0.4) and 96 px for 224 px global views (``--local_crops_scale``)
+LOCAL_VIEW = (0.5, 0.0)
+LOCAL_SCALE = (0.05, 0.4)
+
+
+def local_size_for(img_size: int) -> int:
+    """DINO's local crop size for global views of ``img_size``: 96 px at 224, in proportion."""
+    return max(1, round(img_size * 96 / 224))
+
+
 def blur_kernel_size(img_size: int) -> int:
     """Gaussian-blur kernel: ~10% of the image side, odd, at least 3 (23 for 224)."""
     k = max(3, int(round(0.1 * img_size)))
@@ -178,10 +189,8 @@ class PretrainTransform:
         flip: bool = True,
         local_crops: int = 0,
         local_size: int = 0,
-        local_scale: tuple[float, float] = (0.05, 0.4),
+        local_scale: tuple[float, float] = LOCAL_SCALE,
     ):
-        from opera.data.device_augment import LOCAL_VIEW, local_size_for
-
         _check(img_size, crop_min)
         self.img_size, self.crop_min, self.flip = img_size, float(crop_min), flip
         self.mean, self.std = tuple(mean), tuple(std)

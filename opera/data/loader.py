@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -171,13 +172,18 @@ class SeededDataset(Dataset):
         self.__dict__.update(state)
 
 
+def epoch_permutation_array(n: int, seed: int, epoch: int) -> np.ndarray:
+    """:func:`epoch_permutation` as an int64 numpy array (no Python int per element)."""
+    g = torch.Generator()
+    g.manual_seed(sample_seed(seed, epoch, -1))
+    return torch.randperm(n, generator=g).numpy()
+
+
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """The epoch's order of ``range(n)``: a permutation drawn from ``(seed, epoch)``."""
     if not shuffle:
         return list(range(n))
-    g = torch.Generator()
-    g.manual_seed(sample_seed(seed, epoch, -1))
-    return torch.randperm(n, generator=g).tolist()
+    return epoch_permutation_array(n, seed, epoch).tolist()
 
 
 class ShardedBatchSampler(Sampler[list]):
@@ -260,9 +266,13 @@ class LabelledShareBatchSampler(Sampler[list]):
     function of ``(seed, epoch, step)`` alone (exact mid-epoch resume via ``start_step``) and at
     1% labels the few labelled images recur, instead of a batch of 256 holding about 2 of them.
     An epoch has as many steps as :class:`ShardedBatchSampler`'s (``len // global batch``).
+
+    Each stream draws a cycle's permutation once, when its first step is asked for, and keeps it
+    while the steps walk it: a step costs O(B) and an epoch O(N) (a cycle is about an epoch of
+    the pool). :attr:`work` counts the index elements drawn and gathered so far.
     """
 
-    def __init__(self, labelled: list[int], unlabelled: list[int], batch_size: int, labelled_per_batch: int, *,
+    def __init__(self, labelled, unlabelled, batch_size: int, labelled_per_batch: int, *,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  seeded: bool = False):
         global_batch, k = batch_size * world_size, int(labelled_per_batch)
@@ -272,7 +282,7 @@ class LabelledShareBatchSampler(Sampler[list]):
         if k % world_size:
             raise OperaError(f"data.labelled_per_batch {k} is not divisible by the {world_size} processes; "
                              f"use a multiple of {world_size}")
-        if not labelled:
+        if not len(labelled):
             raise OperaError("data.labelled_per_batch needs labelled images, but none has a label; check --labels")
         if len(labelled) < k:
             raise OperaError(f"data.labelled_per_batch {k} is more than the {len(labelled)} labelled images; "
@@ -280,10 +290,15 @@ class LabelledShareBatchSampler(Sampler[list]):
         if len(unlabelled) < global_batch - k:
             raise OperaError(f"data.labelled_per_batch {k} leaves {global_batch - k} places per batch for the "
                              f"{len(unlabelled)} unlabelled images; use a larger data.labelled_per_batch or 0")
-        self.labelled, self.unlabelled = list(labelled), list(unlabelled)
+        # numpy arrays, not lists: shared by reference, gathered a batch at a time
+        self.labelled = np.asarray(labelled, dtype=np.int64)
+        self.unlabelled = np.asarray(unlabelled, dtype=np.int64)
         self.batch_size, self.k = int(batch_size), k
         self.seed, self.rank, self.world_size, self.seeded = int(seed), int(rank), int(world_size), seeded
         self.n_steps = ((len(self.labelled) + len(self.unlabelled)) // world_size) // self.batch_size
+        self._cycles: dict[int, tuple[int, np.ndarray]] = {}  # tag -> (cycle, its permutation)
+        #: index elements drawn (permutations) and gathered (batches) so far: the sampler's work
+        self.work = 0
         self.set_epoch(epoch, start_step)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -297,27 +312,39 @@ class LabelledShareBatchSampler(Sampler[list]):
     def __len__(self) -> int:
         return self.n_steps - self.start_step
 
-    @staticmethod
-    def _stream(pool: list[int], g: int, per_global: int, offset: int, count: int, seed: int, tag: int) -> list[int]:
+    def _cycle(self, n: int, c: int, tag: int) -> np.ndarray:
+        """Cycle ``c``'s permutation of a pool of ``n`` (``tag``: which pool), drawn once per cycle."""
+        held = self._cycles.get(tag)
+        if held is None or held[0] != c:
+            perm = epoch_permutation_array(n, sample_seed(self.seed, tag, c), c)
+            self.work += n
+            held = self._cycles[tag] = (c, perm)
+        return held[1]
+
+    def _stream(self, pool: np.ndarray, g: int, per_global: int, offset: int, count: int, tag: int) -> list[int]:
         """Items ``offset..offset+count`` of global step ``g``'s ``per_global`` items of ``pool``: cycle
         ``c`` holds ``len(pool) // per_global`` whole steps of one permutation (its remainder is
         dropped), so no global batch repeats an image."""
         steps_per_cycle = len(pool) // per_global
         c = g // steps_per_cycle
-        perm = epoch_permutation(len(pool), sample_seed(seed, tag, c), c)
+        perm = self._cycle(len(pool), c, tag)
         start = (g % steps_per_cycle) * per_global + offset
-        return [pool[j] for j in perm[start: start + count]]
+        self.work += count
+        return pool[perm[start: start + count]].tolist()
 
     def __iter__(self) -> Iterator[list]:
+        return self._batches(self.epoch, self.start_step)  # this epoch's, whatever set_epoch does meanwhile
+
+    def _batches(self, epoch: int, start_step: int) -> Iterator[list]:
         k_rank = self.k // self.world_size
         u_rank = self.batch_size - k_rank
         u_global = self.batch_size * self.world_size - self.k
-        for step in range(self.start_step, self.n_steps):
-            g = self.epoch * self.n_steps + step  # the global step: the streams run on across epochs
-            batch = self._stream(self.labelled, g, self.k, self.rank * k_rank, k_rank, self.seed, -3)
+        for step in range(start_step, self.n_steps):
+            g = epoch * self.n_steps + step  # the global step: the streams run on across epochs
+            batch = self._stream(self.labelled, g, self.k, self.rank * k_rank, k_rank, -3)
             if u_rank:
-                batch += self._stream(self.unlabelled, g, u_global, self.rank * u_rank, u_rank, self.seed, -4)
-            yield [(self.epoch, i) for i in batch] if self.seeded else batch
+                batch += self._stream(self.unlabelled, g, u_global, self.rank * u_rank, u_rank, -4)
+            yield [(epoch, i) for i in batch] if self.seeded else batch
 
 
 def steps_per_epoch(
@@ -476,8 +503,9 @@ class PretrainFeed:
         self.labelled_per_batch = int(labelled_per_batch)
         if self.labelled_per_batch:  # "labelled" = has a label in the class set (or in any set without one)
             has = torch.as_tensor(sets["class"] if "class" in sets else next(iter(sets.values()))) >= 0
-            self.labelled_index = torch.nonzero(has).flatten().tolist()
-            self.unlabelled_index = torch.nonzero(~has).flatten().tolist()
+            self.labelled_index = torch.nonzero(has).flatten().numpy()
+            self.unlabelled_index = torch.nonzero(~has).flatten().numpy()
+        self._samplers: dict[tuple, LabelledShareBatchSampler] = {}
         if self.in_memory:
             self.images = images.to(self.device)  # once; every step indexes it on the device
             dataset.transform = None
@@ -493,12 +521,19 @@ class PretrainFeed:
 
     def batch_sampler(self, batch_size: int, epoch: int, rank: int, world_size: int, start_step: int,
                       seeded: bool) -> Sampler | None:
-        """The :class:`LabelledShareBatchSampler` when ``labelled_per_batch`` is set, else None (plain)."""
+        """The :class:`LabelledShareBatchSampler` when ``labelled_per_batch`` is set, else None (plain).
+        One sampler per shape, kept across epochs: its streams' permutations outlive the epoch."""
         if not self.labelled_per_batch:
             return None
-        return LabelledShareBatchSampler(self.labelled_index, self.unlabelled_index, batch_size, self.labelled_per_batch,
-                                         seed=self.seed, epoch=epoch, rank=rank, world_size=world_size,
-                                         start_step=start_step, seeded=seeded)
+        key = (batch_size, rank, world_size, seeded)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = LabelledShareBatchSampler(
+                self.labelled_index, self.unlabelled_index, batch_size, self.labelled_per_batch, seed=self.seed,
+                epoch=epoch, rank=rank, world_size=world_size, start_step=start_step, seeded=seeded)
+        else:
+            sampler.set_epoch(epoch, start_step)
+        return sampler
 
     def epoch(self, batch_size: int, epoch: int, *, rank: int = 0, world_size: int = 1, start_step: int = 0,
               shuffle: bool = True, drop_last: bool = True) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:

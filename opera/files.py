@@ -9,6 +9,8 @@
   (:class:`DiskFull` when there was no room) with one line naming the file, what it holds, what is
   left and the fix (:func:`write_failed`); the append-only logs and the run lock, which write
   themselves, raise the same line.
+* :func:`link_or_copy` gives a file a second name (an epoch checkpoint of the ``last.pt`` just
+  written): a hard link, or an atomic copy where the filesystem refuses links.
 * :func:`remove_partial_writes`: the owner of a folder removes the temporary files of writers
   killed mid-write there (only these names, :data:`PARTIAL`).
 
@@ -138,11 +140,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], need: int | Non
         if keep_previous:
             _rotate(path, path.with_name(keep_previous))
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_folder(path.parent)
     except Exception as exc:
         if _cause(exc, KeyboardInterrupt) is not None:  # a second Ctrl-C inside torch.save's writes
             raise KeyboardInterrupt from None
@@ -159,6 +157,34 @@ def atomic_write(path: str | Path, write: Callable[[str], None], need: int | Non
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def link_or_copy(source: str | Path, path: str | Path, what: str, then: str = "rerun the same command") -> str:
+    """Make ``path`` the file at ``source``, atomically: a hard link (no second copy on disk), or,
+    where the filesystem refuses links (none, another device, too many links), a copy written by
+    :func:`atomic_write`. Returns ``"linked"`` or ``"copied"``; a failed copy is :class:`WriteFailed`."""
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write(path, lambda t: shutil.copyfile(source, t), need=source.stat().st_size, what=what, then=then)
+        return "copied"
+    try:
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return "linked"
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def atomic_write_text(path: str | Path, text: str, what: str, then: str = "rerun the same command") -> Path:
@@ -215,4 +241,4 @@ def remove_partial_writes(folder: str | Path) -> str | None:
 
 
 __all__ = ["DiskFull", "NO_ROOM", "PARTIAL", "WriteFailed", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "remove_partial_writes", "write_failed"]
+           "link_or_copy", "remove_partial_writes", "write_failed"]

@@ -85,6 +85,11 @@ class TrainConfig:
     log_every: int = option(10, help="steps between metrics.jsonl rows", min=1)
     save_every_steps: int = option(50, help="last.pt cadence within an epoch (0: only at epoch ends)", min=0)
     save_every_epochs: int = option(10, help="epoch_NNNN.pt cadence (0: never)", min=0)
+    keep_epoch_checkpoints: int | tuple[int, ...] = option(
+        3, help="epoch_NNNN.pt files kept: the newest N (a count; -1: all), or these epochs (a list of multiples of "
+        "save_every_epochs, e.g. [100,200,300]); older ones are removed", example="3")
+    keep_last_prev: bool = option(False, help="keep last.prev.pt (the last.pt before the newest) beside last.pt, a "
+                                  "second full state; off: removed once the new last.pt reads back")
     knn_every: int = option(5, help="epochs between kNN evaluations on the held-out split (0: never)", min=0)
     knn_k: int = option(20, help="neighbours of the kNN monitor", min=1)
     online_linear: bool = option(False, help="a linear classifier on detached features beside pretraining "
@@ -143,6 +148,20 @@ class PretrainConfig:
                              "(or null: C with an instance space and full, A with full alone); set --set arrangement=C")
         if not is_all(self.data.labels):
             parse_labels(self.data.labels)
+        self._check_retention()
+
+    def _check_retention(self) -> None:
+        keep, every = self.train.keep_epoch_checkpoints, self.train.save_every_epochs
+        if isinstance(keep, int):
+            if keep < -1:
+                raise OperaError(f"config key train.keep_epoch_checkpoints={keep} must be a count >= 0, -1 (all) or a "
+                                 "list of epochs; set --set train.keep_epoch_checkpoints=3")
+            return
+        never = [e for e in keep if e < 1 or not every or e % every]
+        if never:
+            fix = f"list multiples of {every}" if every else "set train.save_every_epochs to write epoch files"
+            raise OperaError(f"train.keep_epoch_checkpoints lists epoch {never[0]}, which train.save_every_epochs="
+                             f"{every} does not write; {fix}")
 
     def space_options(self) -> dict[str, dict[str, Any]]:
         """Options of the spaces in the hierarchy, as dicts for ``from_spec``."""

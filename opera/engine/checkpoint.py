@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from opera.files import (  # noqa: F401  (the writer's names, also read from her
     atomic_write,
     atomic_write_bytes,
     atomic_write_text,
+    link_or_copy,
     remove_partial_writes,
     write_failed,
 )
@@ -72,16 +74,108 @@ def _nbytes(obj: Any, seen: set[int] | None = None) -> int:
     return 0
 
 
-def save_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Atomically save a training state (tensors and plain values only); ``last.pt`` rotates."""
+def save_state(state: dict[str, Any], path: str | Path, keep_previous: bool = True) -> Path:
+    """Atomically save a training state (tensors and plain values only); ``last.pt`` rotates.
+
+    ``keep_previous=False``: ``last.prev.pt`` (the ``last.pt`` replaced) is removed once the new
+    ``last.pt`` reads back (:func:`load_state`, tensors mapped); while it does not, it stays."""
     path = Path(path)
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a Python file: the OSError of a failed write reaches us (ENOSPC, ...)
             torch.save(state, f)
 
-    return atomic_write(path, write, need=_nbytes(state) + (1 << 16), keep_previous=PREV if path.name == LAST else None,
-                        what="the training state",
-                        then="rerun the same command to resume")
+    atomic_write(path, write, need=_nbytes(state) + (1 << 16), keep_previous=PREV if path.name == LAST else None,
+                 what="the training state",
+                 then="rerun the same command to resume")
+    if path.name == LAST and not keep_previous:
+        _drop_previous(path)
+    return path
+
+
+def _drop_previous(path: Path) -> None:
+    """Remove ``last.prev.pt`` beside ``path`` once ``path`` reads back; say so in one line when it does not."""
+    try:
+        load_state(path, mmap=True)
+    except OperaError as exc:
+        print(f"{path} did not read back ({getattr(exc, 'reason', exc)}); keeping {PREV} beside it", flush=True)
+        return
+    previous = path.with_name(PREV)
+    if previous.exists():
+        previous.unlink()
+
+
+# --------------------------------------------------------------------------- epoch checkpoints kept
+#: ``train.keep_epoch_checkpoints``: a count (the newest N; -1: all) or the epochs to keep
+KeepEpochs = int | tuple[int, ...]
+EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch_{epoch:04d}.pt"
+
+
+def keeps_epoch(keep: KeepEpochs, epoch: int) -> bool:
+    """Whether ``keep`` ever keeps ``epoch``'s checkpoint (so whether it is worth writing)."""
+    if isinstance(keep, int):
+        return keep != 0
+    return epoch in keep
+
+
+def epoch_checkpoints(folder: Path) -> dict[int, Path]:
+    """The ``epoch_NNNN.pt`` files of ``folder`` by epoch."""
+    out = {}
+    for path in folder.iterdir():
+        m = EPOCH_FILE.match(path.name)
+        if m and path.is_file():
+            out[int(m.group(1))] = path
+    return out
+
+
+def write_epoch_checkpoint(folder: Path, epoch: int, keep: KeepEpochs) -> list[str]:
+    """``epoch_NNNN.pt`` of ``epoch``: a hard link to the ``last.pt`` just written (a copy where
+    links fail), then the older epoch files that ``keep`` does not keep removed; the names removed.
+
+    Files of later epochs than ``epoch`` (left by another run in this folder) are never removed."""
+    link_or_copy(folder / LAST, folder / epoch_file(epoch), what="an epoch checkpoint",
+                 then="rerun the same command to resume")
+    older = sorted(e for e in epoch_checkpoints(folder) if e < epoch)
+    if isinstance(keep, int):
+        drop = [] if keep < 0 else older[: max(len(older) - (keep - 1), 0)]
+    else:
+        drop = [e for e in older if e not in keep]
+    for e in drop:
+        (folder / epoch_file(e)).unlink(missing_ok=True)
+    return [epoch_file(e) for e in drop]
+
+
+def kept_epoch_count(keep: KeepEpochs, epochs: int, save_every_epochs: int) -> int:
+    """How many ``epoch_NNNN.pt`` files a run of ``epochs`` keeps at most."""
+    if not save_every_epochs:
+        return 0
+    written = epochs // save_every_epochs
+    if isinstance(keep, int):
+        return written if keep < 0 else min(keep, written)
+    return len([e for e in keep if e <= epochs and e % save_every_epochs == 0])
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """About the bytes of a training state of ``model`` and ``optimizer`` before its first step:
+    the model's tensors, plus the optimizer's per-parameter slots (two with Adam's betas, one with
+    momentum, as torch's and opera's optimizers keep them)."""
+    total = _nbytes(model.state_dict())
+    for group in optimizer.param_groups if optimizer is not None else ():
+        slots = 2 if "betas" in group else int(bool(group.get("momentum", 0)))
+        total += slots * sum(p.numel() * p.element_size() for p in group["params"])
+    return total
+
+
+def disk_use(one: int, epochs: int, save_every_epochs: int, keep: KeepEpochs, keep_previous: bool) -> tuple[int, int]:
+    """(at rest, while writing) bytes of a run's checkpoints, each ``one`` bytes: ``last.pt``, the
+    epoch files kept (:func:`kept_epoch_count`; none beside it when they are links to it, counted
+    as copies here) and ``last.prev.pt`` when kept; while a ``last.pt`` is written, one more (the
+    new file, or the old one held as ``last.prev.pt`` until the new one reads back)."""
+    files = 1 + kept_epoch_count(keep, epochs, save_every_epochs) + int(keep_previous)
+    return files * one, (files + 1) * one
 
 
 def _torch_reason(exc: BaseException) -> str:

@@ -19,7 +19,8 @@ of Lightning's split between the loop and its hooks); a protocol supplies its st
 * **Stop**: a requested stop writes ``last.pt`` at that step and raises
   :class:`~opera.engine.stop.Stopped` (all ranks agree on the step).
 * **The save cadence**: ``last.pt`` every ``save_every_steps`` steps inside an epoch and at every
-  epoch end, ``epoch_NNNN.pt`` every ``save_every_epochs`` epochs (rank 0, atomically).
+  epoch end, ``epoch_NNNN.pt`` every ``save_every_epochs`` epochs (rank 0, atomically): a hard
+  link to that ``last.pt``, the older ones pruned to ``keep_epoch_checkpoints``.
 * **The log cadence**: every ``log_every`` steps a row to ``metrics.jsonl`` / TensorBoard and one
   line on stdout, on a terminal or not (rank 0), so a SLURM log shows a run's progress.
 """
@@ -40,7 +41,15 @@ import numpy as np
 import torch
 
 from opera import distributed
-from opera.engine.checkpoint import LAST, load_state, remove_partial_writes, save_state
+from opera.engine.checkpoint import (
+    LAST,
+    KeepEpochs,
+    keeps_epoch,
+    load_state,
+    remove_partial_writes,
+    save_state,
+    write_epoch_checkpoint,
+)
 from opera.engine.lock import NoLock, RunLock, own_run_dir
 from opera.engine.logging import METRICS, ProgressDisplay, RunLogger, truncate_metrics
 from opera.engine.resume import check_identity, find_checkpoint
@@ -124,6 +133,8 @@ class Cadence:
     save_every_steps: int = 0  # last.pt inside an epoch (0: at epoch ends only)
     save_every_epochs: int = 0  # epoch_NNNN.pt (0: never)
     log_every: int = 10  # a metrics row and a stdout line (0: at epoch ends only)
+    keep_epoch_checkpoints: KeepEpochs = -1  # the newest N epoch_NNNN.pt (-1: all), or these epochs
+    keep_last_prev: bool = True  # last.prev.pt beside last.pt (False: removed once last.pt reads back)
 
     @property
     def total_steps(self) -> int:
@@ -258,7 +269,15 @@ class TrainingLoop:
         self.run.owner.check_owner()
         if self.run.main:
             save_state({**self.protocol.state_dict(), "epoch": self.at.epoch, "step_in_epoch": self.at.step_in_epoch,
-                        "global_step": self.at.global_step, "identity": self.identity}, self.run.output / name)
+                        "global_step": self.at.global_step, "identity": self.identity}, self.run.output / name,
+                       keep_previous=self.cadence.keep_last_prev)
+        distributed.barrier()
+
+    def epoch_checkpoint(self) -> None:
+        """``epoch_NNNN.pt`` of the epoch just ended: a link to the ``last.pt`` just written, then
+        the epoch files that ``keep_epoch_checkpoints`` does not keep removed (rank 0)."""
+        if self.run.main:
+            write_epoch_checkpoint(self.run.output, self.at.epoch, self.cadence.keep_epoch_checkpoints)
         distributed.barrier()
 
     def _stop_if_requested(self) -> None:
@@ -352,8 +371,9 @@ class TrainingLoop:
                                     self.at.global_step)
                 row.update(extra)
                 self.checkpoint()
-                if c.save_every_epochs and finished_epoch and self.at.epoch % c.save_every_epochs == 0:
-                    self.checkpoint(f"epoch_{self.at.epoch:04d}.pt")
+                if c.save_every_epochs and finished_epoch and self.at.epoch % c.save_every_epochs == 0 \
+                        and keeps_epoch(c.keep_epoch_checkpoints, self.at.epoch):
+                    self.epoch_checkpoint()
                 self.protocol_after_save()
                 self.progress.epoch_end(self.at.epoch - 1 if finished_epoch else self.at.epoch, c.epochs,
                                         self.at.global_step, c.total_steps, row)

@@ -18,7 +18,14 @@ import yaml
 from opera import distributed
 from opera.backbones import get_spec
 from opera.configs import PretrainConfig, config_to_dict
-from opera.engine.checkpoint import BACKBONE, atomic_write_text, export_backbone
+from opera.engine.checkpoint import (
+    BACKBONE,
+    atomic_write_text,
+    disk_use,
+    export_backbone,
+    kept_epoch_count,
+    state_bytes,
+)
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory, seed_step
 from opera.engine.monitors import FeatureTap, OnlineLinearMonitor, online_linear_setup, online_linear_step
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at, optimizer_name
@@ -251,7 +258,8 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     with run_directory(output) as run:
         p = setup_pretrain(cfg, run, init)
         loop = TrainingLoop(run, p, Cadence(t.epochs, p.steps_per_epoch, t.max_steps, t.save_every_steps,
-                                            t.save_every_epochs, t.log_every), seed=t.seed, rank=p.rank, world=p.world)
+                                            t.save_every_epochs, t.log_every, t.keep_epoch_checkpoints, t.keep_last_prev),
+                            seed=t.seed, rank=p.rank, world=p.world)
         try:
             loop.resume(resume)
             if init is not None and loop.source is None:
@@ -260,6 +268,7 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                     print(line, flush=True)
             _wrap(p)
             if run.main and not loop.done:  # a finished run rerun writes nothing
+                print(disk_line(p), flush=True)
                 atomic_write_text(run.output / "config.yaml", yaml.safe_dump(p.resolved, sort_keys=False),
                                   "the run's configuration")
             result = loop.run_to_end()
@@ -270,6 +279,23 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
                 p.tap.close()
         distributed.barrier()
     return {"output": str(run.output), "finished": loop.at.epoch >= t.epochs, **result}
+
+
+def disk_line(p: PretrainProtocol) -> str:
+    """The one line that says how much disk the run's checkpoints take (printed at start)."""
+    t = p.cfg.train
+    one = state_bytes(p.hierarchy, p.optimizer)
+    rest, peak = disk_use(one, t.epochs, t.save_every_epochs, t.keep_epoch_checkpoints, t.keep_last_prev)
+    kept = kept_epoch_count(t.keep_epoch_checkpoints, t.epochs, t.save_every_epochs)
+    keep = t.keep_epoch_checkpoints
+    shown = list(keep) if isinstance(keep, tuple) else keep
+    return (f"checkpoints: about {gb(one)} each; this run keeps last.pt{' and last.prev.pt' if t.keep_last_prev else ''}"
+            f" and up to {kept} epoch_NNNN.pt (train.save_every_epochs={t.save_every_epochs}, "
+            f"train.keep_epoch_checkpoints={shown}): at most {gb(rest)}, {gb(peak)} while last.pt is written")
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "train.log_every": "logging cadence only",
     "train.save_every_steps": "checkpoint cadence only",
     "train.save_every_epochs": "checkpoint cadence only",
+    "train.keep_epoch_checkpoints": "which epoch checkpoints stay on disk only",
+    "train.keep_last_prev": "which checkpoints stay on disk only",
     "train.knn_every": "monitoring cadence only",
     "train.knn_k": "the kNN monitor only, not the training",
     "data.workers": "data loading speed only (augmentations depend on seed, epoch and index)",
@@ -141,7 +143,8 @@ def find_checkpoint(folder: Path, rename_unreadable: bool = True) -> tuple[Path 
         if path.is_file():
             os.replace(path, path.with_name(path.name + ".unreadable"))
     kept = f" (kept as {', '.join(p.name + '.unreadable' for p, _ in skipped)})" if rename_unreadable else ""
-    note = f"skipped {why}{kept}; resuming from {best[1].name}, the newest intact checkpoint (step {best[0]})"
+    gone = f"skipped {why}{kept}" if skipped else f"no {LAST}"
+    note = f"{gone}; resuming from {best[1].name}, the newest intact checkpoint (step {best[0]})"
     return best[1], load_state(best[1]), note
 
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-#: one epoch of 9 steps on digits 0-1; a checkpoint every step, one epoch file
+#: one epoch of 9 steps on digits 0-1; a checkpoint every step, one epoch file, and last.prev.pt kept
+#: (train.keep_last_prev) so that the tests see every file a resume may fall back to
 TINY = ["run", "pretrain", "--hierarchy", "self,full", "--data", "digits:0-1", "--epochs", "1", "--batch-size", "32",
         "--seed", "3", "--set", "train.knn_every=0", "--set", "self.mlp_dim=64", "--set", "self.dim=32",
         "--set", "full.hidden=64", "--set", "train.log_every=1", "--set", "train.save_every_steps=1",
-        "--set", "train.save_every_epochs=1"]
+        "--set", "train.save_every_epochs=1", "--set", "train.keep_last_prev=true"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -48,7 +49,8 @@ def holder_process(tmp_path):
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished tiny run: last.pt (step 9), last.prev.pt (step 8), epoch_0001.pt (step 9)."""
+    """A finished tiny run: last.pt (step 9), last.prev.pt (step 8), epoch_0001.pt (step 9, a hard
+    link to last.pt; in run_copy, a separate copy)."""
     out = tmp_path_factory.mktemp("finished") / "run"
     subprocess.run(opera_argv(out), check=True, env=child_env(), timeout=600, capture_output=True)
     return out

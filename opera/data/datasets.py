@@ -33,6 +33,7 @@ from opera.data.specs import (
     format_classes,
     parse_data_spec,
 )
+from opera.data.strings import StringArray
 from opera.errors import OperaError
 
 SPLITS = ("train", "val")
@@ -443,7 +444,7 @@ class FolderDataset(OperaDataset):
                 f"no {split} images in classes {format_classes(spec.classes or ())} of {root}; "
                 f"select other classes"
             )
-        self.samples = [paths[i] for i in keep]
+        self.samples = StringArray(paths[i] for i in keep)  # shared by the workers, not copied into each
         super().__init__(spec, split, class_names, targets, transform)
         coarse_file = os.path.join(root, COARSE_FILE)
         if os.path.isfile(coarse_file):  # a 'coarse' label set: ROOT/coarse.txt maps class folders to superclasses
@@ -546,7 +547,7 @@ class TorchvisionDataset(OperaDataset):
             except (RuntimeError, FileNotFoundError, OSError) as e:
                 raise missing from e
         arrays: list[torch.Tensor] = []
-        self._paths: list[str] = []
+        paths: list[str] = []
         labels: list[int] = []
         for ds in parts:
             labels.extend(self._labels_of(ds))
@@ -556,13 +557,14 @@ class TorchvisionDataset(OperaDataset):
                 t = torch.from_numpy(data)
                 arrays.append(t.permute(0, 3, 1, 2) if t.shape[-1] == 3 else t)  # CIFAR is NHWC
             elif files is not None:
-                self._paths.extend(str(p) for p in files)
+                paths.extend(str(p) for p in files)
             else:  # pragma: no cover - torchvision changed its internals
                 raise AssertionError(f"unsupported torchvision dataset layout for {name}")
+        self._paths = StringArray(paths)
         self._array = (torch.cat(arrays) if len(arrays) > 1 else arrays[0]) if arrays else None
         all_names = self._class_names_of(parts[0], name)
         keep, targets, class_names = _select_classes(labels, all_names, spec.classes, spec, name)
-        self._keep = keep
+        self._keep = np.asarray(keep, dtype=np.int64)
         super().__init__(spec, split, class_names, targets, transform)
         if name == "cifar100":  # its 20 superclasses: the 'coarse' label set
             self.set_coarse(self._cifar100_coarse(root, all_names))

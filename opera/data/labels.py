@@ -211,7 +211,9 @@ class UnlabelledImages(torch.utils.data.Dataset):
 
         if not os.path.isdir(root):
             raise OperaError(f"--unlabelled {root} is not a folder; give a folder of images or a data spec")
-        self.samples = _scan_images(root)
+        from opera.data.strings import StringArray
+
+        self.samples = StringArray(_scan_images(root))  # shared by the workers, not copied into each
         if not self.samples:
             raise OperaError(f"--unlabelled {root} holds no images; give a folder of images or a data spec")
         self.root, self.transform = root, transform

@@ -469,6 +469,10 @@ class FolderDataset(OperaDataset):
     def describe_item(self, index: int) -> str:
         return self.samples[index]
 
+    def describe_items(self):
+        """``describe_item`` of every image, in order (at once, not one index at a time)."""
+        return iter(self.samples)
+
 
 # --------------------------------------------------------------------------------------------
 # torchvision datasets on a local root (never downloaded)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -117,14 +118,23 @@ def read_labels_file(path: str | Path) -> tuple[list[str], str | None]:
 
 
 def _match_file(dataset, names: list[str], path: str) -> list[int]:
-    all_names = _relative_names(dataset)
-    exact = {n: i for i, n in enumerate(all_names)}
+    """Sorted indices of the images that ``names`` (a labels FILE's lines) name: a path relative to
+    the data folder, or a file name that only one image has. One pass over the dataset's names,
+    holding only the wanted ones (memory O(len(names)), time O(N))."""
+    keys = [n.replace("\\", "/") for n in names]
+    wanted = set(keys)
+    exact: dict[str, int] = {}
     by_base: dict[str, list[int]] = {}
-    for i, n in enumerate(all_names):
-        by_base.setdefault(n.rsplit("/", 1)[-1], []).append(i)
+    first = None
+    for i, name in enumerate(_iter_relative_names(dataset)):
+        first = name if first is None else first
+        if name in wanted:
+            exact.setdefault(name, i)
+        base = name.rsplit("/", 1)[-1]
+        if base in wanted:
+            by_base.setdefault(base, []).append(i)
     chosen: set[int] = set()
-    for n in names:
-        key = n.replace("\\", "/")
+    for n, key in zip(names, keys):
         if key in exact:
             chosen.add(exact[key])
         elif len(by_base.get(key, [])) == 1:
@@ -134,7 +144,7 @@ def _match_file(dataset, names: list[str], path: str) -> list[int]:
                              "write its path relative to the data folder")
         else:
             raise OperaError(f"the labels file {path} names {n!r}, which is not a training image of the data "
-                             f"(e.g. {all_names[0]!r}); list training images of --data")
+                             f"(e.g. {first!r}); list training images of --data")
     return sorted(chosen)
 
 
@@ -228,6 +238,10 @@ class UnlabelledImages(torch.utils.data.Dataset):
 
     def describe_item(self, index: int) -> str:
         return self.samples[index]
+
+    def describe_items(self) -> Iterator[str]:
+        """``describe_item`` of every image, in order (at once, not one index at a time)."""
+        return iter(self.samples)
 
     def __getitem__(self, index: int):
         img = self.load_image(index)
@@ -336,23 +350,29 @@ def _relative_names(dataset) -> list[str]:
     """The names of every image of ``dataset`` in order, as :func:`item_name` gives them (paths
     relative to their data folder; ``digits[123]`` for data in memory), through the wrappers a
     run builds (:class:`WithUnlabelled`, ``Subset``)."""
+    return list(_iter_relative_names(dataset))
+
+
+def _iter_relative_names(dataset) -> Iterator[str]:
+    """:func:`_relative_names` one at a time (no list of N names)."""
     if isinstance(dataset, WithUnlabelled):
-        return _relative_names(dataset.labelled) + _relative_names(dataset.unlabelled)
+        yield from _iter_relative_names(dataset.labelled)
+        yield from _iter_relative_names(dataset.unlabelled)
+        return
     if isinstance(dataset, torch.utils.data.Subset):
         names = _relative_names(dataset.dataset)
-        return [names[int(i)] for i in dataset.indices]
+        yield from (names[int(i)] for i in dataset.indices)
+        return
     from opera.data.datasets import _unwrap
 
     base = _unwrap(dataset)
     root = getattr(base, "root", None) if isinstance(base, UnlabelledImages) else getattr(getattr(base, "spec", None), "root", None)
     prefix = os.path.join(root, "") if root else None
-    out = []
-    for i in range(len(dataset)):
-        name = base.describe_item(i)
+    items = base.describe_items() if hasattr(base, "describe_items") else map(base.describe_item, range(len(dataset)))
+    for i, name in enumerate(items):
         if prefix is not None:
             name = name[len(prefix):] if name.startswith(prefix) else item_name(dataset, i)
-        out.append(name.replace(os.sep, "/"))
-    return out
+        yield name.replace(os.sep, "/")
 
 
 def data_identity(dataset) -> dict[str, object]:
@@ -362,10 +382,12 @@ def data_identity(dataset) -> dict[str, object]:
     silently train on other data from the resumed step on."""
     import hashlib
 
-    names = _relative_names(dataset)
-    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    h, count = hashlib.sha256(), 0
+    for name in _iter_relative_names(dataset):  # the digest of the names joined by newlines, streamed
+        h.update(("\n" if count else "").encode() + name.encode("utf-8", "surrogateescape"))
+        count += 1
     unlabelled = len(dataset.unlabelled) if isinstance(dataset, WithUnlabelled) else 0
-    return {"images": len(names), "unlabelled": unlabelled, "digest": digest}
+    return {"images": count, "unlabelled": unlabelled, "digest": h.hexdigest()[:16]}
 
 
 def check_same_data(saved: dict | None, now: dict, path: Path | str, what: str = "--data / --unlabelled") -> None:

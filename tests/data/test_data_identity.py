@@ -128,3 +128,16 @@ def test_finetuning_refuses_to_resume_on_a_changed_training_folder(tmp_path):
     assert "trained on 12 images" in lines[0] and "finds 13" in lines[0] and "restore --data" in lines[0]
     (tmp_path / "data/train/dog/6.png").unlink()
     assert run().returncode == 0
+
+
+def test_the_digest_is_of_the_names_joined_by_newlines(tmp_path):
+    """Streamed over the names, the digest stays the one that checkpoints already hold: sha256 of the
+    relative names joined by newlines (labelled folder first, then the unlabelled images)."""
+    import hashlib
+
+    for sub, n in (("a/train/cat", 3), ("a/train/dog", 2), ("a/val/cat", 1), ("a/val/dog", 1), ("a/unlabelled", 2)):
+        write_images(tmp_path / sub, n)
+    names = ["train/cat/0.png", "train/cat/1.png", "train/cat/2.png", "train/dog/0.png", "train/dog/1.png", "0.png",
+             "1.png"]
+    want = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    assert identity_of(str(tmp_path / "a"), "auto") == {"images": 7, "unlabelled": 2, "digest": want}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,15 +150,18 @@ class OnlineLinearMonitor:
 
 @torch.no_grad()
 def knn_monitor(backbone: nn.Module, bank_set, query_set, num_classes: int, device: torch.device, k: int = 20,
-                temperature: float = 0.07) -> float:
+                temperature: float = 0.07, workers: int = 0, bank_dtype: torch.dtype = torch.float16) -> float:
     """Weighted k-NN top-1 (%) of ``query_set`` against ``bank_set`` from ``backbone`` features,
-    the bank sharded across ranks (every rank calls it; one process: the plain k-NN)."""
+    the bank sharded across ranks (every rank calls it; one process: the plain k-NN). Features are
+    extracted with ``workers`` DataLoader workers; the bank is kept in ``bank_dtype`` (float16:
+    half the memory; each block is compared in float32)."""
     from opera.distributed import all_gather_uneven
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
     was_training = backbone.training
-    bank, bank_y = extract_features(backbone, shard_of(bank_set, rank, world), device=device)
-    queries, query_y = extract_features(backbone, shard_of(query_set, rank, world), device=device)
+    bank, bank_y = extract_features(backbone, shard_of(bank_set, rank, world), device=device, workers=workers,
+                                    dtype=bank_dtype)
+    queries, query_y = extract_features(backbone, shard_of(query_set, rank, world), device=device, workers=workers)
     queries, query_y = all_gather_uneven(queries.to(device)), all_gather_uneven(query_y.to(device))
     top1 = knn_accuracy_sharded(bank, bank_y, queries, query_y.cpu(), num_classes, k=k, temperature=temperature,
                                     device=device)["top1"]
@@ -165,7 +169,24 @@ def knn_monitor(backbone: nn.Module, bank_set, query_set, num_classes: int, devi
     return top1
 
 
-__all__ = ["FeatureTap", "OnlineLinearMonitor", "knn_monitor"]
+#: the seed of the kNN monitor's bank subset: fixed, so the monitor's numbers compare across runs
+KNN_SUBSET_SEED = 20240102
+
+
+def balanced_subset(targets, per_class: int, seed: int = KNN_SUBSET_SEED) -> np.ndarray | None:
+    """Sorted indices of at most ``per_class`` images of every class of ``targets`` (each class's
+    first ones in a fixed seeded order); None when no class has more (the whole set). O(N log N)."""
+    y = np.asarray(targets, dtype=np.int64)
+    if per_class <= 0 or not len(y) or np.bincount(y).max() <= per_class:
+        return None
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(y)), y))  # by class, seeded within
+    ranked = y[order]
+    starts = np.searchsorted(ranked, ranked, side="left")
+    rank_in_class = np.arange(len(y)) - starts
+    return np.sort(order[rank_in_class < per_class])
+
+
+__all__ = ["FeatureTap", "OnlineLinearMonitor", "balanced_subset", "knn_monitor"]
 
 
 # ------------------------------------------------------------------ the hooks pretraining calls

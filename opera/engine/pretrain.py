@@ -7,6 +7,7 @@ process per device, ``train.batch_size`` is the global batch, only rank 0 writes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class PretrainProtocol:
     name: str = "pretraining run"
     data_flags: str = "--data / --unlabelled"  # what chose the training data (a changed folder is refused naming them)
     init: Initializer | None = None  # train.init: the weights the run starts from
+    knn: Any = None  # the kNN monitor's datasets (KnnSets), built at its first evaluation
     skips_nonfinite: bool = True  # train_step refuses a non-finite loss itself, unless the fp16 scaler skips the step
     _lr_now: float = field(default=0.0, repr=False)
     _m_now: float = field(default=0.0, repr=False)
@@ -154,7 +156,13 @@ class PretrainProtocol:
         if not finished_epoch:
             return row
         if cfg.train.knn_every and (at.epoch % cfg.train.knn_every == 0 or at.epoch == cfg.train.epochs):
-            row["knn_top1"] = knn_monitor(self.hierarchy.backbone, cfg, self.device, self.rank, self.world)
+            start = time.perf_counter()
+            if self.knn is None:
+                self.knn = knn_sets(cfg)
+                if self.run.main:
+                    print(self.knn.line, flush=True)
+            row["knn_top1"] = knn_monitor(self.hierarchy.backbone, cfg, self.device, self.rank, self.world, self.knn)
+            row["knn_s"] = time.perf_counter() - start
         if self.monitor is not None:
             row.update(self.monitor.epoch_metrics(self.hierarchy.backbone, self.monitor_val))
         return row
@@ -298,14 +306,43 @@ def gb(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
 
 
-@torch.no_grad()
-def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int) -> float:
-    """Weighted kNN top-1 (%) on the held-out split from backbone features; under DDP the train
-    bank is sharded across the ranks (opera.engine.monitors.knn_monitor), every rank calls it."""
+@dataclass
+class KnnSets:
+    """What the kNN monitor reads, built once per run: the bank (the train split, or its fixed
+    class-balanced subset of ``train.knn_bank_per_class`` per class) and the held-out queries."""
+
+    bank: Any
+    queries: Any
+    num_classes: int
+    line: str  # what the log says about them, once
+
+
+def knn_sets(cfg: PretrainConfig) -> KnnSets:
     from opera.data import EvalTransform, build_dataset
-    from opera.engine import monitors
+    from opera.engine.monitors import balanced_subset
 
     tf = EvalTransform(cfg.backbone.img_size)
-    bank_set = build_dataset(cfg.data.spec, "train", transform=tf)
-    query_set = build_dataset(cfg.data.spec, "val", transform=tf)
-    return monitors.knn_monitor(backbone, bank_set, query_set, bank_set.num_classes, device, k=cfg.train.knn_k)
+    train = build_dataset(cfg.data.spec, "train", transform=tf)
+    queries = build_dataset(cfg.data.spec, "val", transform=tf)
+    per_class = cfg.train.knn_bank_per_class
+    keep = balanced_subset(train.targets, per_class)
+    bank = train if keep is None else torch.utils.data.Subset(train, keep.tolist())
+    which = (f"the whole train split ({len(train)} images)" if keep is None else
+             f"{len(bank)} of {len(train)} train images, at most {per_class} per class "
+             f"(train.knn_bank_per_class={per_class}; a fixed class-balanced subset)")
+    line = (f"kNN monitor: bank {which}, {len(queries)} held-out queries, float16 features, "
+            f"{cfg.data.workers} workers; 'opera run knn' is the full protocol")
+    return KnnSets(bank, queries, train.num_classes, line)
+
+
+@torch.no_grad()
+def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int,
+                sets: KnnSets | None = None) -> float:
+    """Weighted kNN top-1 (%) on the held-out split from backbone features; under DDP the train
+    bank is sharded across the ranks (opera.engine.monitors.knn_monitor), every rank calls it.
+    ``sets``: the datasets of :func:`knn_sets` (built here when not given)."""
+    from opera.engine import monitors
+
+    sets = sets or knn_sets(cfg)
+    return monitors.knn_monitor(backbone, sets.bank, sets.queries, sets.num_classes, device, k=cfg.train.knn_k,
+                                workers=cfg.data.workers)

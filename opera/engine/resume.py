@@ -30,6 +30,7 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "train.keep_last_prev": "which checkpoints stay on disk only",
     "train.knn_every": "monitoring cadence only",
     "train.knn_k": "the kNN monitor only, not the training",
+    "train.knn_bank_per_class": "the kNN monitor only, not the training",
     "data.workers": "data loading speed only (augmentations depend on seed, epoch and index)",
     "train.compile": "speed only",
 }

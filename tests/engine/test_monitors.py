@@ -98,3 +98,50 @@ def test_pretraining_logs_online_linear_rows_every_epoch_and_checkpoints_the_mon
     assert not any("online/linear_top1" in r for r in rows if r.get("eval") != "online")
     state = load_state(tmp_path / "last.pt")["online_linear"]
     assert state["classifier"]["0.weight"].shape == (4, create_backbone("resnet_tiny").num_features)  # 4 classes
+
+
+# ------------------------------------------------------------------------------- the kNN monitor
+def test_fp16_bank_gives_the_fp32_knn_accuracy_on_digits():
+    """The monitor keeps its bank in float16; on digits (a random resnet_tiny: features where many
+    neighbours are close calls) the top-1 is the float32 bank's, query for query."""
+    from opera.data import EvalTransform, build_dataset
+    from opera.features import extract_features, knn_scores
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet_tiny", img_size=32)
+    tf = EvalTransform(32)
+    train, val = build_dataset("digits", "train", transform=tf), build_dataset("digits", "val", transform=tf)
+    bank32, bank_y = extract_features(backbone, train)
+    bank16, _ = extract_features(backbone, train, dtype=torch.float16)
+    queries, query_y = extract_features(backbone, val)
+    assert bank16.dtype == torch.float16 and bank16.element_size() * 2 == bank32.element_size()
+    pred32 = knn_scores(bank32, bank_y, queries, 10).argmax(1)
+    pred16 = knn_scores(bank16, bank_y, queries, 10).argmax(1)
+    assert int((pred16 != pred32).sum()) == 0
+    assert 12.0 < 100.0 * float((pred32 == query_y).float().mean()) < 100.0  # above chance (10%): not all one class
+
+
+def test_the_bank_subset_is_class_balanced_and_fixed():
+    from opera.engine.monitors import balanced_subset
+
+    y = [c for c in range(5) for _ in range(10 + 7 * c)] + [2] * 3  # classes of 10..38 images, unsorted tail
+    keep = balanced_subset(y, 12)
+    counts = torch.bincount(torch.as_tensor([y[i] for i in keep])).tolist()
+    assert counts == [10, 12, 12, 12, 12] and keep.tolist() == sorted(set(keep.tolist()))
+    assert keep.tolist() == balanced_subset(list(y), 12).tolist()  # fixed: the same images every epoch and run
+    assert balanced_subset(y, 0) is None and balanced_subset(y, 100) is None  # the whole set
+
+
+def test_the_monitor_states_its_bank_and_logs_its_wall_time(tmp_path, capsys):
+    cfg = apply_overrides(load_config("cpu_digits"), [
+        "data.spec=digits:0-3", "train.epochs=2", "train.batch_size=64", "train.knn_every=1", "self.mlp_dim=64",
+        "train.save_every_epochs=0", "train.device=cpu", "train.knn_bank_per_class=50", "backbone.img_size=16"])
+    run_pretrain(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("kNN monitor: bank 200 of 576 train images, at most 50 per class") == 1  # said once
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert len(knn) == 2 and all(r["knn_s"] > 0 for r in knn)
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["knn_bank_per_class"] == 50

@@ -118,7 +118,7 @@ def test_knn_monitor_queries_the_held_out_split(monkeypatch):
     training split would let each query find itself and inflate the headline number."""
     import opera.engine.monitors as monitors
 
-    cfg = apply_overrides(load_config("cpu_digits"), ["data.spec=digits:0-3"])
+    cfg = apply_overrides(load_config("cpu_digits"), ["data.spec=digits:0-3", "train.knn_bank_per_class=0"])
     seen = {}
     real = monitors.knn_accuracy_sharded
 

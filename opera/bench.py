@@ -29,11 +29,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from opera.errors import OperaError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `opera bench --help` (and `opera --help`) need none
+    import torch
 
 try:  # the command works without typer installed only as a library function
     import typer
@@ -58,6 +59,8 @@ def make_step(
     configuration. ``bench_step`` times it; ``benchmarks/ab_step.py``
     interleaves it with the official step in one process.
     """
+    import torch
+
     from opera.backbones import is_token_backbone
     from opera.engine.optim import build_optimizer, optimizer_name
     from opera.engine.step import make_grad_scaler, prepare_model, train_step
@@ -133,6 +136,8 @@ def compute_peak_gflops(device: torch.device, repeats: int = 6) -> dict[str, flo
     convolution over 64x256x8x8 in channels_last (oneDNN: the ResNets' convolutions; on this AMD
     CPU ~35% above MKL's matmul). A step whose FLOPs ran at these rates would have nothing left
     to gain in this precision."""
+    import torch
+
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     gen = None if cuda else torch.Generator().manual_seed(0)
@@ -174,6 +179,8 @@ def bench_step(steps: int = 20, warmup: int = 3, roofline: bool = True, **config
     ``compute_peak_gflop_per_s`` (the larger) and ``fraction_of_peak`` against it: a bound on how
     much any implementation of the same arithmetic could still speed the step up.
     """
+    import torch
+
     if steps < 1 or warmup < 0:
         raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
     step_fn, model, meta = make_step(**config)
@@ -281,6 +288,8 @@ def time_pipeline(batches, step, steps: int, warmup: int, batch_size: int, sync=
     waiting for the next batch: loader, transfer and, on the device path, the batched
     augmentation), peak memory of the process tree (:class:`TreeMemory`). The official
     pipeline's benchmark (``benchmarks/official_pipeline.py``) uses the same function."""
+    import torch
+
     waits, computes, out = [], [], None
     with TreeMemory() as mem:
         for i in range(warmup + steps):
@@ -320,6 +329,8 @@ def bench_end_to_end(data: str, augment_on: str = "device", workers: int = 2, cr
     over ``data``'s train split, ``augment_on``, ``workers``): ``time_pipeline``'s figures plus
     the configuration. ``config`` goes to ``make_step`` (backbone, img_size, batch_size, threads,
     device, amp, channels_last, ...); the class count is the dataset's."""
+    import torch
+
     from opera.data import PretrainFeed, build_dataset
 
     if steps < 1 or warmup < 0:
@@ -355,7 +366,7 @@ def image_files(folder: str) -> list[str]:
     return out
 
 
-class TwoCropFiles(torch.utils.data.Dataset):
+class TwoCropFiles:  # a map-style dataset (DataLoader needs __getitem__ and __len__ only)
     """Decode + opera's two-crop ``PretrainTransform``, one file at a time (a DataLoader worker's work)."""
 
     def __init__(self, files: list[str], img_size: int):
@@ -375,6 +386,8 @@ class TwoCropFiles(torch.utils.data.Dataset):
 def time_loader(ds, n_images: int, batch_size: int, workers: int) -> float:
     """Images/s per worker of ``ds`` through a DataLoader with ``workers`` processes (the first
     batch, which waits for the workers to start, is not counted)."""
+    import torch
+
     idx = [i % len(ds) for i in range(n_images)]
     from opera.data.loader import Loader
 
@@ -394,6 +407,8 @@ def bench_pipeline(folder: str, img_size: int = 224, batches: int = 4, batch_siz
     """Images/s of opera's decode + two-crop augmentation of the images in ``folder``, per worker.
     ``workers=0``: in this process on one thread (the cost inside one DataLoader worker), after
     4 warm-up images. The comparison with the official PIL pipeline is ``benchmarks/data_pipeline.py``."""
+    import torch
+
     if batches < 1 or batch_size < 1 or workers < 0:
         raise OperaError("the data benchmark needs --batches >= 1, --batch-size >= 1 and --workers >= 0")
     ds = TwoCropFiles(image_files(folder), img_size)

@@ -12,13 +12,7 @@
 ``random:<backbone>`` / ``timm:<name>`` for baselines. Every protocol writes ``results.json``.
 """
 
-from opera.evals.common import EvalConfig, FrozenBackboneError, LoadedBackbone, check_frozen, extract_features, load_eval_backbone
-from opera.evals.diagnose import DiagnoseConfig, run_diagnose
-from opera.evals.export import FORMATS, ExportConfig, convert, run_export
-from opera.evals.finetune import FinetuneConfig, finetune_config, run_finetune
-from opera.evals.knn import KNNConfig, knn_accuracy, knn_scores, knn_scores_bruteforce, run_knn
-from opera.evals.linear import LinearConfig, run_linear
-from opera.evals.transfer import TransferConfig, run_transfer
+from typing import Any
 
 __all__ = [
     "DiagnoseConfig", "EvalConfig", "ExportConfig", "FORMATS", "FinetuneConfig", "FrozenBackboneError", "KNNConfig",
@@ -26,3 +20,18 @@ __all__ = [
     "knn_accuracy", "knn_scores", "knn_scores_bruteforce", "load_eval_backbone", "run_diagnose", "run_export",
     "run_finetune", "run_knn", "run_linear", "run_transfer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The names above, imported when first read: ``opera.evals.cli`` (and so ``opera --help``) loads
+    without torch, which the protocols themselves need."""
+    if name not in __all__:
+        raise AttributeError(f"module 'opera.evals' has no attribute {name!r}")
+    from opera.evals import common, diagnose, export, finetune, knn, linear, options, transfer
+
+    for module in (options, common, diagnose, export, finetune, knn, linear, transfer):
+        if hasattr(module, name):
+            globals()[name] = value = getattr(module, name)
+            return value
+    raise AttributeError(f"module 'opera.evals' has no attribute {name!r}")  # pragma: no cover
+

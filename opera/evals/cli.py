@@ -24,10 +24,7 @@ from typing import Any, Optional
 
 import typer
 
-from opera.evals.diagnose import DiagnoseConfig
-from opera.evals.knn import KNNConfig
-from opera.evals.linear import LinearConfig
-from opera.evals.transfer import TransferConfig
+from opera.evals.options import DiagnoseConfig, KNNConfig, LinearConfig, TransferConfig
 from opera.launch.options import LaunchOptions, dispatch, with_launch_options
 
 CHECKPOINT_HELP = ("An opera run directory, its backbone.safetensors or last.pt; or random:<backbone> "

@@ -33,35 +33,13 @@ from torch import nn
 
 from opera.errors import OperaError, suggest
 from opera.features import accuracy, extract_features, gathered_accuracy, make_loader, shard_of, topk_correct  # noqa: F401  (re-exported)
-from opera.fields import option
+from opera.evals.options import EvalConfig  # noqa: F401  (re-exported: every protocol's config extends it)
 from opera.weights import sha256_file  # noqa: F401  (re-exported: results.json records it)
 
 RESULTS = "results.json"
 
 
 # ----------------------------------------------------------------------------- common options
-@dataclass
-class EvalConfig:
-    """Options shared by every protocol (each protocol's config extends it). Every field states its
-    help and its range or choices once (:func:`opera.fields.option`); :func:`opera.configs.validate`
-    checks them."""
-
-    checkpoint: str = option("", help="run dir | backbone.safetensors | last.pt | random:<backbone> | timm:<name> | "
-                             "a MoCo-v3/OPERA main_moco.py, main_lincls.py or convert_to_deit.py file | a timm/torchvision "
-                             "state dict (.pth, .safetensors) | a config.json + model.safetensors folder")
-    data: str = option("digits", help="data spec (opera.data.parse_data_spec)")
-    output: str = option("", help="folder for results.json and tb/")
-    backbone: str | None = option(None, help="expected backbone name; a checkpoint of another one is an error")
-    img_size: int | None = option(None, help="None: a ViT's own size, else the run's config.yaml, else 32 (digits) / 224",
-                                  min=1)
-    device: str = option("auto", help="auto | cpu | cuda | cuda:N")
-    seed: int = option(0, help="random seed")
-    workers: int = option(0, help="DataLoader workers", min=0)
-    tensorboard: bool = option(True, help="TensorBoard scalars under OUTPUT/tb")
-    log_every: int = option(10, help="protocols that train: steps between a stdout line and a metrics.jsonl row "
-                            "(0: epoch ends only)", min=0)
-
-
 def config_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 

@@ -20,7 +20,6 @@ whether ``view >= same_class >= different_class`` holds, and ``similarity_hist.p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ from opera import distributed
 from opera.configs import validate
 from opera.errors import OperaError
 from opera.evals.common import (
-    EvalConfig,
     EvalRun,
     LoadedBackbone,
     load_eval_backbone,
@@ -39,20 +37,10 @@ from opera.evals.common import (
     parse_data,
     seed_everything,
 )
-from opera.fields import option
+from opera.evals.options import DiagnoseConfig  # noqa: F401  (re-exported)
 
 PAIRS = ("view", "same_class", "different_class")
 HISTOGRAM = "similarity_hist.png"
-
-
-@dataclass
-class DiagnoseConfig(EvalConfig):
-    data: str | None = option(None, help="None: the run's pretraining data (config.yaml), else digits")
-    split: str = option("val", help="train | val", choices=("train", "val"))
-    num_images: int = option(512, help="images sampled (two augmented views each)", min=4)
-    batch_size: int = option(256, help="batch of the forward passes", min=1)
-    crop_min: float | None = option(None, help="None: the run's data.crop_min, else 0.2", min=0, max=1, min_exclusive=True)
-    bins: int = option(60, help="histogram bins", min=1)
 
 
 # ----------------------------------------------------------------------------- hierarchy

@@ -20,7 +20,6 @@ bank or any ``Q x N`` matrix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -38,7 +37,6 @@ from opera.features import (  # noqa: F401  (re-exported)
     knn_topk,
 )
 from opera.evals.common import (
-    EvalConfig,
     EvalRun,
     accuracy,
     check_frozen,
@@ -50,18 +48,7 @@ from opera.evals.common import (
     shard_of,
     snapshot_state,
 )
-from opera.fields import option
-
-
-@dataclass
-class KNNConfig(EvalConfig):
-    k: int = option(20, help="neighbours", min=1)
-    temperature: float = option(0.07, help="T of the vote weight exp(cos / T)", min=0, min_exclusive=True)
-    batch_size: int = option(256, help="feature extraction batch", min=1)
-    query_chunk: int = option(1024, help="test queries per similarity block", min=1)
-    bank_chunk: int = option(65536, help="training features per similarity block", min=1)
-    half_bank: bool = option(False, help="store the training bank in float16 (halves memory on ImageNet)")
-    train_data: str | None = option(None, help="the bank's data spec; None: the train split of --data")
+from opera.evals.options import KNNConfig  # noqa: F401  (re-exported)
 
 
 def run_knn(cfg: KNNConfig, loaded=None) -> dict:

@@ -62,7 +62,6 @@ from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run
 from opera.engine.optim import lr_at
 from opera.errors import OperaError
 from opera.evals.common import (
-    EvalConfig,
     EvalRun,
     GlobalBatchSampler,
     check_frozen,
@@ -80,32 +79,11 @@ from opera.evals.common import (
     snapshot_state,
     topk_correct,
 )
-from opera.fields import option
+from opera.evals.options import LinearConfig  # noqa: F401  (re-exported)
 
 #: C.1: base learning rates of the linear probe (scaled by batch / 256)
 BASE_LR_CNN = 0.1
 BASE_LR_VIT = 3.0
-
-
-@dataclass
-class LinearConfig(EvalConfig):
-    epochs: int = option(90, help="training epochs of the linear classifier (C.1)", min=1)
-    batch_size: int = option(1024, help="global batch over all processes (C.1)", min=1)
-    base_lr: float | None = option(None, help="None: 0.1 for CNNs, 3.0 for ViTs; lr = base_lr * batch_size / 256",
-                                   min=0, min_exclusive=True)
-    momentum: float = option(0.9, help="SGD momentum", min=0, max=1)
-    weight_decay: float = option(0.0, help="SGD weight decay", min=0)
-    warmup_epochs: float = option(0.0, help="linear warmup epochs before the cosine decay", min=0)
-    bn: bool = option(False, help="BatchNorm1d(affine=False) before the linear layer (MAE-style; C.1/MoCo-v3: none)")
-    augment: bool | None = option(None, help="None: off for digits (cached features), on otherwise")
-    crop_min: float = option(0.08, help="RandomResizedCrop scale of the augmented mode", min=0, max=1, min_exclusive=True)
-    feature_batch_size: int = option(256, help="batch of the frozen forward passes", min=1)
-    grid: bool = option(False, help="train the grid of heads below in the same pass, pick one on a held-out train split")
-    grid_lr_scales: tuple[float, ...] = option((0.1, 0.3, 1.0, 3.0, 10.0), help="x the base lr (dinov2's linear eval: "
-                                               "a grid of lrs)", min=0, min_exclusive=True, example="[0.1,1,10]")
-    grid_bn: tuple[bool, ...] = option((False, True), help="each lr without and with BatchNorm1d(affine=False)")
-    holdout_fraction: float = option(0.1, help="with grid: share of the training set held out to choose the head",
-                                     min=0, max=1, min_exclusive=True, max_exclusive=True)
 
 
 class LinearHead(nn.Sequential):

@@ -26,34 +26,16 @@ that is not held out (a run pretrained on all ten digits) is also said in one co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from opera.configs import validate
 from opera.errors import OperaError
-from opera.evals.common import EvalConfig, EvalRun, choose, load_eval_backbone, parse_data
-from opera.fields import option
+from opera.evals.common import EvalRun, choose, load_eval_backbone, parse_data
+from opera.evals.options import SUITES, TransferConfig  # noqa: F401  (re-exported)
 
-SUITES = ("classification", "digits", "segmentation", "detection")
 DENSE_SUITES = ("segmentation", "detection")
 CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "flowers102", "pets")
 DIGITS_PROTOCOLS = ("linear", "knn", "finetune")
-
-
-@dataclass
-class TransferConfig(EvalConfig):
-    suite: str = option("digits", help="classification | digits | segmentation | detection", choices=SUITES)
-    data: str = option("", help="unused: the suite names the data (recorded per dataset)")
-    root: str | None = option(None, help="classification: folder holding the torchvision datasets")
-    datasets: str | None = option(None, help="classification: comma-separated subset of cifar10,cifar100,flowers102,pets")
-    target: str | None = option(None, help="digits: held-out data spec; dense: the digit scenes spec")
-    iters: int | None = option(None, help="dense: overrides the recipe's iterations", min=1)
-    protocols: str = option("linear,knn,finetune", help="digits: which protocols")
-    recipe: str = option("auto", help="fine-tuning recipe: auto = transfer (classification) / digits")
-    epochs: int | None = option(None, help="overrides the recipe's fine-tuning epochs", min=1)
-    batch_size: int | None = option(None, help="overrides the recipe's fine-tuning batch", min=1)
-    linear_epochs: int = option(90, help="digits: linear probe epochs", min=1)
-    k: int = option(20, help="digits: k-NN neighbours", min=1)
 
 
 def _split_list(text: str | None, valid: tuple[str, ...], what: str) -> list[str]:

@@ -92,9 +92,10 @@ class TrainConfig:
                                   "second full state; off: removed once the new last.pt reads back")
     knn_every: int = option(5, help="epochs between kNN evaluations on the held-out split (0: never)", min=0)
     knn_k: int = option(20, help="neighbours of the kNN monitor", min=1)
-    knn_bank_per_class: int = option(100, help="the kNN monitor's bank: a fixed class-balanced subset of the train "
-                                     "split, at most this many images per class (0: the whole split; 'opera run knn' "
-                                     "is the full protocol)", min=0)
+    knn_bank_per_class: int = option(-1, help="the kNN monitor's bank: a fixed class-balanced subset of the train "
+                                     "split, at most this many images per class (0: the whole split; -1: the whole "
+                                     "split up to 20,000 train images, else 100 per class; 'opera run knn' is the full "
+                                     "protocol)", min=-1)
     online_linear: bool = option(False, help="a linear classifier on detached features beside pretraining "
                                  "(opera.engine.monitors)")
     online_linear_lr: float = option(0.1, help="its own SGD lr (solo-learn's online classifier: 0.1)", min=0,

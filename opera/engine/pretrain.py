@@ -306,6 +306,13 @@ def gb(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
 
 
+#: train.knn_bank_per_class=-1 (auto): the kNN monitor keeps the whole train split as its bank up
+#: to this many images (a few seconds to a minute of features), else a class-balanced subset of
+#: KNN_AUTO_PER_CLASS images per class
+KNN_FULL_BANK_MAX = 20_000
+KNN_AUTO_PER_CLASS = 100
+
+
 @dataclass
 class KnnSets:
     """What the kNN monitor reads, built once per run: the bank (the train split, or its fixed
@@ -325,11 +332,16 @@ def knn_sets(cfg: PretrainConfig) -> KnnSets:
     train = build_dataset(cfg.data.spec, "train", transform=tf)
     queries = build_dataset(cfg.data.spec, "val", transform=tf)
     per_class = cfg.train.knn_bank_per_class
+    auto = per_class < 0
+    if auto:  # small splits keep the whole bank (cheap); large ones a fixed subset
+        per_class = 0 if len(train) <= KNN_FULL_BANK_MAX else KNN_AUTO_PER_CLASS
     keep = balanced_subset(train.targets, per_class)
     bank = train if keep is None else torch.utils.data.Subset(train, keep.tolist())
-    which = (f"the whole train split ({len(train)} images)" if keep is None else
+    setting = f"train.knn_bank_per_class={cfg.train.knn_bank_per_class}" + (
+        f": auto, the whole split up to {KNN_FULL_BANK_MAX} images, else {KNN_AUTO_PER_CLASS} per class" if auto else "")
+    which = (f"the whole train split ({len(train)} images; {setting})" if keep is None else
              f"{len(bank)} of {len(train)} train images, at most {per_class} per class "
-             f"(train.knn_bank_per_class={per_class}; a fixed class-balanced subset)")
+             f"({setting}; a fixed class-balanced subset)")
     line = (f"kNN monitor: bank {which}, {len(queries)} held-out queries, float16 features, "
             f"{cfg.data.workers} workers; 'opera run knn' is the full protocol")
     return KnnSets(bank, queries, train.num_classes, line)

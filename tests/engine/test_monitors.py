@@ -145,3 +145,19 @@ def test_the_monitor_states_its_bank_and_logs_its_wall_time(tmp_path, capsys):
     import yaml
 
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["knn_bank_per_class"] == 50
+
+
+def test_the_default_bank_is_the_whole_split_until_it_is_large(monkeypatch):
+    """train.knn_bank_per_class=-1 (the default): the whole train split while it has at most
+    KNN_FULL_BANK_MAX images (digits), 100 per class above; the log line says which rule applied."""
+    from opera.engine import pretrain
+
+    cfg = apply_overrides(load_config("cpu_digits"), ["data.spec=digits:0-3", "backbone.img_size=16"])
+    assert cfg.train.knn_bank_per_class == -1
+    sets = pretrain.knn_sets(cfg)
+    assert len(sets.bank) == 576 and "the whole train split (576 images; train.knn_bank_per_class=-1: auto" in sets.line
+    monkeypatch.setattr(pretrain, "KNN_FULL_BANK_MAX", 500)
+    monkeypatch.setattr(pretrain, "KNN_AUTO_PER_CLASS", 100)
+    sets = pretrain.knn_sets(cfg)
+    counts = torch.bincount(torch.as_tensor([sets.bank.dataset.targets[i] for i in sets.bank.indices])).tolist()
+    assert counts == [100] * 4 and "400 of 576 train images, at most 100 per class" in sets.line

@@ -84,8 +84,9 @@ def test_two_task_job_trains_on_both_ranks_and_rank0_writes(slurm_cluster, tmp_p
     resolved = yaml.safe_load((out / "config.yaml").read_text())["resolved"]
     assert resolved["world_size"] == 2 and resolved["per_rank_batch"] == 16
     assert metric_steps(out) == list(range(1, TOTAL_STEPS + 1))  # every step logged once: one writer
-    # last.pt and the one it replaced (rotation, docs/reliability.md); no epoch copies, no temp files
-    assert sorted(p.name for p in out.glob("*.pt")) == ["last.prev.pt", "last.pt"] and not list(out.glob(".*.tmp"))
+    # last.pt alone (its predecessor is removed once it reads back: retention, docs/reliability.md);
+    # no epoch copies, no temp files
+    assert sorted(p.name for p in out.glob("*.pt")) == ["last.pt"] and not list(out.glob(".*.tmp"))
     assert saved_step(out) == TOTAL_STEPS
     assert (out / "backbone.safetensors").is_file()
 

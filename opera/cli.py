@@ -11,6 +11,7 @@ exits with 128 + the signal number.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -203,6 +204,19 @@ def _click_exception_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _abort_now(code: int) -> None:
+    """Exit at once after a second SIGINT/SIGTERM: the run has already unwound (its lock released,
+    any temporary file of an interrupted write removed, last.pt untouched), so the interpreter's
+    shutdown is skipped - under load a library thread that wrote to stderr while it closed aborted
+    the process (SIGABRT) instead of exiting with 128 + the signal."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main() -> None:
     """Console entry point: one line per user error, exit code 2."""
     from opera.engine.stop import Aborted, Stopped
@@ -210,7 +224,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # typer turns a KeyboardInterrupt into exit code 130, returned here
         if code == 130 and Aborted.last is not None:  # a second SIGINT/SIGTERM: 128 + that signal
-            code = Aborted.last.exit_code
+            _abort_now(Aborted.last.exit_code)
         if isinstance(code, int) and code:
             sys.exit(code)
     except Stopped as exc:  # SIGINT/SIGTERM: last.pt holds the step named; not an error of the user's
@@ -226,6 +240,8 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt as exc:  # a second SIGINT/SIGTERM (Aborted: 128 + its signal) or Ctrl-C outside a loop
         Console(stderr=True).print("interrupted; rerun the same command to resume from the last checkpoint")
+        if isinstance(exc, Aborted):
+            _abort_now(exc.exit_code)
         sys.exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # usage errors of typer's (bundled) click
         if isinstance(exc, _click_exception_types()):

@@ -191,7 +191,7 @@ def pretrain_recording_writes(cfg, output: str, record_dir: str) -> dict:
 
     sys.addaudithook(hook)
     real_save, real_export = loop.save_state, pretrain.export_backbone
-    loop.save_state = lambda state, path: (writes.append(f"save_state {path}"), real_save(state, path))[1]
+    loop.save_state = lambda state, path, **kw: (writes.append(f"save_state {path}"), real_save(state, path, **kw))[1]
     pretrain.export_backbone = lambda *a, **k: (writes.append(f"export_backbone {a[1]}"), real_export(*a, **k))[1]
     try:
         result = pretrain.run_pretrain(cfg, output)

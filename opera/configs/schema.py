@@ -101,6 +101,15 @@ class TrainConfig:
     online_linear_lr: float = option(0.1, help="its own SGD lr (solo-learn's online classifier: 0.1)", min=0,
                                      min_exclusive=True)
     max_steps: int = option(0, help="stop after this many steps in total (0: no limit; for smoke tests)", min=0)
+    loggers: str = option("tensorboard", help="comma-separated loggers beside metrics.jsonl: tensorboard, wandb, mlflow "
+                          "(wandb/mlflow: pip install -e \".[wandb]\" / \".[mlflow]\"; docs/trackers.md)")
+    tracker_project: str = option("opera", help="W&B project / MLflow experiment of the tracker runs")
+    tracker_group: str = option("", help="W&B group / MLflow tag opera.group ('opera ablate': the study's folder name)")
+    tracker_name: str = option("", help="the tracker run's name ('': the run directory's name)")
+    wandb_mode: str = option("auto", help="auto ($WANDB_MODE, else offline) | offline (no network; wandb sync "
+                             "uploads) | online", choices=("auto", "offline", "online"))
+    wandb_entity: str = option("", help="W&B entity (team or user; '': the default)")
+    mlflow_uri: str = option("", help="MLflow tracking URI ('': $MLFLOW_TRACKING_URI, else file:OUTPUT/mlruns)")
     init: str = option("", help="start from these weights (opera run/file, MoCo-v3/OPERA main_moco.py, main_lincls.py, "
                        "convert_to_deit.py, timm/torchvision state dict, config.json + model.safetensors folder; "
                        "opera.weights); '' : random init")
@@ -152,6 +161,9 @@ class PretrainConfig:
                              "(or null: C with an instance space and full, A with full alone); set --set arrangement=C")
         if not is_all(self.data.labels):
             parse_labels(self.data.labels)
+        from opera.loggers import parse_loggers
+
+        parse_loggers(self.train.loggers)
         self._check_retention()
 
     def _check_retention(self) -> None:

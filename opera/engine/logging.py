@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events and a rich progress bar."""
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, the experiment trackers of
+``train.loggers`` (:mod:`opera.engine.trackers`) and a rich progress bar."""
 
 from __future__ import annotations
 
@@ -64,18 +65,32 @@ def quiet_tensorboard_thread_errors() -> None:
 
 
 class RunLogger:
-    """Writes metrics rows to ``metrics.jsonl`` and TensorBoard; does nothing off rank 0.
+    """Writes metrics rows to ``metrics.jsonl``, TensorBoard and the trackers of ``trackers``
+    (W&B, MLflow: :mod:`opera.engine.trackers`); does nothing off rank 0.
 
-    Both are append-only logs: a row cut by a kill is dropped on resume (:func:`truncate_metrics`).
+    ``metrics.jsonl`` and TensorBoard are append-only logs: a row cut by a kill is dropped on
+    resume (:func:`truncate_metrics`). A tracker run continues the one of the run directory and
+    sends each metric only past the last step it holds, so a replayed step is not logged twice.
     A write that fails (a full disk, ``ulimit -f``, a read-only or vanished folder) is one line
     naming the file (:func:`~opera.engine.checkpoint.write_failed`), never a traceback; the
     checkpoints are untouched, so the same command resumes once the cause is fixed."""
 
-    def __init__(self, output: Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, output: Path, enabled: bool, tensorboard: bool = True, trackers: Any = None,
+                 config: dict[str, Any] | None = None):
+        """``trackers``: a :class:`~opera.engine.trackers.TrackerOptions` (its optional loggers are
+        started here, on rank 0); ``config``: the run's resolved config, the tracker runs' config."""
         self.enabled = enabled
         self.output = output
         self._tb = None
         self._file = None
+        self._trackers: list = []
+        if enabled and trackers is not None and trackers.trackers:
+            from opera.engine.trackers import describe, open_trackers
+
+            self._trackers = open_trackers(output, trackers, config or {})
+            for line in describe(self._trackers, output):
+                print(line, flush=True)
+            self._backfill(output / METRICS)
         if enabled:
             with self._writing(output / METRICS, "the metrics log"):
                 self._file = open(output / METRICS, "a", buffering=1)
@@ -85,6 +100,22 @@ class RunLogger:
                 quiet_tensorboard_thread_errors()
                 with self._writing(output / "tb", "the TensorBoard events"):
                     self._tb = SummaryWriter(log_dir=str(output / "tb"))
+
+    def _backfill(self, path: Path) -> None:
+        """Send the trackers the rows of ``metrics.jsonl`` (a resumed run's, cut at its checkpoint)
+        that they do not hold: W&B's service buffers its offline log and a SIGKILL loses what it
+        had not written, so a resumed run holds every step up to its checkpoint again."""
+        if not path.is_file():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = row.pop("step", None)
+            if isinstance(step, int):
+                for tracker in self._trackers:
+                    tracker.log(row, step)
 
     @staticmethod
     @contextlib.contextmanager
@@ -107,8 +138,14 @@ class RunLogger:
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         self._tb.add_scalar(k, v, step)
                 self._tb.flush()
+        for tracker in self._trackers:
+            tracker.log(row, step)
 
     def close(self) -> None:
+        from opera.engine.trackers import close_all
+
+        trackers, self._trackers = self._trackers, []
+        close_all(trackers)
         file, tb, self._file, self._tb = self._file, self._tb, None, None
         if file:
             with self._writing(self.output / METRICS, "the metrics log"):

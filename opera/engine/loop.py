@@ -21,7 +21,8 @@ of Lightning's split between the loop and its hooks); a protocol supplies its st
 * **The save cadence**: ``last.pt`` every ``save_every_steps`` steps inside an epoch and at every
   epoch end, ``epoch_NNNN.pt`` every ``save_every_epochs`` epochs (rank 0, atomically): a hard
   link to that ``last.pt``, the older ones pruned to ``keep_epoch_checkpoints``.
-* **The log cadence**: every ``log_every`` steps a row to ``metrics.jsonl`` / TensorBoard and one
+* **The log cadence**: every ``log_every`` steps a row to ``metrics.jsonl`` / TensorBoard / the
+  trackers (W&B, MLflow: :mod:`opera.engine.trackers`) and one
   line on stdout, on a terminal or not (rank 0), so a SLURM log shows a run's progress.
 """
 
@@ -180,6 +181,8 @@ class TrainingLoop:
     world: int = 1
     metrics: bool = True  # metrics.jsonl + TensorBoard rows at the log cadence
     tensorboard: bool = True
+    trackers: Any = None  # opera.engine.trackers.TrackerOptions: W&B / MLflow beside TensorBoard
+    tracker_config: dict[str, Any] | None = None  # the tracker runs' config (the resolved config.yaml)
     at: Position = field(default_factory=Position)
     source: Path | None = None  # the checkpoint resumed from
 
@@ -192,7 +195,8 @@ class TrainingLoop:
     def logger(self) -> RunLogger:
         """metrics.jsonl and TensorBoard, opened at the first row: a finished run rerun writes nothing."""
         if self._logger is None:
-            self._logger = RunLogger(self.run.output, enabled=self.run.main and self.metrics, tensorboard=self.tensorboard)
+            self._logger = RunLogger(self.run.output, enabled=self.run.main and self.metrics, tensorboard=self.tensorboard,
+                                     trackers=self.trackers, config=self.tracker_config)
         return self._logger
 
     # -------------------------------------------------------------------------------- resume

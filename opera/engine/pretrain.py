@@ -262,12 +262,18 @@ def run_pretrain(cfg: PretrainConfig, output: str | Path, resume: str | None = N
     (``train.init``'s weights) is loaded into the hierarchy only when the run starts from step 0
     with no checkpoint; a resume continues from its checkpoint and refuses another ``init``.
     """
+    from opera.engine.trackers import TrackerOptions, require
+
     t = cfg.train
+    trackers = TrackerOptions.of(t)
+    if distributed.detect_env()[0] == 0:
+        require(trackers.loggers)  # a missing extra is one line before anything is built (rank 0 only)
     with run_directory(output) as run:
         p = setup_pretrain(cfg, run, init)
         loop = TrainingLoop(run, p, Cadence(t.epochs, p.steps_per_epoch, t.max_steps, t.save_every_steps,
                                             t.save_every_epochs, t.log_every, t.keep_epoch_checkpoints, t.keep_last_prev),
-                            seed=t.seed, rank=p.rank, world=p.world)
+                            seed=t.seed, rank=p.rank, world=p.world, tensorboard="tensorboard" in trackers.loggers,
+                            trackers=trackers, tracker_config=p.resolved)
         try:
             loop.resume(resume)
             if init is not None and loop.source is None:

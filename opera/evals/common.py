@@ -8,7 +8,8 @@
   ``config.json`` + ``model.safetensors`` folder), said in one line.
 * :func:`extract_features` runs a frozen backbone over a dataset in batches into one
   preallocated ``N x D`` tensor (``pooled_features``: timm's pre-logits, Eq. 8's y).
-* :class:`EvalRun` records a protocol's run: TensorBoard scalars under ``OUTPUT/tb``, then
+* :class:`EvalRun` records a protocol's run: TensorBoard scalars under ``OUTPUT/tb`` and the
+  trackers of ``--set loggers=...`` (W&B, MLflow: :mod:`opera.engine.trackers`), then
   ``OUTPUT/results.json`` (metrics, checkpoint path + sha256 + backbone spec, the full protocol
   config, the data specs, seed, wall time, versions) written atomically, and a rich table.
 """
@@ -45,7 +46,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 #: options that may differ between the run that saved a checkpoint and the one that resumes it
-VOLATILE = ("output", "device", "workers", "tensorboard", "checkpoint", "log_every",
+VOLATILE = ("output", "device", "workers", "tensorboard", "loggers", "checkpoint", "log_every",
             "save_every_steps", "save_every", "max_steps", "eval_every")  # speed, cadence, where the run stops
 
 
@@ -358,8 +359,16 @@ class EvalRun:
         self.output = check_output(output if output is not None else cfg.output, create=False)
         self.started = time.time()
         self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        self._tb_enabled = main and (getattr(cfg, "tensorboard", True) if tensorboard is None else tensorboard)
+        from opera.engine.trackers import TrackerOptions, require
+
+        loggers = getattr(cfg, "loggers", "tensorboard")
+        self._trackers_opts = TrackerOptions.of(cfg, key="loggers") if hasattr(cfg, "loggers") else None
+        if main and self._trackers_opts is not None:
+            require(self._trackers_opts.loggers, key="loggers")  # a missing extra: one line before the protocol runs
+        self._tb_enabled = main and (getattr(cfg, "tensorboard", True) if tensorboard is None else tensorboard) \
+            and "tensorboard" in [n.strip() for n in str(loggers).split(",")]
         self._tb = None
+        self._trackers: list | None = None  # opened at the first scalar, on rank 0
 
     @property
     def writer(self):
@@ -390,10 +399,27 @@ class EvalRun:
         check_output(self.output)
         return self.output / name
 
+    @property
+    def trackers(self) -> list:
+        """The W&B / MLflow runs of ``loggers`` (rank 0), started (or continued: ``OUTPUT/trackers.json``)
+        at the first scalar with the protocol's config as theirs."""
+        if self._trackers is None:
+            self._trackers = []
+            if self.main and self._trackers_opts is not None and self._trackers_opts.trackers:
+                from opera.engine.trackers import describe, open_trackers
+
+                self._trackers = open_trackers(self.path(""), self._trackers_opts, _jsonable(config_dict(self.cfg)))
+                for line in describe(self._trackers, self.output):
+                    print(line, flush=True)
+        return self._trackers
+
     def log(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and value is not None and math.isfinite(float(value)):
             with self._tensorboard():
                 self.writer.add_scalar(tag, float(value), step)
+        if value is not None:
+            for tracker in self.trackers:
+                tracker.log({tag: float(value)}, step)
 
     def finish(self, metrics: dict[str, Any], backbone: LoadedBackbone | None = None, data: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None, title: str | None = None, print_table: bool = True) -> dict[str, Any]:
@@ -419,17 +445,26 @@ class EvalRun:
         check_output(self.output)
         text = json.dumps(_jsonable(results), indent=2, sort_keys=False) + "\n"
         atomic_write(self.output / RESULTS, lambda tmp: Path(tmp).write_text(text), what="the evaluation's results")
-        if self.writer is not None:
+        if self.writer is not None or self.trackers:
             for k, v in _flatten(metrics).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.log(f"final/{k}", v, 0)
+        if self.writer is not None:
             with self._tensorboard():
                 self.writer.flush()
                 self.writer.close()
             self._tb = None
+        self.close_trackers()
         if print_table:
             print_metrics(title or f"{self.protocol}: {backbone.source if backbone else ''}", metrics, wall)
         return results
+
+
+    def close_trackers(self) -> None:
+        from opera.engine.trackers import close_all
+
+        trackers, self._trackers = self._trackers or [], None
+        close_all(trackers)
 
 
 def _versions() -> dict[str, str]:
@@ -459,15 +494,10 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    from opera.engine.trackers import flatten
+
+    return flatten(d, sep="/")
 
 
 def print_metrics(title: str, metrics: dict[str, Any], wall: float | None = None) -> None:

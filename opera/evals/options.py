@@ -31,6 +31,8 @@ class EvalConfig:
     seed: int = option(0, help="random seed")
     workers: int = option(0, help="DataLoader workers", min=0)
     tensorboard: bool = option(True, help="TensorBoard scalars under OUTPUT/tb")
+    loggers: str = option("tensorboard", help="comma-separated: tensorboard, wandb, mlflow (docs/trackers.md; "
+                          "W&B offline unless $WANDB_MODE=online, MLflow at $MLFLOW_TRACKING_URI or file:OUTPUT/mlruns)")
     log_every: int = option(10, help="protocols that train: steps between a stdout line and a metrics.jsonl row "
                             "(0: epoch ends only)", min=0)
 

@@ -31,6 +31,7 @@ import datetime as _dt
 import functools
 import itertools
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -498,6 +499,42 @@ def _final_losses(metrics_file: Path) -> dict[str, float]:
     return last
 
 
+def cell_tracker_names(cfg: Any, study_dir: str | Path, variant: Variant, seed: int) -> bool:
+    """With W&B or MLflow in ``train.loggers``, a cell is one tracker run named ``<variant>/seed<k>``
+    in the group of its study (W&B ``group``, MLflow tag ``opera.group``: the study folder's name),
+    unless the study set ``train.tracker_group`` / ``train.tracker_name`` itself; MLflow's runs of
+    the study share one file store, ``OUT/mlruns`` (unless ``train.mlflow_uri`` or
+    ``MLFLOW_TRACKING_URI`` names one). Whether the cell is tracked."""
+    from opera.configs import set_value
+    from opera.engine.trackers import TrackerOptions
+
+    if not TrackerOptions.of(cfg.train).trackers:
+        return False
+    if not cfg.train.tracker_group:
+        set_value(cfg, "train.tracker_group", Path(study_dir).resolve().name)
+    if not cfg.train.tracker_name:
+        set_value(cfg, "train.tracker_name", f"{variant.dirname}/seed{seed}")
+    if "mlflow" in cfg.train.loggers and not cfg.train.mlflow_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        set_value(cfg, "train.mlflow_uri", (Path(study_dir).resolve() / "mlruns").as_uri())  # one store per study
+    return True
+
+
+def log_cell_to_trackers(cfg: Any, pre_dir: Path, metrics: dict[str, float], step: int) -> None:
+    """The cell's evaluation metrics (``linear/top1``, ...) into its pretraining's tracker run (the
+    ids in ``pretrain/trackers.json``), at the run's last step: one tracker run holds the cell."""
+    import yaml
+
+    from opera.engine.trackers import TrackerOptions, close_all, open_trackers
+
+    config = yaml.safe_load((pre_dir / "config.yaml").read_text()) if (pre_dir / "config.yaml").is_file() else {}
+    trackers = open_trackers(pre_dir, TrackerOptions.of(cfg.train), config or {})
+    try:
+        for tracker in trackers:
+            tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+    finally:
+        close_all(trackers)
+
+
 def run_cell(study_dir: str | Path, variant: str, seed: int, nproc: int = 1) -> dict[str, Any]:
     """Pretrain and evaluate one cell; return its ``cell.json`` record (read back when already done).
 
@@ -515,6 +552,7 @@ def run_cell(study_dir: str | Path, variant: str, seed: int, nproc: int = 1) -> 
     if done is not None:
         return done
     cfg = cell_config(study, v, seed)
+    tracked = cell_tracker_names(cfg, study_dir, v, seed)
     t0 = time.time()
     pre_dir = cdir / "pretrain"
     resumed = (pre_dir / "last.pt").is_file()
@@ -548,6 +586,8 @@ def run_cell(study_dir: str | Path, variant: str, seed: int, nproc: int = 1) -> 
         for key, value in cell_metrics(name, res.get("metrics") or {}).items():
             metrics[key] = value
         evals[name] = str(res_file.relative_to(cdir))
+    if tracked:
+        log_cell_to_trackers(cfg, pre_dir, metrics, int(result.get("global_step") or 0))
     losses = _final_losses(pre_dir / "metrics.jsonl")
     record = {
         "variant": v.name, "seed": seed, "overrides": v.overrides, "metrics": metrics,

@@ -75,3 +75,14 @@ def test_errors_cross_process_pools_intact():
     assert stopped.exit_code == 143 and str(stopped).startswith("stopped at step 17; rerun the same command")
     bad = pickle.loads(pickle.dumps(CheckpointUnreadable("cannot load x", "truncated")))
     assert bad.reason == "truncated" and str(bad) == "cannot load x"
+
+
+def test_a_resumed_run_may_add_or_change_its_trackers(tmp_path):
+    """Adding W&B/MLflow to a run on resume (or moving where W&B sends) changes no training: allowed,
+    said in one line; a training key beside it is still refused."""
+    old = {"train": {"epochs": 2, "loggers": "tensorboard", "wandb_mode": "auto", "batch_size": 32}}
+    new = {"train": {"epochs": 2, "loggers": "tensorboard,mlflow", "wandb_mode": "offline", "batch_size": 32}}
+    assert config_drift(old, new) == ([], ["train.loggers 'tensorboard' -> 'tensorboard,mlflow'",
+                                          "train.wandb_mode 'auto' -> 'offline'"])
+    new["train"]["batch_size"] = 64
+    assert config_drift(old, new)[0] == ["train.batch_size 32 -> 64"]

@@ -7,6 +7,8 @@ evaluations (``opera.evals``) and the monitors that run during pretraining
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,11 +43,15 @@ def make_loader(dataset, batch_size: int, shuffle: bool = False, workers: int = 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, dataset, batch_size: int = 256, device: torch.device | str = "cpu",
-                     workers: int = 0, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+                     workers: int = 0, dtype: torch.dtype = torch.float32,
+                     on_batch: Callable[[torch.Tensor, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features N x D, labels N)`` of a frozen backbone over ``dataset``, on the CPU.
 
     Runs in eval mode without gradients, one batch at a time into a preallocated tensor, so peak
     memory is the output plus one batch (``dtype=torch.float16`` halves an ImageNet-sized bank).
+    ``on_batch(features, start)`` sees every batch's float32 features on ``device`` (rows
+    ``start..start+len-1`` of ``dataset``) before they are stored: what else the same pass computes
+    (the collapse monitor of :mod:`opera.engine.monitors`).
     """
     from opera.backbones import pooled_features
 
@@ -59,6 +65,8 @@ def extract_features(backbone: nn.Module, dataset, batch_size: int = 256, device
     try:
         for x, y in make_loader(dataset, batch_size, workers=workers, device=device):
             f = pooled_features(backbone, x.to(device, non_blocking=True)).float()
+            if on_batch is not None:
+                on_batch(f, i)
             if feats is None:
                 feats = torch.empty(n, f.shape[1], dtype=dtype)
             feats[i: i + len(f)] = f.to("cpu", dtype)

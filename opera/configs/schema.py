@@ -96,6 +96,10 @@ class TrainConfig:
                                      "split, at most this many images per class (0: the whole split; -1: the whole "
                                      "split up to 20,000 train images, else 100 per class; 'opera run knn' is the full "
                                      "protocol)", min=-1)
+    rank_every: int = option(1, help="epochs between the label-free collapse monitor's RankMe, alpha-ReQ and std of "
+                             "every representation (0: never; it shares the kNN monitor's pass when both run)", min=0)
+    rank_images: int = option(4096, help="the collapse monitor's images: a fixed seeded subset of the kNN monitor's "
+                              "bank (all of it when smaller)", min=2)
     online_linear: bool = option(False, help="a linear classifier on detached features beside pretraining "
                                  "(opera.engine.monitors)")
     online_linear_lr: float = option(0.1, help="its own SGD lr (solo-learn's online classifier: 0.1)", min=0,

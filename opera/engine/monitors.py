@@ -1,6 +1,6 @@
 """Online monitors of a pretraining run: how good the representation is *while* it trains.
 
-Two monitors, both labelled ``online`` in ``metrics.jsonl`` (``"eval": "online"``, keys under
+Three monitors, all labelled ``online`` in ``metrics.jsonl`` (``"eval": "online"``, keys under
 ``online/``), because they are not the paper's protocols: the offline evaluations (``opera run
 linear|knn|finetune``, results.json ``"evaluation": "offline"``) train on frozen final weights,
 these run beside pretraining and see a moving backbone. Mixing the two up is the most common
@@ -15,6 +15,12 @@ reproduction complaint; the labels are there so that nobody reports an online nu
 * :func:`knn_monitor`: weighted k-NN top-1 on the held-out split with the train bank sharded
   across ranks (:func:`opera.features.knn_scores_sharded`): every rank extracts a share; no rank
   holds the whole bank or computes alone while the others wait.
+* the collapse monitor (:class:`CollapseProbe`, :mod:`opera.engine.collapse`): label-free RankMe,
+  alpha-ReQ and the std of the normalised embeddings of every representation the hierarchy
+  publishes (``backbone``, ``self/projector``, ``full/logits``, ...), over a fixed subset of the kNN
+  bank, from the backbone features of the kNN monitor's own pass when both run (the spaces' heads
+  are applied to those pooled features), else from a pass over that subset alone. Keys
+  ``online/rankme/<rep>``, ``online/areq/<rep>``, ``online/std/<rep>``.
 
 :class:`FeatureTap` takes y from the pretraining forward itself (no second forward, which would
 also move the BatchNorm statistics): it records what the online backbone's ``forward_head(...,
@@ -150,17 +156,19 @@ class OnlineLinearMonitor:
 
 @torch.no_grad()
 def knn_monitor(backbone: nn.Module, bank_set, query_set, num_classes: int, device: torch.device, k: int = 20,
-                temperature: float = 0.07, workers: int = 0, bank_dtype: torch.dtype = torch.float16) -> float:
+                temperature: float = 0.07, workers: int = 0, bank_dtype: torch.dtype = torch.float16,
+                on_bank_batch=None) -> float:
     """Weighted k-NN top-1 (%) of ``query_set`` against ``bank_set`` from ``backbone`` features,
     the bank sharded across ranks (every rank calls it; one process: the plain k-NN). Features are
     extracted with ``workers`` DataLoader workers; the bank is kept in ``bank_dtype`` (float16:
-    half the memory; each block is compared in float32)."""
+    half the memory; each block is compared in float32). ``on_bank_batch``: sees the bank's
+    features batch by batch (:func:`opera.features.extract_features`; a :class:`CollapseProbe`)."""
     from opera.distributed import all_gather_uneven
 
     rank, world = distributed.get_rank(), distributed.get_world_size()
     was_training = backbone.training
     bank, bank_y = extract_features(backbone, shard_of(bank_set, rank, world), device=device, workers=workers,
-                                    dtype=bank_dtype)
+                                    dtype=bank_dtype, on_batch=on_bank_batch)
     queries, query_y = extract_features(backbone, shard_of(query_set, rank, world), device=device, workers=workers)
     queries, query_y = all_gather_uneven(queries.to(device)), all_gather_uneven(query_y.to(device))
     top1 = knn_accuracy_sharded(bank, bank_y, queries, query_y.cpu(), num_classes, k=k, temperature=temperature,
@@ -186,7 +194,110 @@ def balanced_subset(targets, per_class: int, seed: int = KNN_SUBSET_SEED) -> np.
     return np.sort(order[rank_in_class < per_class])
 
 
-__all__ = ["FeatureTap", "OnlineLinearMonitor", "balanced_subset", "knn_monitor"]
+#: the seed of the collapse monitor's subset of the kNN bank
+COLLAPSE_SUBSET_SEED = 20240517
+
+
+def collapse_rows(bank_size: int, images: int, seed: int = COLLAPSE_SUBSET_SEED) -> torch.Tensor:
+    """A boolean mask over the kNN bank: the fixed seeded ``images`` rows the collapse monitor
+    measures (all of them when the bank is not larger)."""
+    mask = torch.zeros(bank_size, dtype=torch.bool)
+    if images <= 0 or bank_size <= images:
+        mask[:] = True
+    else:
+        mask[torch.from_numpy(np.random.default_rng(seed).permutation(bank_size)[:images])] = True
+    return mask
+
+
+def head_representations(hierarchy: nn.Module, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every representation the hierarchy publishes, from the backbone's pooled features ``y``
+    (``SupervisionHierarchy.representations`` without the backbone forward): ``backbone`` then each
+    space's (``represent`` reads ``backbone`` and the spaces below; a space that publishes none,
+    such as masked image modeling's, adds nothing)."""
+    reps: dict[str, torch.Tensor] = {"backbone": y}
+    for space in hierarchy.spaces.values():
+        space.represent(reps)
+    return reps
+
+
+class CollapseProbe:
+    """The collapse monitor's share of a feature pass (``on_batch`` of
+    :func:`opera.features.extract_features`): of each batch of backbone features, the rows that
+    ``wanted`` marks (a boolean mask over the rows of the pass) go through the spaces' heads
+    (:func:`head_representations`) into :class:`opera.engine.collapse.RepresentationStats`.
+    The hierarchy must be in eval mode (:func:`eval_mode`); ``seconds``: the time spent here."""
+
+    def __init__(self, hierarchy: nn.Module, wanted: torch.Tensor):
+        from opera.engine.collapse import RepresentationStats
+
+        self.hierarchy, self.wanted = hierarchy, wanted
+        self.stats = RepresentationStats()
+        self.seconds = 0.0
+
+    def __call__(self, y: torch.Tensor, start: int) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        rows = self.wanted[start: start + len(y)].to(y.device)
+        if bool(rows.any()):
+            self.stats.update({k: v.float() for k, v in head_representations(self.hierarchy, y[rows]).items()})
+        self.seconds += time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Every representation's statistics over all ranks (every rank calls it)."""
+        import time
+
+        t0 = time.perf_counter()
+        out = self.stats.metrics()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class eval_mode:
+    """``with eval_mode(module):`` every submodule in eval mode, each one's own mode restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
+@torch.no_grad()
+def collapse_pass(hierarchy: nn.Module, dataset, wanted: torch.Tensor, device: torch.device,
+                  workers: int = 0) -> CollapseProbe:
+    """The collapse monitor alone (an epoch without the kNN monitor): backbone features of the
+    rows of ``dataset`` that ``wanted`` marks, sharded over ranks, fed to a :class:`CollapseProbe`
+    (call its ``metrics`` on every rank)."""
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rows = torch.nonzero(wanted).flatten().tolist()
+    share = shard_of(torch.utils.data.Subset(dataset, rows), rank, world)
+    probe = CollapseProbe(hierarchy, torch.ones(len(share), dtype=torch.bool))
+    with eval_mode(hierarchy):
+        extract_features(hierarchy.backbone, share, device=device, workers=workers, dtype=torch.float16,
+                         on_batch=probe)
+    return probe
+
+
+def collapse_row(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The metrics.jsonl keys of the collapse monitor: ``online/rankme/<rep>``, ``online/areq/<rep>``,
+    ``online/std/<rep>`` (a NaN, e.g. alpha-ReQ of a collapsed representation, is left out)."""
+    row = {}
+    for name, m in metrics.items():
+        for key in ("rankme", "areq", "std"):
+            if m[key] == m[key]:
+                row[f"online/{key}/{name}"] = float(m[key])
+    return row
+
+
+__all__ = ["CollapseProbe", "FeatureTap", "OnlineLinearMonitor", "balanced_subset", "collapse_pass", "collapse_row",
+           "collapse_rows", "eval_mode", "head_representations", "knn_monitor"]
 
 
 # ------------------------------------------------------------------ the hooks pretraining calls

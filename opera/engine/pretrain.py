@@ -28,7 +28,18 @@ from opera.engine.checkpoint import (
     state_bytes,
 )
 from opera.engine.loop import Cadence, Position, RunDirectory, TrainingLoop, run_directory, seed_step
-from opera.engine.monitors import FeatureTap, OnlineLinearMonitor, online_linear_setup, online_linear_step
+from opera.engine.collapse import collapse_warnings
+from opera.engine.monitors import (
+    CollapseProbe,
+    FeatureTap,
+    OnlineLinearMonitor,
+    collapse_pass,
+    collapse_row,
+    collapse_rows,
+    eval_mode,
+    online_linear_setup,
+    online_linear_step,
+)
 from opera.engine.optim import build_optimizer, ema_momentum_at, lr_at, optimizer_name
 from opera.engine.resume import check_config_drift
 from opera.engine.step import make_grad_scaler, prepare_model, train_step
@@ -91,6 +102,7 @@ class PretrainProtocol:
     data_flags: str = "--data / --unlabelled"  # what chose the training data (a changed folder is refused naming them)
     init: Initializer | None = None  # train.init: the weights the run starts from
     knn: Any = None  # the kNN monitor's datasets (KnnSets), built at its first evaluation
+    collapse_rows: Any = None  # the collapse monitor's rows of the kNN bank (a boolean mask), built with them
     skips_nonfinite: bool = True  # train_step refuses a non-finite loss itself, unless the fp16 scaler skips the step
     _lr_now: float = field(default=0.0, repr=False)
     _m_now: float = field(default=0.0, repr=False)
@@ -149,20 +161,57 @@ class PretrainProtocol:
     def log_row(self, at: Position) -> dict[str, float]:
         return {"lr": self._lr_now, "ema_momentum": self._m_now}
 
+    def _monitor_sets(self) -> KnnSets:
+        """The kNN monitor's datasets (and the collapse monitor's rows of its bank), built once."""
+        cfg = self.cfg
+        if self.knn is None:
+            self.knn = knn_sets(cfg)
+            self.collapse_rows = collapse_rows(len(self.knn.bank), cfg.train.rank_images)
+            if self.run.main:
+                if cfg.train.knn_every:
+                    print(self.knn.line, flush=True)
+                if cfg.train.rank_every:
+                    print(f"collapse monitor: RankMe, alpha-ReQ and std of every representation over "
+                          f"{int(self.collapse_rows.sum())} of the kNN bank's {len(self.knn.bank)} train images "
+                          f"(train.rank_images={cfg.train.rank_images}), every {cfg.train.rank_every} epoch(s) "
+                          f"(train.rank_every), from the kNN monitor's pass when both run", flush=True)
+        return self.knn
+
     def end_epoch(self, at: Position, finished_epoch: bool) -> dict[str, float]:
-        """The kNN monitor (every ``knn_every`` epochs and at the last) and the online linear
-        monitor, on every rank, after a whole epoch."""
+        """The kNN monitor (every ``knn_every`` epochs and at the last), the collapse monitor
+        (every ``rank_every`` epochs and at the last; from the kNN monitor's bank pass when both
+        run) and the online linear monitor, on every rank, after a whole epoch."""
         cfg, row = self.cfg, {}
         if not finished_epoch:
             return row
-        if cfg.train.knn_every and (at.epoch % cfg.train.knn_every == 0 or at.epoch == cfg.train.epochs):
+
+        def due(every: int) -> bool:
+            return bool(every) and (at.epoch % every == 0 or at.epoch == cfg.train.epochs)
+
+        knn_due, rank_due = due(cfg.train.knn_every), due(cfg.train.rank_every)
+        probe = None
+        if knn_due:
             start = time.perf_counter()
-            if self.knn is None:
-                self.knn = knn_sets(cfg)
-                if self.run.main:
-                    print(self.knn.line, flush=True)
-            row["knn_top1"] = knn_monitor(self.hierarchy.backbone, cfg, self.device, self.rank, self.world, self.knn)
+            sets = self._monitor_sets()
+            if rank_due:  # this rank's share of the bank (opera.features.shard_of) and its collapse rows
+                lo, hi = distributed.shard_bounds(len(sets.bank), self.rank, self.world)
+                probe = CollapseProbe(self.hierarchy, self.collapse_rows[lo:hi])
+            with eval_mode(self.hierarchy):
+                row["knn_top1"] = knn_monitor(self.hierarchy.backbone, cfg, self.device, self.rank, self.world, sets,
+                                              probe)
             row["knn_s"] = time.perf_counter() - start
+        elif rank_due:
+            start = time.perf_counter()
+            sets = self._monitor_sets()
+            probe = collapse_pass(self.hierarchy, sets.bank, self.collapse_rows, self.device, cfg.data.workers)
+        if probe is not None:
+            stats = probe.metrics()
+            row.update(collapse_row(stats))
+            # its own pass's wall time, or (sharing the kNN monitor's) the heads and statistics alone
+            row["rank_s"] = probe.seconds if knn_due else time.perf_counter() - start
+            if self.run.main:
+                for line in collapse_warnings(stats, at.epoch):
+                    print(line, flush=True)
         if self.monitor is not None:
             row.update(self.monitor.epoch_metrics(self.hierarchy.backbone, self.monitor_val))
         return row
@@ -355,12 +404,13 @@ def knn_sets(cfg: PretrainConfig) -> KnnSets:
 
 @torch.no_grad()
 def knn_monitor(backbone: torch.nn.Module, cfg: PretrainConfig, device: torch.device, rank: int, world: int,
-                sets: KnnSets | None = None) -> float:
+                sets: KnnSets | None = None, probe: CollapseProbe | None = None) -> float:
     """Weighted kNN top-1 (%) on the held-out split from backbone features; under DDP the train
     bank is sharded across the ranks (opera.engine.monitors.knn_monitor), every rank calls it.
-    ``sets``: the datasets of :func:`knn_sets` (built here when not given)."""
+    ``sets``: the datasets of :func:`knn_sets` (built here when not given); ``probe``: the
+    collapse monitor, fed from the bank's features of the same pass."""
     from opera.engine import monitors
 
     sets = sets or knn_sets(cfg)
     return monitors.knn_monitor(backbone, sets.bank, sets.queries, sets.num_classes, device, k=cfg.train.knn_k,
-                                workers=cfg.data.workers)
+                                workers=cfg.data.workers, on_bank_batch=probe)

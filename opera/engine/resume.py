@@ -38,6 +38,8 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "train.mlflow_uri": "the store of MLflow runs not yet made only (a kept run stays in the store trackers.json names)",
     "train.knn_k": "the kNN monitor only, not the training",
     "train.knn_bank_per_class": "the kNN monitor only, not the training",
+    "train.rank_every": "monitoring cadence only",
+    "train.rank_images": "the collapse monitor only, not the training",
     "data.workers": "data loading speed only (augmentations depend on seed, epoch and index)",
     "train.compile": "speed only",
 }

@@ -203,3 +203,30 @@ def test_a_healthy_short_run_logs_every_representation_and_does_not_warn(tmp_pat
     assert len(ranked) == 2 and "knn_top1" not in ranked[0]
     for rep in ("backbone", "self/projector", "self/predictor", "full/logits"):
         assert all(r[f"online/rankme/{rep}"] > 2 and r[f"online/std/{rep}"] > 0 for r in ranked)
+
+
+def _two_rank_statistics(seed: int) -> dict[str, torch.Tensor]:
+    from opera import distributed
+    from opera.engine.collapse import RepresentationStats
+
+    env = distributed.init("cpu")
+    z = torch.from_numpy(np.random.default_rng(seed).standard_normal((45, 12)) @ np.diag(np.arange(1.0, 13.0)))
+    lo, hi = distributed.shard_bounds(len(z), env.rank, env.world_size)  # 23 and 22 rows
+    stats = RepresentationStats()
+    stats.update({"y": z[lo:hi]})
+    m = stats.metrics()["y"]
+    distributed.shutdown()
+    return {k: torch.tensor(float(m[k]), dtype=torch.float64) for k in ("rankme", "areq", "std", "images")}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_sum_their_shares_into_the_statistics_of_the_whole_matrix():
+    from opera.launch.local import launch_local
+
+    z = np.random.default_rng(4).standard_normal((45, 12)) @ np.diag(np.arange(1.0, 13.0))
+    whole = statistics(torch.from_numpy(z))
+    for r in launch_local(_two_rank_statistics, (4,), 2, timeout=120):
+        assert float(r["images"]) == 45
+        assert float(r["rankme"]) == pytest.approx(hand_rankme(z), rel=1e-9)
+        for key in ("rankme", "areq", "std"):
+            assert float(r[key]) == pytest.approx(whole[key], rel=1e-9)

@@ -247,15 +247,16 @@ def diagnose(
     img_size: Optional[int] = typer.Option(None, "--img-size", help=IMG_HELP),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (image sample and views). Default: 0."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    plot: Optional[str] = typer.Option(None, "--plot", help="umap | tsne: draw every space's representation in 2-D, coloured by class (held-out classes as crosses), beside its similarity histogram: OUTPUT/embedding_<space>.png. umap needs umap-learn (pip install umap-learn), else scikit-learn's t-SNE draws it. Default: no plot."),
     sets: list[str] = _set_option(),
     launch: LaunchOptions = None,  # --slurm, ... (one process: opera.launch.options)
 ) -> None:
-    """Corollary 1: mean cosine similarity of views / same-class / different-class pairs in every space (Eq. 11 ordering)."""
+    """Corollary 1: mean cosine similarity of views / same-class / different-class pairs in every space (Eq. 11 ordering), RankMe / alpha-ReQ / std of every space, and with --plot its 2-D embedding."""
     from opera.evals.diagnose import run_diagnose
 
     cfg = DiagnoseConfig(**_given(checkpoint=checkpoint, data=data, split=split, num_images=num_images, crop_min=crop_min,
                                   output=str(output or _default_output("diagnose", checkpoint)), backbone=backbone,
-                                  img_size=img_size, seed=seed, device=device))
+                                  img_size=img_size, seed=seed, device=device, plot=plot))
     _single_process("diagnose", launch)
     _launch(run_diagnose, _with_sets(cfg, sets, "diagnose"), launch)
 

@@ -16,6 +16,20 @@ spaces (``self/projector``, ``self/predictor``, ``full/logits``, ... - whatever 
 rebuilt from the run's ``config.yaml``. A ``backbone.safetensors`` alone, ``random:`` and
 ``timm:`` give the backbone space only. Results: per space the three means (and std, count),
 whether ``view >= same_class >= different_class`` holds, and ``similarity_hist.png``.
+
+Every space also gets the label-free collapse statistics of the pretraining monitor
+(:mod:`opera.engine.collapse`: RankMe, alpha-ReQ, std of the l2-normalised embeddings) over the
+same images without augmentation (``EvalTransform``), with the collapse warning when one is low.
+
+``plot="umap"|"tsne"`` draws every space's representation of those images in 2-D (UMAP, McInnes et
+al. 2018, from ``umap-learn``; scikit-learn's t-SNE, van der Maaten & Hinton 2008, when umap-learn
+is not installed or ``tsne`` is asked for), on the l2-normalised embeddings (the cosine geometry
+of the histograms), coloured by class, with the classes held out of pretraining drawn as crosses
+(the classes of ``data`` that the run's pretraining data spec did not select; every class when
+the data is another dataset). One PNG per space, ``embedding_<space>.png``, holds the scatter
+beside that space's similarity histogram; the 2-D coordinates, labels and held-out flags are in
+``embedding_2d.npz`` (``<space>`` arrays, ``labels``, ``heldout``); all are listed in
+``results.json`` (``plots``, ``embedding``).
 """
 
 from __future__ import annotations
@@ -23,11 +37,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from opera import distributed
 from opera.configs import validate
+from opera.engine.collapse import collapse_warnings, statistics
 from opera.errors import OperaError
 from opera.evals.common import (
     EvalRun,
@@ -41,6 +57,8 @@ from opera.evals.options import DiagnoseConfig  # noqa: F401  (re-exported)
 
 PAIRS = ("view", "same_class", "different_class")
 HISTOGRAM = "similarity_hist.png"
+EMBEDDING_POINTS = "embedding_2d.npz"
+PAIR_COLORS = {"view": "tab:green", "same_class": "tab:blue", "different_class": "tab:red"}
 
 
 # ----------------------------------------------------------------------------- hierarchy
@@ -127,29 +145,128 @@ def plot_histograms(groups: dict[str, dict[str, torch.Tensor]], path: Path, bins
 
     n = len(groups)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    colors = {"view": "tab:green", "same_class": "tab:blue", "different_class": "tab:red"}
     for ax, (space, g) in zip(axes[0], groups.items()):
-        for name in PAIRS:
-            vals = g[name].numpy()
-            if vals.size:
-                ax.hist(vals, bins=bins, range=(-1, 1), density=True, alpha=0.45, color=colors[name],
-                        label=f"{name.replace('_', ' ')} ({vals.mean():.2f})")
-                ax.axvline(vals.mean(), color=colors[name], lw=1)
-        ax.set_title(space)
-        ax.set_xlabel("cosine similarity")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        draw_histogram(ax, g, bins, space)
+    return save_figure(fig, path, title)
+
+
+def draw_histogram(ax, g: dict[str, torch.Tensor], bins: int, title: str) -> None:
+    """One space's histograms of the three pair types on ``ax``, each with its mean."""
+    for name in PAIRS:
+        vals = g[name].numpy()
+        if vals.size:
+            ax.hist(vals, bins=bins, range=(-1, 1), density=True, alpha=0.45, color=PAIR_COLORS[name],
+                    label=f"{name.replace('_', ' ')} ({vals.mean():.2f})")
+            ax.axvline(vals.mean(), color=PAIR_COLORS[name], lw=1)
+    ax.set_title(title)
+    ax.set_xlabel("cosine similarity")
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    """``fig`` as a PNG at ``path`` (atomically), closed."""
+    import matplotlib.pyplot as plt
+
     from opera.files import atomic_write
 
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), what="the diagnosis plot")
     plt.close(fig)
     return path
 
 
+# ----------------------------------------------------------------------------- 2-D embeddings
+def embedding_method(requested: str) -> str:
+    """``umap`` when asked for and umap-learn imports, else ``tsne`` (scikit-learn)."""
+    if requested == "umap":
+        try:
+            import umap  # noqa: F401
+        except ImportError:
+            print("diagnose: umap-learn is not installed (pip install umap-learn); drawing with scikit-learn's t-SNE",
+                  flush=True)
+            return "tsne"
+        return "umap"
+    return "tsne"
+
+
+def embed_2d(z: torch.Tensor, method: str, seed: int) -> np.ndarray:
+    """N x 2 coordinates of the l2-normalised rows of ``z`` (Euclidean on the sphere: the cosine
+    geometry), by UMAP or t-SNE, seeded."""
+    x = F.normalize(z.double(), dim=1).numpy()
+    n = len(x)
+    if method == "umap":
+        import umap
+
+        return umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed, init="random",
+                         n_jobs=1).fit_transform(x)
+    from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(x)
+
+
+def heldout_classes(data: str, run_data: str | None, num_classes: int) -> list[int] | None:
+    """The labels (0..num_classes-1 of ``data``) of the classes the pretraining data ``run_data``
+    did not select: those outside its class selection of the same dataset, every class of another
+    dataset; None when the pretraining data is unknown (a bare backbone)."""
+    from opera.data.specs import parse_data_spec
+
+    if not run_data:
+        return None
+    here, there = parse_data_spec(data), parse_data_spec(run_data)
+    if (here.name, here.root) != (there.name, there.root):
+        return list(range(num_classes))
+    if there.classes is None:
+        return []
+    original = here.classes if here.classes is not None else range(num_classes)
+    return [label for label, c in enumerate(original) if c not in there.classes]
+
+
+def plot_embeddings(points: dict[str, np.ndarray], labels: np.ndarray, heldout: list[int],
+                    groups: dict[str, dict[str, torch.Tensor]], run: EvalRun, bins: int, title: str,
+                    names: list[str]) -> dict[str, str]:
+    """One PNG per space: its 2-D scatter coloured by class (held-out classes as crosses) beside
+    its similarity histogram; returns ``{space: path}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    out = {}
+    for space, xy in points.items():
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 4.2))
+        for c in np.unique(labels):
+            at = labels == c
+            held = int(c) in heldout
+            left.scatter(xy[at, 0], xy[at, 1], s=9 if held else 6, marker="x" if held else "o",
+                         color=cmap(int(c) % cmap.N), linewidths=0.8 if held else 0,
+                         label=f"{names[int(c)]}{' (held out)' if held else ''}")
+        left.set_title(f"{space}: {len(xy)} images")
+        left.set_xticks([])
+        left.set_yticks([])
+        left.legend(fontsize=6, markerscale=1.5, ncol=2 if len(names) > 10 else 1, loc="best")
+        draw_histogram(right, groups[space], bins, f"{space}: pair similarities")
+        name = "embedding_" + space.replace("/", "_") + ".png"
+        out[space] = str(save_figure(fig, run.path(name), title))
+    return out
+
+
+def save_points(path: Path, points: dict[str, np.ndarray], labels: np.ndarray, heldout: list[int]) -> Path:
+    from opera.files import atomic_write
+
+    arrays = {**points, "labels": labels, "heldout": np.isin(labels, heldout)}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(path, write, what="the 2-D embedding coordinates")
+
+
 def run_diagnose(cfg: DiagnoseConfig) -> dict:
     """Measure Corollary 1 for ``cfg.checkpoint``; returns the results dict."""
-    from opera.data import PretrainTransform, build_dataset
+    from opera.data import EvalTransform, PretrainTransform, build_dataset
 
     validate(cfg)
     if cfg.data:
@@ -182,16 +299,42 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict:
     y = torch.cat(labels)
     groups = {k: pair_similarities(torch.cat(reps1[k]), torch.cat(reps2[k]), y) for k in reps1}
     metrics: dict[str, Any] = {space: summarize(g) for space, g in groups.items()}
+    # the same images without augmentation: the collapse statistics (and the 2-D plots)
+    plain_set = torch.utils.data.Subset(build_dataset(data, cfg.split, EvalTransform(loaded.img_size)), idx)
+    plain: dict[str, list[torch.Tensor]] = {}
+    for x, _ in make_loader(plain_set, cfg.batch_size, device=device):
+        for k, r in representations(loaded.model, hierarchy, x.to(device)).items():
+            plain.setdefault(k, []).append(r.float().cpu())
+    embeddings = {k: torch.cat(v) for k, v in plain.items()}
+    collapse = {k: {**statistics(z), "dim": int(z.reshape(len(z), -1).shape[1]), "images": len(z)}
+                for k, z in embeddings.items()}
+    for space, m in collapse.items():
+        metrics[space].update({key: m[key] for key in ("rankme", "areq", "std", "std_sqrt_d")})
+    for line in collapse_warnings(collapse):
+        print(line, flush=True)
     for space, m in metrics.items():
         for name in PAIRS:
             run.log(f"diagnose/{space}/{name}", m[name], 0)
     metrics["ordering_holds_all"] = all(m["ordering_holds"] for m in metrics.values() if isinstance(m, dict))
     png = plot_histograms(groups, run.path(HISTOGRAM), cfg.bins,
                           f"Corollary 1 on {data} ({cfg.split}, {len(y)} images): {loaded.source}")
-    table = {space: {n: m[n] for n in PAIRS + ("ordering_holds",)} for space, m in metrics.items() if isinstance(m, dict)}
+    extra: dict[str, Any] = {"histogram": str(png), "spaces": list(groups)}
+    if cfg.plot:
+        method = embedding_method(cfg.plot)
+        heldout = heldout_classes(data, run_data.get("spec"), ds.num_classes)
+        points = {k: embed_2d(z, method, cfg.seed) for k, z in embeddings.items()}
+        plain_y = np.asarray([ds.targets[i] for i in idx], dtype=np.int64)
+        extra["plots"] = plot_embeddings(points, plain_y, heldout or [], groups, run, cfg.bins,
+                                         f"{method.upper()} and Corollary 1 on {data} ({cfg.split}): {loaded.source}",
+                                         [str(c) for c in ds.class_names])
+        extra["embedding"] = {"method": method, "requested": cfg.plot, "images": len(plain_y),
+                              "heldout_classes": heldout, "points": str(save_points(run.path(EMBEDDING_POINTS), points,
+                                                                                    plain_y, heldout or []))}
+    table = {space: {n: m[n] for n in PAIRS + ("ordering_holds", "rankme")} for space, m in metrics.items()
+             if isinstance(m, dict)}
     table["ordering_holds_all"] = metrics["ordering_holds_all"]
     results = run.finish(metrics, loaded, data={"spec": data, "split": cfg.split, "images": len(y), "crop_min": crop_min},
-                         extra={"histogram": str(png), "spaces": list(groups)}, print_table=False)
+                         extra=extra, print_table=False)
     from opera.evals.common import print_metrics
 
     print_metrics(f"diagnose (Corollary 1): {loaded.source}", table, results["wall_time_s"])

@@ -93,6 +93,8 @@ class DiagnoseConfig(EvalConfig):
     batch_size: int = option(256, help="batch of the forward passes", min=1)
     crop_min: float | None = option(None, help="None: the run's data.crop_min, else 0.2", min=0, max=1, min_exclusive=True)
     bins: int = option(60, help="histogram bins", min=1)
+    plot: str = option("", help="'' | umap | tsne: every space's representation in 2-D beside its histogram, one PNG "
+                       "per space (umap needs umap-learn, else t-SNE)", choices=("", "umap", "tsne"))
 
 
 __all__ = ["DiagnoseConfig", "EvalConfig", "KNNConfig", "LinearConfig", "SUITES", "TransferConfig"]

@@ -99,7 +99,7 @@ class CollapseStats:
         self.unit_sq = torch.zeros(dim, dtype=torch.float64)
 
     def update(self, z: torch.Tensor) -> None:
-        z = z.detach().to("cpu", torch.float64).reshape(len(z), -1)
+        z = z.detach().to("cpu", torch.float64).flatten(1)
         u = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.n += len(z)
         self.gram += z.T @ z
@@ -142,7 +142,7 @@ class CollapseStats:
 
 def statistics(z: torch.Tensor) -> dict[str, float]:
     """The statistics of one embedding matrix ``z`` (N x d) on this process."""
-    stats = CollapseStats(z.reshape(len(z), -1).shape[1])
+    stats = CollapseStats(z.flatten(1).shape[1])
     stats.update(z)
     return stats.metrics()
 
@@ -159,7 +159,7 @@ class RepresentationStats:
 
     def update(self, reps: dict[str, torch.Tensor]) -> None:
         for name, z in reps.items():
-            d = z.reshape(len(z), -1).shape[1]
+            d = z.flatten(1).shape[1]
             if d > self.max_dim:
                 self.skipped[name] = d
                 continue

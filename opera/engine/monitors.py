@@ -244,10 +244,16 @@ class CollapseProbe:
         self.seconds += time.perf_counter() - t0
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """Every representation's statistics over all ranks (every rank calls it)."""
+        """Every representation's statistics over all ranks (every rank calls it; a rank whose
+        share held none of the wanted rows sums zeros, so every rank reduces the same tensors)."""
         import time
 
         t0 = time.perf_counter()
+        if not self.stats.stats and not self.stats.skipped:
+            backbone = self.hierarchy.backbone
+            empty = torch.zeros(0, backbone.num_features, device=next(backbone.parameters()).device)
+            with torch.no_grad(), eval_mode(self.hierarchy):
+                self.stats.update({k: v.float() for k, v in head_representations(self.hierarchy, empty).items()})
         out = self.stats.metrics()
         self.seconds += time.perf_counter() - t0
         return out

@@ -306,7 +306,7 @@ def run_diagnose(cfg: DiagnoseConfig) -> dict:
         for k, r in representations(loaded.model, hierarchy, x.to(device)).items():
             plain.setdefault(k, []).append(r.float().cpu())
     embeddings = {k: torch.cat(v) for k, v in plain.items()}
-    collapse = {k: {**statistics(z), "dim": int(z.reshape(len(z), -1).shape[1]), "images": len(z)}
+    collapse = {k: {**statistics(z), "dim": int(z.flatten(1).shape[1]), "images": len(z)}
                 for k, z in embeddings.items()}
     for space, m in collapse.items():
         metrics[space].update({key: m[key] for key in ("rankme", "areq", "std", "std_sqrt_d")})

@@ -125,6 +125,7 @@ def test_a_collapsed_representation_warns_once_naming_it_and_a_healthy_one_does_
     assert len(collapse_warnings({"y": {**m, "dim": 16, "images": 100}})) == 1
 
 
+@pytest.mark.slow
 def test_the_collapse_monitor_gives_the_same_statistics_from_the_knn_pass_and_from_its_own():
     from opera.configs import apply_overrides, load_config
     from opera.data import EvalTransform, build_dataset
@@ -230,3 +231,38 @@ def test_two_gloo_ranks_sum_their_shares_into_the_statistics_of_the_whole_matrix
         assert float(r["rankme"]) == pytest.approx(hand_rankme(z), rel=1e-9)
         for key in ("rankme", "areq", "std"):
             assert float(r[key]) == pytest.approx(whole[key], rel=1e-9)
+
+
+def _two_rank_probe(wanted_on_rank0: int) -> dict[str, torch.Tensor]:
+    """Rank 0 holds the wanted rows, rank 1 none: both must still reduce the same sums."""
+    from opera import distributed
+    from opera.configs import apply_overrides, load_config
+    from opera.engine.monitors import CollapseProbe, eval_mode
+    from opera.hierarchy import SupervisionHierarchy
+
+    env = distributed.init("cpu")
+    cfg = apply_overrides(load_config("cpu_digits"), ["backbone.img_size=16", "self.mlp_dim=32", "self.dim=16",
+                                                       "full.hidden=16"])
+    torch.manual_seed(0)
+    h = SupervisionHierarchy.from_config(cfg, {"class": 3})
+    y = torch.randn(wanted_on_rank0, h.backbone.num_features, generator=torch.Generator().manual_seed(1))
+    probe = CollapseProbe(h, torch.ones(len(y), dtype=torch.bool))
+    if env.rank == 0:
+        with eval_mode(h):
+            probe(y, 0)
+    m = probe.metrics()
+    distributed.shutdown()
+    return {f"{k}:{s}": torch.tensor(float(v[s]), dtype=torch.float64) for k, v in m.items() for s in ("rankme", "images")}
+
+
+@pytest.mark.slow
+def test_a_rank_without_wanted_rows_still_joins_the_reduction():
+    from opera.launch.local import launch_local
+
+    ranks = launch_local(_two_rank_probe, (40,), 2, timeout=120)
+    for r in ranks:
+        assert set(r) == {f"{k}:{s}" for k in ("backbone", "self/projector", "self/predictor", "full/logits")
+                          for s in ("rankme", "images")}
+        assert all(float(v) == 40 for k, v in r.items() if k.endswith(":images"))
+        assert float(r["backbone:rankme"]) > 5
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])

@@ -100,6 +100,9 @@ class TrainConfig:
                              "every representation (0: never; it shares the kNN monitor's pass when both run)", min=0)
     rank_images: int = option(4096, help="the collapse monitor's images: a fixed seeded subset of the kNN monitor's "
                               "bank (all of it when smaller)", min=2)
+    rank_max_dim: int = option(4096, help="the collapse monitor skips wider representations (said once): a d x d "
+                               "sum and two d x d eigendecompositions each (VICReg/Barlow 8192: about 50 s of CPU each)",
+                               min=1)
     online_linear: bool = option(False, help="a linear classifier on detached features beside pretraining "
                                  "(opera.engine.monitors)")
     online_linear_lr: float = option(0.1, help="its own SGD lr (solo-learn's online classifier: 0.1)", min=0,

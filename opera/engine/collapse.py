@@ -26,7 +26,7 @@ one a task space publishes: ``self/projector``, ``full/logits``, ...):
   as ``std * sqrt(d)`` (1 for isotropic embeddings whatever d is), which the threshold reads.
 
 Everything is computed from three sums over the rows, accumulated batch by batch and summed
-over ranks under DDP (:class:`CollapseStats`): ``Z^T Z`` (d x d; its eigenvalues are the squared
+over ranks under DDP (:class:`CollapseStats`, on the device of the embeddings): ``Z^T Z`` (d x d; its eigenvalues are the squared
 singular values of Z, ``sigma_k = sqrt(eig_k(Z^T Z))``), ``sum z`` (the mean for the covariance)
 and the first two moments of the normalised rows; so nothing of size N moves between ranks and
 the features are not kept. Sums are in float64; eigenvalues of ``Z^T Z`` at or below
@@ -36,7 +36,8 @@ the centring ``Z^T Z - N mean mean^T``) as zero eigenvalues.
 
 Collapse warning (:func:`collapse_warnings`): a representation is reported as collapsed when its
 RankMe is below :data:`RANKME_MIN` (1.5: fewer than two effective directions; a constant
-embedding has RankMe 1) or its ``std * sqrt(d)`` is below :data:`STD_MIN` (0.1: a tenth of the
+embedding has RankMe 1; only where min(N, d) >= :data:`RANKME_MIN_WIDTH`, 8, since the logits of
+two classes have RankMe <= 2) or its ``std * sqrt(d)`` is below :data:`STD_MIN` (0.1: a tenth of the
 std of isotropic embeddings; SimSiam's collapsed outputs reach 0). Both are deliberately loose:
 they flag a representation that has (almost) stopped depending on the image, not one that is
 merely low-dimensional (RankMe and alpha-ReQ track that and are logged every epoch).
@@ -55,10 +56,15 @@ RANKME_EPS = 1e-7
 AREQ_RELATIVE_FLOOR = 1e-10
 #: a representation whose RankMe is below this is reported as collapsed
 RANKME_MIN = 1.5
+#: ... when it is at least this wide (min(N, d)): the logits of two classes have RankMe <= 2 and,
+#: trained, often ~1 (l_0 ~ -l_1); narrow representations are judged by their std alone
+RANKME_MIN_WIDTH = 8
 #: ... or whose std of the l2-normalised embeddings, times sqrt(d), is below this
 STD_MIN = 0.1
-#: representations wider than this are not measured (a d x d float64 sum; e.g. DINO's 65,536 prototype scores)
-MAX_DIM = 8192
+#: representations wider than this are not measured by default (train.rank_max_dim): a d x d float64
+#: sum and two d x d eigendecompositions (DINO's 65,536 prototype scores; VICReg's and Barlow Twins'
+#: 8,192-wide projectors: each 8,192 x 8,192 float64 eigendecomposition takes about 50 s on 2 CPU cores)
+MAX_DIM = 4096
 
 
 def rankme(singular_values: torch.Tensor, eps: float = RANKME_EPS) -> float:
@@ -90,16 +96,16 @@ def alpha_req(eigenvalues: torch.Tensor, floor: float = AREQ_RELATIVE_FLOOR) -> 
 class CollapseStats:
     """The running sums of one representation's rows (see the module docstring), float64."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
         self.dim = dim
         self.n = 0
-        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
-        self.sum = torch.zeros(dim, dtype=torch.float64)
-        self.unit_sum = torch.zeros(dim, dtype=torch.float64)
-        self.unit_sq = torch.zeros(dim, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.unit_sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.unit_sq = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, z: torch.Tensor) -> None:
-        z = z.detach().to("cpu", torch.float64).flatten(1)
+        z = z.detach().to(self.gram.device, torch.float64).flatten(1)
         u = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.n += len(z)
         self.gram += z.T @ z
@@ -113,7 +119,7 @@ class CollapseStats:
 
         if distributed.get_world_size() == 1:
             return
-        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.gram.flatten(), self.sum,
+        flat = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64, device=self.gram.device), self.gram.flatten(), self.sum,
                           self.unit_sum, self.unit_sq])
         flat = distributed.all_reduce_sum(flat)
         d = self.dim
@@ -137,7 +143,7 @@ class CollapseStats:
         lam[lam <= d * torch.finfo(torch.float64).eps * float(sq[0]) / (n - 1)] = 0  # below the centring's resolution
         var = ((self.unit_sq - self.unit_sum ** 2 / n) / (n - 1)).clamp_min(0)
         std = float(var.sqrt().mean())
-        return {"rankme": rankme(sq.sqrt()), "areq": alpha_req(lam), "std": std, "std_sqrt_d": std * math.sqrt(d)}
+        return {"rankme": rankme(sq.sqrt().cpu()), "areq": alpha_req(lam.cpu()), "std": std, "std_sqrt_d": std * math.sqrt(d)}
 
 
 def statistics(z: torch.Tensor) -> dict[str, float]:
@@ -149,8 +155,8 @@ def statistics(z: torch.Tensor) -> dict[str, float]:
 
 class RepresentationStats:
     """:class:`CollapseStats` of every representation fed to :meth:`update` (a dict name ->
-    rows of one batch), created at first sight; those wider than :data:`MAX_DIM` are skipped and
-    named in :attr:`skipped`."""
+    rows of one batch), created at first sight on the rows' device; those wider than ``max_dim``
+    are skipped and named in :attr:`skipped`."""
 
     def __init__(self, max_dim: int = MAX_DIM):
         self.max_dim = max_dim
@@ -164,7 +170,7 @@ class RepresentationStats:
                 self.skipped[name] = d
                 continue
             if name not in self.stats:
-                self.stats[name] = CollapseStats(d)
+                self.stats[name] = CollapseStats(d, z.device)
             self.stats[name].update(z)
 
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -188,7 +194,7 @@ def collapse_warnings(metrics: dict[str, dict[str, Any]], epoch: int | None = No
     at = f" at epoch {epoch}" if epoch is not None else ""
     for name, m in metrics.items():
         low = []
-        if m["rankme"] < RANKME_MIN:
+        if m["rankme"] < RANKME_MIN and min(m["images"], m["dim"]) >= RANKME_MIN_WIDTH:
             low.append(f"RankMe {m['rankme']:.3g} < {RANKME_MIN}")
         if m["std_sqrt_d"] < STD_MIN:
             low.append(f"std of the normalised embeddings x sqrt(d) {m['std_sqrt_d']:.3g} < {STD_MIN}")
@@ -198,5 +204,6 @@ def collapse_warnings(metrics: dict[str, dict[str, Any]], epoch: int | None = No
     return lines
 
 
-__all__ = ["AREQ_RELATIVE_FLOOR", "CollapseStats", "MAX_DIM", "RANKME_EPS", "RANKME_MIN", "RepresentationStats",
+__all__ = ["AREQ_RELATIVE_FLOOR", "CollapseStats", "MAX_DIM", "RANKME_EPS", "RANKME_MIN", "RANKME_MIN_WIDTH",
+           "RepresentationStats",
            "STD_MIN", "alpha_req", "collapse_warnings", "rankme", "statistics"]

@@ -227,11 +227,11 @@ class CollapseProbe:
     (:func:`head_representations`) into :class:`opera.engine.collapse.RepresentationStats`.
     The hierarchy must be in eval mode (:func:`eval_mode`); ``seconds``: the time spent here."""
 
-    def __init__(self, hierarchy: nn.Module, wanted: torch.Tensor):
-        from opera.engine.collapse import RepresentationStats
+    def __init__(self, hierarchy: nn.Module, wanted: torch.Tensor, max_dim: int | None = None):
+        from opera.engine.collapse import MAX_DIM, RepresentationStats
 
         self.hierarchy, self.wanted = hierarchy, wanted
-        self.stats = RepresentationStats()
+        self.stats = RepresentationStats(max_dim or MAX_DIM)
         self.seconds = 0.0
 
     def __call__(self, y: torch.Tensor, start: int) -> None:
@@ -277,14 +277,14 @@ class eval_mode:
 
 @torch.no_grad()
 def collapse_pass(hierarchy: nn.Module, dataset, wanted: torch.Tensor, device: torch.device,
-                  workers: int = 0) -> CollapseProbe:
+                  workers: int = 0, max_dim: int | None = None) -> CollapseProbe:
     """The collapse monitor alone (an epoch without the kNN monitor): backbone features of the
     rows of ``dataset`` that ``wanted`` marks, sharded over ranks, fed to a :class:`CollapseProbe`
     (call its ``metrics`` on every rank)."""
     rank, world = distributed.get_rank(), distributed.get_world_size()
     rows = torch.nonzero(wanted).flatten().tolist()
     share = shard_of(torch.utils.data.Subset(dataset, rows), rank, world)
-    probe = CollapseProbe(hierarchy, torch.ones(len(share), dtype=torch.bool))
+    probe = CollapseProbe(hierarchy, torch.ones(len(share), dtype=torch.bool), max_dim)
     with eval_mode(hierarchy):
         extract_features(hierarchy.backbone, share, device=device, workers=workers, dtype=torch.float16,
                          on_batch=probe)

@@ -103,6 +103,7 @@ class PretrainProtocol:
     init: Initializer | None = None  # train.init: the weights the run starts from
     knn: Any = None  # the kNN monitor's datasets (KnnSets), built at its first evaluation
     collapse_rows: Any = None  # the collapse monitor's rows of the kNN bank (a boolean mask), built with them
+    collapse_skipped_said: bool = False  # the line naming the representations too wide to measure, once
     skips_nonfinite: bool = True  # train_step refuses a non-finite loss itself, unless the fp16 scaler skips the step
     _lr_now: float = field(default=0.0, repr=False)
     _m_now: float = field(default=0.0, repr=False)
@@ -195,7 +196,7 @@ class PretrainProtocol:
             sets = self._monitor_sets()
             if rank_due:  # this rank's share of the bank (opera.features.shard_of) and its collapse rows
                 lo, hi = distributed.shard_bounds(len(sets.bank), self.rank, self.world)
-                probe = CollapseProbe(self.hierarchy, self.collapse_rows[lo:hi])
+                probe = CollapseProbe(self.hierarchy, self.collapse_rows[lo:hi], cfg.train.rank_max_dim)
             with eval_mode(self.hierarchy):
                 row["knn_top1"] = knn_monitor(self.hierarchy.backbone, cfg, self.device, self.rank, self.world, sets,
                                               probe)
@@ -203,13 +204,20 @@ class PretrainProtocol:
         elif rank_due:
             start = time.perf_counter()
             sets = self._monitor_sets()
-            probe = collapse_pass(self.hierarchy, sets.bank, self.collapse_rows, self.device, cfg.data.workers)
+            probe = collapse_pass(self.hierarchy, sets.bank, self.collapse_rows, self.device, cfg.data.workers,
+                                  cfg.train.rank_max_dim)
         if probe is not None:
             stats = probe.metrics()
             row.update(collapse_row(stats))
             # its own pass's wall time, or (sharing the kNN monitor's) the heads and statistics alone
             row["rank_s"] = probe.seconds if knn_due else time.perf_counter() - start
             if self.run.main:
+                if probe.stats.skipped and not self.collapse_skipped_said:
+                    self.collapse_skipped_said = True
+                    wide = ", ".join(f"{k} (d={d})" for k, d in probe.stats.skipped.items())
+                    print(f"collapse monitor: not measured, wider than train.rank_max_dim={cfg.train.rank_max_dim}: "
+                          f"{wide}; raise train.rank_max_dim to measure them (a d x d sum, two d x d eigendecompositions)",
+                          flush=True)
                 for line in collapse_warnings(stats, at.epoch):
                     print(line, flush=True)
         if self.monitor is not None:

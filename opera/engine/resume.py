@@ -40,6 +40,7 @@ RESUMABLE_CHANGES: dict[str, str] = {
     "train.knn_bank_per_class": "the kNN monitor only, not the training",
     "train.rank_every": "monitoring cadence only",
     "train.rank_images": "the collapse monitor only, not the training",
+    "train.rank_max_dim": "the collapse monitor only, not the training",
     "data.workers": "data loading speed only (augmentations depend on seed, epoch and index)",
     "train.compile": "speed only",
 }

@@ -123,6 +123,11 @@ def test_a_collapsed_representation_warns_once_naming_it_and_a_healthy_one_does_
     m = statistics(torch.from_numpy(line))
     assert m["rankme"] < RANKME_MIN
     assert len(collapse_warnings({"y": {**m, "dim": 16, "images": 100}})) == 1
+    # two-class logits l_0 = -l_1 (rank 1, RankMe 1) that still tell the images apart: no warning
+    s = rng.standard_normal((100, 1))
+    logits = statistics(torch.from_numpy(np.hstack([s, -s])))
+    assert logits["rankme"] == pytest.approx(1.0, abs=1e-4) and logits["std_sqrt_d"] > 0.5
+    assert collapse_warnings({"full/logits": {**logits, "dim": 2, "images": 100}}) == []
 
 
 @pytest.mark.slow
@@ -266,3 +271,15 @@ def test_a_rank_without_wanted_rows_still_joins_the_reduction():
         assert all(float(v) == 40 for k, v in r.items() if k.endswith(":images"))
         assert float(r["backbone:rankme"]) > 5
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+
+def test_representations_wider_than_the_limit_are_skipped_and_named():
+    from opera.engine.collapse import RepresentationStats
+
+    stats = RepresentationStats(max_dim=16)
+    rng = np.random.default_rng(9)
+    z16, z17 = torch.from_numpy(rng.standard_normal((30, 16))), torch.from_numpy(rng.standard_normal((30, 17)))
+    stats.update({"narrow": z16, "wide": z17})
+    m = stats.metrics()
+    assert set(m) == {"narrow"} and stats.skipped == {"wide": 17}
+    assert m["narrow"]["rankme"] == pytest.approx(hand_rankme(z16.numpy()), rel=1e-9) and m["narrow"]["images"] == 30

@@ -224,7 +224,11 @@ def test_run_pretrain_two_processes_rank0_writes_and_both_resume(tmp_path):
     assert [r["global_step"] for r in second] == [9, 9] and all(r["finished"] for r in second)
     assert json.loads((rec2 / "rank1.json").read_text()) == []
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 10))  # continued at step 5, not from scratch
+    steps = [r for r in rows if "rank_s" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 10))  # continued at step 5, not from scratch
+    # the collapse monitor's epoch row, once (rank 0 writes), after the all-reduce of both ranks' sums
+    epoch_rows = [r for r in rows if "rank_s" in r]
+    assert [r["step"] for r in epoch_rows] == [9] and epoch_rows[0]["online/rankme/backbone"] > 1.5
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["global_step"] == 9 and state["epoch"] == 1
     assert (out / "backbone.safetensors").is_file()

@@ -156,6 +156,12 @@ class RunLogger:
                 tb.close()
 
 
+#: epoch-row keys left out of the printed epoch line (they are in metrics.jsonl and TensorBoard):
+#: the collapse monitor's statistics of every representation (a collapse prints its own warning
+#: line) and the monitors' wall times
+NOT_ON_THE_EPOCH_LINE = ("online/rankme/", "online/areq/", "online/std/", "knn_s", "rank_s")
+
+
 class ProgressDisplay:
     """Rank 0's progress on stdout: a line every ``log_every`` steps and one per epoch, on a
     terminal or not (a SLURM or nohup log follows the run); on a terminal also a progress bar with
@@ -197,7 +203,8 @@ class ProgressDisplay:
     def epoch_end(self, epoch: int, epochs: int, step: int, total: int, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        text = " ".join(f"{k}={_plain(v):.4g}" for k, v in row.items() if isinstance(_plain(v), (int, float)))
+        text = " ".join(f"{k}={_plain(v):.4g}" for k, v in row.items()
+                        if isinstance(_plain(v), (int, float)) and not k.startswith(NOT_ON_THE_EPOCH_LINE))
         elapsed = time.time() - self._t0
         self._print(f"epoch {epoch + 1}/{epochs} step {step}/{total} {text} [{elapsed:.0f}s]")
 

@@ -233,11 +233,19 @@ class TreeMemory:
     pages split between sharers) seen between steps. Why not a sampling thread: reading
     ``smaps_rollup`` walks a process's page tables under its memory-map lock, so the process
     cannot fault pages in meanwhile; sampled every 50 ms beside the steps, it slowed the timed
-    pipeline by ~40% (BENCHMARKS.md). Off Linux only the process's own ``ru_maxrss`` is known."""
+    pipeline by ~40% (BENCHMARKS.md). Off Linux only the process's own ``ru_maxrss`` is known.
+
+    :meth:`processes` says where the memory is: one line per process (``role`` main or worker,
+    ``pid``, ``vmhwm_mb`` at the sample whose VmHWM sum was ``peak_rss_mb``, ``pss_mb`` at the
+    sample whose PSS sum was ``peak_pss_mb``; 0 where the process was not alive then), so the
+    lines sum to the two totals. A DataLoader rebuilt every epoch (the official pipeline) has new
+    workers each epoch; the lines are those of the peak samples."""
 
     def __init__(self) -> None:
         self.peak_rss_mb, self.peak_pss_mb = 0.0, 0.0
         self.proc = os.path.isdir("/proc/self/task")
+        self._rss_at_peak: dict[int, float] = {}
+        self._pss_at_peak: dict[int, float] = {}
 
     @staticmethod
     def _pids() -> list[int]:
@@ -269,9 +277,20 @@ class TreeMemory:
             self.peak_rss_mb = _peak_rss_mb()
             return
         pids = self._pids()
-        rss = sum(self._kb(f"/proc/{p}/status", "VmHWM:") for p in pids) / 1024
-        pss = sum(self._kb(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids) / 1024
-        self.peak_rss_mb, self.peak_pss_mb = max(self.peak_rss_mb, rss), max(self.peak_pss_mb, pss)
+        rss = {p: self._kb(f"/proc/{p}/status", "VmHWM:") / 1024 for p in pids}
+        pss = {p: self._kb(f"/proc/{p}/smaps_rollup", "Pss:") / 1024 for p in pids}
+        if sum(rss.values()) >= self.peak_rss_mb:
+            self.peak_rss_mb, self._rss_at_peak = sum(rss.values()), rss
+        if sum(pss.values()) >= self.peak_pss_mb:
+            self.peak_pss_mb, self._pss_at_peak = sum(pss.values()), pss
+
+    def processes(self) -> list[dict[str, Any]]:
+        """One line per process of the peak samples: ``{role, pid, vmhwm_mb, pss_mb}``, the main
+        process first; ``sum(vmhwm_mb) == peak_rss_mb`` and ``sum(pss_mb) == peak_pss_mb``."""
+        me = os.getpid()
+        pids = sorted(set(self._rss_at_peak) | set(self._pss_at_peak), key=lambda p: (p != me, p))
+        return [{"role": "main" if p == me else "worker", "pid": p, "vmhwm_mb": self._rss_at_peak.get(p, 0.0),
+                 "pss_mb": self._pss_at_peak.get(p, 0.0)} for p in pids]
 
     def __enter__(self) -> "TreeMemory":
         return self
@@ -311,7 +330,7 @@ def time_pipeline(batches, step, steps: int, warmup: int, batch_size: int, sync=
     return {"steps": steps, "warmup": warmup, "img_per_s": batch_size * steps / wall,
             "s_per_step": statistics.median([w + c for w, c in zip(waits, computes)]),
             "s_per_step_compute": statistics.median(computes), "data_wait_share": sum(waits) / wall,
-            "peak_rss_mb": mem.peak_rss_mb, "peak_pss_mb": mem.peak_pss_mb,
+            "peak_rss_mb": mem.peak_rss_mb, "peak_pss_mb": mem.peak_pss_mb, "processes": mem.processes(),
             "loss": float(out.detach() if isinstance(out, torch.Tensor) else out.loss.detach()) if out is not None else None}
 
 

@@ -506,6 +506,7 @@ class PretrainFeed:
             self.labelled_index = torch.nonzero(has).flatten().numpy()
             self.unlabelled_index = torch.nonzero(~has).flatten().numpy()
         self._samplers: dict[tuple, LabelledShareBatchSampler] = {}
+        self._loaders: dict[tuple, Loader] = {}
         if self.in_memory:
             self.images = images.to(self.device)  # once; every step indexes it on the device
             dataset.transform = None
@@ -543,10 +544,7 @@ class PretrainFeed:
         if self.in_memory:
             yield from self._in_memory_epoch(batch_size, epoch, rank, world_size, start_step, shuffle, drop_last)
             return
-        loader = build_loader(self.dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=self.workers,
-                              seed=self.seed, epoch=epoch, rank=rank, world_size=world_size, start_step=start_step,
-                              batch_sampler=self.batch_sampler(batch_size, epoch, rank, world_size, start_step, True))
-        for items, _, index in loader:
+        for items, _, index in self.loader(batch_size, epoch, rank, world_size, start_step, shuffle, drop_last):
             targets = self.targets_of(index.to(self.device, non_blocking=True))
             if self.augment_on == "workers":
                 yield [v.to(self.device, non_blocking=True) for v in items], targets
@@ -554,6 +552,25 @@ class PretrainFeed:
                 *crops, params = items
                 crops = [c.to(self.device, non_blocking=True) for c in crops]
                 yield self.two_crop.from_crops(*crops[:1], params, *crops[1:]), targets
+
+    def loader(self, batch_size: int, epoch: int, rank: int, world_size: int, start_step: int, shuffle: bool,
+               drop_last: bool) -> Loader:
+        """The folder path's :class:`Loader`, one per shape, kept across epochs with persistent
+        workers: its sampler is switched to ``(epoch, start_step)`` and hands ``(epoch, index)`` keys
+        to the workers, so the batches and their augmentation are those of a loader built for the
+        epoch. The workers are forked once, at the first epoch: a loader rebuilt every epoch forks
+        them again from the main process as it is then (its heap grown by the steps), and each
+        new worker's RSS starts at that size (BENCHMARKS.md, end to end)."""
+        key = (batch_size, rank, world_size, shuffle, drop_last)
+        sampler = self.batch_sampler(batch_size, epoch, rank, world_size, start_step, True)
+        loader = self._loaders.get(key)
+        if loader is None:
+            loader = self._loaders[key] = build_loader(
+                self.dataset, batch_size, shuffle=shuffle, drop_last=drop_last, workers=self.workers, seed=self.seed,
+                epoch=epoch, rank=rank, world_size=world_size, start_step=start_step, batch_sampler=sampler)
+        elif sampler is None:
+            loader.batch_sampler.set_epoch(epoch, start_step)
+        return loader
 
     def targets_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named label sets of the images ``index`` (a tensor of dataset indices on the device)."""

@@ -37,12 +37,20 @@ def test_end_to_end_bench_reports_real_steps(folder, augment_on, workers):
     assert r["images"] == 16 and r["num_classes"] == 2 and r["steps"] == 2  # the train split of 20 images
     assert r["img_per_s"] > 0 and 0 <= r["data_wait_share"] < 1 and r["s_per_step_compute"] <= r["s_per_step"]
     assert r["peak_rss_mb"] >= r["peak_pss_mb"] > 50 and r["loss"] == r["loss"]  # finite (not NaN)
+    # a line per process: where the memory is, summing to the totals
+    procs = r["processes"]
+    assert [p["role"] for p in procs] == ["main"] + ["worker"] * workers
+    assert len({p["pid"] for p in procs}) == len(procs) and all(p["vmhwm_mb"] > 0 and p["pss_mb"] > 0 for p in procs)
+    assert sum(p["vmhwm_mb"] for p in procs) == pytest.approx(r["peak_rss_mb"], abs=1e-6)
+    assert sum(p["pss_mb"] for p in procs) == pytest.approx(r["peak_pss_mb"], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_official_pipeline_and_the_side_by_side_script(folder):
     r = _json([sys.executable, str(ROOT / "benchmarks" / "official_pipeline.py"), "--data", folder, "--workers", "1", *TINY])
     assert r["pipeline"] == "official" and r["images"] == 20 and r["img_per_s"] > 0 and r["peak_rss_mb"] > 50
+    assert [p["role"] for p in r["processes"]] == ["main", "worker"]  # measured the same way as opera's
+    assert sum(p["vmhwm_mb"] for p in r["processes"]) == pytest.approx(r["peak_rss_mb"], abs=1e-6)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e_compare.py"), "--data", folder, "--sizes", "32",
                            "--steps", "1", "--warmup", "1", "--repeats", "1", "--backbone", "resnet_tiny", "--batch-size",
                            "4", "--mlp-dim", "32", "--workers", "0", "--threads", "1"],

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -267,14 +269,22 @@ class LabelledShareBatchSampler(Sampler[list]):
     1% labels the few labelled images recur, instead of a batch of 256 holding about 2 of them.
     An epoch has as many steps as :class:`ShardedBatchSampler`'s (``len // global batch``).
 
-    Each stream draws a cycle's permutation once, when its first step is asked for, and keeps it
-    while the steps walk it: a step costs O(B) and an epoch O(N) (a cycle is about an epoch of
-    the pool). :attr:`work` counts the index elements drawn and gathered so far.
+    Each stream draws a cycle's permutation once, when its first step is asked for, gathers the
+    pool in that order once (``pool[perm]``) and keeps the result while the steps walk it: a step
+    is one slice of each stream, joined and turned into a list; O(B) a step and O(N) an epoch (a
+    cycle is about an epoch of the pool). :attr:`work` counts the index elements drawn, gathered
+    and sliced so far.
+
+    A cycle's permutation (``torch.randperm`` of the pool, which dominates the sampler's time at
+    ImageNet scale: about 20-70 ns an element, so ~4-13 us per step of 192 unlabelled images) is
+    drawn ahead, on one background thread, when the previous cycle comes into use, so a step
+    does not wait for it (``prefetch=False``: drawn on the step that needs it). The draw depends
+    only on ``(seed, tag, cycle)``, so the batches are the same either way.
     """
 
     def __init__(self, labelled, unlabelled, batch_size: int, labelled_per_batch: int, *,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 seeded: bool = False):
+                 seeded: bool = False, prefetch: bool = True):
         global_batch, k = batch_size * world_size, int(labelled_per_batch)
         if not 0 < k <= global_batch:
             raise OperaError(f"data.labelled_per_batch {k} is outside 1..{global_batch} (the global batch); "
@@ -296,7 +306,10 @@ class LabelledShareBatchSampler(Sampler[list]):
         self.batch_size, self.k = int(batch_size), k
         self.seed, self.rank, self.world_size, self.seeded = int(seed), int(rank), int(world_size), seeded
         self.n_steps = ((len(self.labelled) + len(self.unlabelled)) // world_size) // self.batch_size
-        self._cycles: dict[int, tuple[int, np.ndarray]] = {}  # tag -> (cycle, its permutation)
+        self._cycles: dict[int, tuple[int, np.ndarray]] = {}  # tag -> (cycle, the pool in its order)
+        self.prefetch = bool(prefetch)
+        self._ahead: dict[int, tuple[int, Future]] = {}  # tag -> (cycle, the pool in its order, being drawn)
+        self._pool: ThreadPoolExecutor | None = None
         #: index elements drawn (permutations) and gathered (batches) so far: the sampler's work
         self.work = 0
         self.set_epoch(epoch, start_step)
@@ -312,25 +325,39 @@ class LabelledShareBatchSampler(Sampler[list]):
     def __len__(self) -> int:
         return self.n_steps - self.start_step
 
-    def _cycle(self, n: int, c: int, tag: int) -> np.ndarray:
-        """Cycle ``c``'s permutation of a pool of ``n`` (``tag``: which pool), drawn once per cycle."""
+    def _draw(self, pool: np.ndarray, c: int, tag: int) -> np.ndarray:
+        return pool[epoch_permutation_array(len(pool), sample_seed(self.seed, tag, c), c)]
+
+    def _cycle(self, pool: np.ndarray, c: int, tag: int) -> np.ndarray:
+        """``pool`` in the order of its cycle ``c``'s permutation (``tag``: which pool), drawn and
+        gathered once per cycle (ahead, on the background thread, with ``prefetch``)."""
         held = self._cycles.get(tag)
         if held is None or held[0] != c:
-            perm = epoch_permutation_array(n, sample_seed(self.seed, tag, c), c)
-            self.work += n
-            held = self._cycles[tag] = (c, perm)
+            del held  # the previous cycle's array is freed before the next is gathered
+            self._cycles.pop(tag, None)
+            ahead = self._ahead.pop(tag, None)
+            items = ahead[1].result() if ahead is not None and ahead[0] == c else self._draw(pool, c, tag)
+            self.work += 2 * len(pool)
+            self._cycles[tag] = (c, items)
+            if self.prefetch:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opera-sampler")
+                self._ahead[tag] = (c + 1, self._pool.submit(self._draw, pool, c + 1, tag))
+            return items
         return held[1]
 
-    def _stream(self, pool: np.ndarray, g: int, per_global: int, offset: int, count: int, tag: int) -> list[int]:
-        """Items ``offset..offset+count`` of global step ``g``'s ``per_global`` items of ``pool``: cycle
-        ``c`` holds ``len(pool) // per_global`` whole steps of one permutation (its remainder is
-        dropped), so no global batch repeats an image."""
+    def __getstate__(self):  # a copy or a pickle draws its cycles itself
+        return {**self.__dict__, "_ahead": {}, "_pool": None}
+
+    def _stream(self, pool: np.ndarray, g: int, per_global: int, offset: int, count: int, tag: int) -> np.ndarray:
+        """Items ``offset..offset+count`` of global step ``g``'s ``per_global`` items of ``pool`` (a
+        view of the cycle's array): cycle ``c`` holds ``len(pool) // per_global`` whole steps of one
+        permutation (its remainder is dropped), so no global batch repeats an image."""
         steps_per_cycle = len(pool) // per_global
         c = g // steps_per_cycle
-        perm = self._cycle(len(pool), c, tag)
         start = (g % steps_per_cycle) * per_global + offset
         self.work += count
-        return pool[perm[start: start + count]].tolist()
+        return self._cycle(pool, c, tag)[start: start + count]
 
     def __iter__(self) -> Iterator[list]:
         return self._batches(self.epoch, self.start_step)  # this epoch's, whatever set_epoch does meanwhile
@@ -341,10 +368,13 @@ class LabelledShareBatchSampler(Sampler[list]):
         u_global = self.batch_size * self.world_size - self.k
         for step in range(start_step, self.n_steps):
             g = epoch * self.n_steps + step  # the global step: the streams run on across epochs
-            batch = self._stream(self.labelled, g, self.k, self.rank * k_rank, k_rank, -3)
+            labelled = self._stream(self.labelled, g, self.k, self.rank * k_rank, k_rank, -3)
             if u_rank:
-                batch += self._stream(self.unlabelled, g, u_global, self.rank * u_rank, u_rank, -4)
-            yield [(epoch, i) for i in batch] if self.seeded else batch
+                unlabelled = self._stream(self.unlabelled, g, u_global, self.rank * u_rank, u_rank, -4)
+                batch = np.concatenate((labelled, unlabelled)).tolist()
+            else:
+                batch = labelled.tolist()
+            yield list(zip(repeat(epoch), batch)) if self.seeded else batch
 
 
 def steps_per_epoch(

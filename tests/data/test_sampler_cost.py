@@ -4,7 +4,10 @@ batches are still the documented function of (seed, epoch, step)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import pytest
 
 from opera.data.loader import LabelledShareBatchSampler, epoch_permutation, sample_seed
 
@@ -26,11 +29,13 @@ def documented_batch(labelled, unlabelled, per_rank, k, seed, epoch, step, n_ste
     return stream(labelled, k, rank * k_rank, k_rank, -3) + stream(unlabelled, u_global, rank * u_rank, u_rank, -4)
 
 
-def test_batches_are_the_documented_function_of_seed_epoch_step():
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_batches_are_the_documented_function_of_seed_epoch_step(prefetch):
     labelled, unlabelled = list(range(100, 123)), list(range(200, 517))
     world, per_rank, k = 2, 12, 4
     for rank in range(world):
-        s = LabelledShareBatchSampler(labelled, unlabelled, per_rank, k, seed=7, rank=rank, world_size=world)
+        s = LabelledShareBatchSampler(labelled, unlabelled, per_rank, k, seed=7, rank=rank, world_size=world,
+                                      prefetch=prefetch)
         for epoch in range(4):  # the labelled pool cycles within an epoch, the unlabelled one across epochs
             s.set_epoch(epoch)
             got = list(s)
@@ -68,3 +73,20 @@ def test_work_per_step_does_not_depend_on_the_dataset_size():
     per_step_small, per_step_large = sum(small) / len(small), sum(large) / len(large)
     assert per_step_large < 1.1 * per_step_small < 4 * 32
     assert steps_large > 9 * steps_small
+
+
+def test_seeded_batches_and_copies_are_the_same_streams():
+    """The DataLoader path's ``(epoch, index)`` keys carry the same batches; a copy made while the
+    next cycle is being drawn ahead (a pickled sampler) draws its own and agrees."""
+    labelled, unlabelled = np.arange(0, 3000, 10), np.setdiff1d(np.arange(3000), np.arange(0, 3000, 10))
+    plain = LabelledShareBatchSampler(labelled, unlabelled, 32, 8, seed=5)
+    seeded = LabelledShareBatchSampler(labelled, unlabelled, 32, 8, seed=5, seeded=True)
+    for epoch in range(3):  # the labelled pool (300, 8 a step) cycles several times an epoch
+        plain.set_epoch(epoch)
+        seeded.set_epoch(epoch)
+        want = list(plain)
+        assert list(seeded) == [[(epoch, i) for i in batch] for batch in want]
+    twin = copy.deepcopy(seeded)
+    twin.set_epoch(3, start_step=4)
+    seeded.set_epoch(3, start_step=4)
+    assert list(twin) == list(seeded) and len(list(twin)) == twin.n_steps - 4

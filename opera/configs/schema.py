@@ -83,7 +83,9 @@ class TrainConfig:
     compile: bool = option(False, help="torch.compile the hierarchy")
     deterministic: bool = option(False, help="deterministic kernels (bit-exact resume on CPU)")
     log_every: int = option(10, help="steps between metrics.jsonl rows", min=1)
-    save_every_steps: int = option(50, help="last.pt cadence within an epoch (0: only at epoch ends)", min=0)
+    save_every_steps: int | str = option(50, help="last.pt cadence within an epoch (0: only at epoch ends; auto: "
+                                         "measure a write and the step, then save so that writes take under 2% of "
+                                         "the time, at most 30 min of steps apart)", min=0, example="auto")
     save_every_epochs: int = option(10, help="epoch_NNNN.pt cadence (0: never)", min=0)
     keep_epoch_checkpoints: int | tuple[int, ...] = option(
         3, help="epoch_NNNN.pt files kept: the newest N (a count; -1: all), or these epochs (a list of multiples of "
@@ -172,6 +174,10 @@ class PretrainConfig:
 
         parse_loggers(self.train.loggers)
         self._check_retention()
+        every = self.train.save_every_steps
+        if isinstance(every, str) and every != "auto":
+            raise OperaError(f"config key train.save_every_steps={every!r} must be a number of steps >= 0 or auto; "
+                             "set --set train.save_every_steps=auto")
 
     def _check_retention(self) -> None:
         keep, every = self.train.keep_epoch_checkpoints, self.train.save_every_epochs

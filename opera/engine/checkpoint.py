@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -108,6 +109,35 @@ def _drop_previous(path: Path) -> None:
 #: ``train.keep_epoch_checkpoints``: a count (the newest N; -1: all) or the epochs to keep
 KeepEpochs = int | tuple[int, ...]
 EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
+
+
+#: ``train.save_every_steps=auto``: checkpointing may take this share of the training time ...
+AUTO_SAVE_SHARE = 0.02
+#: ... and no more than this many seconds of steps are ever lost to a crash (the cap wins)
+AUTO_SAVE_MAX_LOST_S = 1800.0
+
+
+def auto_save_every(write_s: float, step_s: float, share: float = AUTO_SAVE_SHARE,
+                    max_lost_s: float = AUTO_SAVE_MAX_LOST_S) -> int:
+    """``train.save_every_steps=auto``'s cadence from one measured ``last.pt`` write (``write_s``)
+    and the measured time of a step (``step_s``): the fewest steps between writes that keep the
+    writes under ``share`` of the time, ``ceil(write_s / (share * step_s))``, but at most
+    ``floor(max_lost_s / step_s)`` steps (the work a crash can lose), and at least 1."""
+    if step_s <= 0:
+        return 1
+    need = math.ceil(max(write_s, 0.0) / (share * step_s))
+    cap = math.floor(max_lost_s / step_s)
+    return max(1, min(need, cap))
+
+
+def auto_save_line(every: int, write_s: float, step_s: float) -> str:
+    """The line a run prints once ``auto`` has chosen its cadence."""
+    share = write_s / (every * step_s) if step_s > 0 else 0.0
+    apart = every * step_s
+    lost = f"{apart / 60:.1f} min" if apart >= 120 else f"{apart:.1f} s"
+    return (f"checkpoint cadence: last.pt every {every} steps (train.save_every_steps=auto: a write took {write_s:.2f} s, "
+            f"a step {step_s:.3f} s, so writes take {100 * share:.1f}% of the time, aimed at <= {100 * AUTO_SAVE_SHARE:.0f}%; "
+            f"at most {lost} of steps lost, capped at {AUTO_SAVE_MAX_LOST_S / 60:.0f} min)")
 
 
 def epoch_file(epoch: int) -> str:

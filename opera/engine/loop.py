@@ -21,6 +21,10 @@ of Lightning's split between the loop and its hooks); a protocol supplies its st
 * **The save cadence**: ``last.pt`` every ``save_every_steps`` steps inside an epoch and at every
   epoch end, ``epoch_NNNN.pt`` every ``save_every_epochs`` epochs (rank 0, atomically): a hard
   link to that ``last.pt``, the older ones pruned to ``keep_epoch_checkpoints``.
+  ``save_every_steps="auto"`` measures first: after :data:`AUTO_PROBE_STEPS` steps of this
+  process it writes ``last.pt``, times the write and the median step, and from then on saves
+  every :func:`~opera.engine.checkpoint.auto_save_every` steps (writes under 2% of the time, at
+  most 30 minutes of steps lost), the same on every rank (rank 0's times), said in one line.
 * **The log cadence**: every ``log_every`` steps a row to ``metrics.jsonl`` / TensorBoard / the
   trackers (W&B, MLflow: :mod:`opera.engine.trackers`) and one
   line on stdout, on a terminal or not (rank 0), so a SLURM log shows a run's progress.
@@ -45,6 +49,8 @@ from opera import distributed
 from opera.engine.checkpoint import (
     LAST,
     KeepEpochs,
+    auto_save_every,
+    auto_save_line,
     keeps_epoch,
     load_state,
     remove_partial_writes,
@@ -131,7 +137,7 @@ class Cadence:
     epochs: int
     steps_per_epoch: int
     max_steps: int = 0  # stop after this many steps in all (0: no limit)
-    save_every_steps: int = 0  # last.pt inside an epoch (0: at epoch ends only)
+    save_every_steps: int | str = 0  # last.pt inside an epoch (0: at epoch ends only; "auto": measured)
     save_every_epochs: int = 0  # epoch_NNNN.pt (0: never)
     log_every: int = 10  # a metrics row and a stdout line (0: at epoch ends only)
     keep_epoch_checkpoints: KeepEpochs = -1  # the newest N epoch_NNNN.pt (-1: all), or these epochs
@@ -167,6 +173,11 @@ class TrainingProtocol(Protocol):
     def end_epoch(self, at: Position, finished_epoch: bool) -> dict[str, float]: ...
 
 
+#: ``save_every_steps="auto"``: the steps of a process timed before its cadence is chosen (the
+#: first, which waits for the workers to start, is not counted)
+AUTO_PROBE_STEPS = 6
+
+
 # ---------------------------------------------------------------------------------------- the loop
 @dataclass
 class TrainingLoop:
@@ -187,6 +198,8 @@ class TrainingLoop:
     source: Path | None = None  # the checkpoint resumed from
 
     def __post_init__(self) -> None:
+        self._step_times: list[float] = []  # save_every_steps="auto": this process's step times
+        self._save_every: int | None = None  # and the cadence chosen from them
         self.identity = self.protocol.identity()
         self._logger: RunLogger | None = None
         self.progress: ProgressDisplay | None = None
@@ -308,6 +321,7 @@ class TrainingLoop:
         sums: dict[str, float] = {}
         count = 0
         batches = iter(p.batches(at))
+        ended = None  # when the previous step of this epoch ended (``auto``'s step times)
         while at.step_in_epoch < c.steps_per_epoch:
             seed_step(self.seed, self.rank, at.global_step)  # before the fetch: a batch's draws are its step's
             try:
@@ -329,14 +343,42 @@ class TrainingLoop:
             if c.log_every and (at.global_step % c.log_every == 0 or at.step_in_epoch == c.steps_per_epoch):
                 self._log(values, line=at.global_step % c.log_every == 0 and at.step_in_epoch < c.steps_per_epoch)
             self._stop_if_requested()
-            if c.save_every_steps and at.global_step % c.save_every_steps == 0 and at.step_in_epoch < c.steps_per_epoch:
+            now = time.perf_counter()
+            if ended is not None and self._save_every is None:
+                self._step_times.append(now - ended)
+            ended = now
+            every = self._save_every_steps()
+            if every and at.global_step % every == 0 and at.step_in_epoch < c.steps_per_epoch:
                 self.checkpoint()
+                ended = time.perf_counter()
             if c.max_steps and at.global_step >= c.max_steps:
                 break
         if at.step_in_epoch >= c.steps_per_epoch:
             at.epoch += 1
             at.step_in_epoch = 0
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _save_every_steps(self) -> int:
+        """The steps between ``last.pt`` writes inside an epoch (0: none). With ``"auto"``: 0 until
+        :data:`AUTO_PROBE_STEPS` step times are in, then one timed write of ``last.pt`` and the
+        cadence :func:`auto_save_every` chooses from rank 0's write and median step (every rank
+        uses the same). A resumed run measures again."""
+        c = self.cadence
+        if c.save_every_steps != "auto":
+            return int(c.save_every_steps)
+        if self._save_every is None and len(self._step_times) >= AUTO_PROBE_STEPS - 1:
+            started = time.perf_counter()
+            self.checkpoint()
+            write_s = time.perf_counter() - started
+            step_s = float(np.median(self._step_times))
+            if self.world > 1:  # rank 0's times on every rank: one cadence
+                mine = [write_s, step_s] if self.rank == 0 else [0.0, 0.0]
+                times = torch.tensor(mine, dtype=torch.float64, device=getattr(self.protocol, "device", "cpu"))
+                write_s, step_s = (float(v) for v in distributed.all_reduce_sum_no_grad(times))
+            self._save_every = auto_save_every(write_s, step_s)
+            if self.run.main:
+                print(auto_save_line(self._save_every, write_s, step_s), flush=True)
+        return self._save_every or 0
 
     def _log(self, values: dict[str, torch.Tensor], line: bool = True) -> None:
         """A metrics row (values averaged over ranks) and a stdout line (``line``: not at an

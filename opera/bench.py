@@ -22,6 +22,7 @@ Peak RSS is the process's ``ru_maxrss`` (end to end: the sampled sum over the pr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -355,10 +356,13 @@ def bench_end_to_end(data: str, augment_on: str = "device", workers: int = 2, cr
     if steps < 1 or warmup < 0:
         raise OperaError("bench needs --steps >= 1 and --warmup >= 0")
     dataset = build_dataset(data, "train")
+    # the feed, and its workers, before the model: as the training loop does (PretrainFeed.start_workers)
+    default = {k: v.default for k, v in inspect.signature(make_step).parameters.items()}
+    dev, batch_size = torch.device(config.get("device", default["device"])), config.get("batch_size", default["batch_size"])
+    feed = PretrainFeed(dataset, img_size=config.get("img_size", default["img_size"]), crop_min=crop_min, flip=True,
+                        seed=seed, augment_on=augment_on, device=dev, workers=workers)
+    feed.start_workers(batch_size)
     step, model, meta = make_step(num_classes=dataset.num_classes, **config)
-    dev, batch_size = torch.device(meta["device"]), meta["batch_size"]
-    feed = PretrainFeed(dataset, img_size=meta["img_size"], crop_min=crop_min, flip=True, seed=seed,
-                        augment_on=augment_on, device=dev, workers=workers)
     to_cl = meta["channels_last"] and dev.type == "cuda"
 
     def batches():

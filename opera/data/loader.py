@@ -602,6 +602,20 @@ class PretrainFeed:
             loader.batch_sampler.set_epoch(epoch, start_step)
         return loader
 
+    def start_workers(self, batch_size: int, *, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                      drop_last: bool = True) -> None:
+        """Fork the folder path's DataLoader workers now (nothing without workers or in memory).
+
+        A forked worker's RSS starts at the main process's resident heap at the fork, so forking
+        before the model, the optimizer and a resumed checkpoint exist keeps every worker that much
+        smaller (resnet18 with LARS: ~180 MB less VmHWM per worker). The workers start on epoch 0's
+        first batches; :meth:`epoch` then switches the sampler and the DataLoader drops what they
+        fetched meanwhile (torch's persistent-worker reset), so the batches are unchanged."""
+        if self.in_memory or not self.workers:
+            return
+        loader = self.loader(batch_size, 0, rank, world_size, 0, shuffle, drop_last)
+        iter(loader)  # forks the workers (persistent: the loader keeps them and this iterator)
+
     def targets_of(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The named label sets of the images ``index`` (a tensor of dataset indices on the device)."""
         return {name: values.index_select(0, index) for name, values in self.target_sets.items()}

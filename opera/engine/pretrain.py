@@ -274,6 +274,7 @@ def setup_pretrain(cfg: PretrainConfig, run: RunDirectory, init: Initializer | N
         raise OperaError(f"batch size {batch} is larger than the dataset ({len(feed.dataset)} training images); "
                          f"use --batch-size <= {len(feed.dataset)}")
     n_steps = steps_per_epoch(len(feed.dataset), batch, world)
+    feed.start_workers(batch // world, rank=rank, world_size=world)  # forked before the model: smaller workers
 
     # NHWC for CNNs on CUDA when train.channels_last (the same prepare_model as ``opera bench``)
     hierarchy = SupervisionHierarchy.from_config(cfg, feed.label_sets)

@@ -56,3 +56,20 @@ def test_one_set_of_workers_serves_every_epoch_with_the_batches_of_a_fresh_feed(
     for got, want in zip(resumed, _feed(folder, augment_on).epoch(4, 2, start_step=2)):
         _same(got, want)
     assert not all(torch.equal(a, b) for a, b in zip(epoch0[0][0], epoch1[0][0]))  # epochs differ
+
+
+@pytest.mark.slow
+def test_workers_started_before_the_model_serve_a_resumed_epoch_unchanged(folder):
+    """``start_workers`` forks at set-up (before the model exists); the workers begin on epoch 0's
+    first batches, and a run resumed at epoch 1, step 2 still gets exactly that step's batches."""
+    feed = _feed(folder, "device")
+    before = set(_workers())
+    feed.start_workers(4)
+    workers = set(_workers()) - before
+    assert len(workers) == 1  # forked now, not at the first epoch
+    resumed = list(feed.epoch(4, 1, start_step=2))
+    assert set(_workers()) - before == workers
+    want = list(_feed(folder, "device").epoch(4, 1, start_step=2))
+    assert len(resumed) == len(want) == 2
+    for got, w in zip(resumed, want):
+        _same(got, w)

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import timm
+import sys
+
 import torch
 from torch import nn
-from timm.models.vision_transformer import VisionTransformer
 
 from opera.backbones.vit import mocov3_vit_init
 from opera.errors import OperaError, suggest
@@ -81,6 +81,8 @@ def _resolve(name: str, img_size: int, options: dict[str, Any]) -> tuple[str, di
         if name == "vit_tiny" and not options.get("patch_size"):
             options = {**options, "patch_size": max(2, img_size // 8)}
         return BACKBONES.get(name)(img_size=img_size, **options)
+    import timm  # where a model is built: importing opera (and forking its DataLoader workers) needs none
+
     timm_name = name[len("timm:"):] if name.startswith("timm:") else name
     if timm_name in timm.list_models():
         kwargs = dict(options)
@@ -103,6 +105,8 @@ def create_backbone(name: str, img_size: int = 224, **options: Any) -> nn.Module
     timm_name, kwargs, post_init = _resolve(name, img_size, options)
     kwargs = {**kwargs, "num_classes": 0}
     try:
+        import timm
+
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
     except TypeError as exc:  # an option this architecture does not take
         raise OperaError(f"backbone {name!r} does not accept these options {sorted(options)}: {exc}") from None
@@ -117,7 +121,7 @@ def guard_image_size(model: nn.Module, name: str) -> None:
     """A one-line error, instead of timm's AssertionError, when a fixed-size ViT gets another size
     (a no-op for other models)."""
     embed = getattr(model, "patch_embed", None)
-    if embed is None or not isinstance(model, VisionTransformer):
+    if embed is None or not _is_vit(model):
         return
     if not getattr(embed, "strict_img_size", True) or getattr(embed, "dynamic_img_size", False) or embed.img_size is None:
         return
@@ -145,9 +149,16 @@ def feature_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
+def _is_vit(model: nn.Module) -> bool:
+    """``isinstance(model, timm's VisionTransformer)``, importing nothing: until timm's module is
+    imported, no such model exists."""
+    vit = sys.modules.get("timm.models.vision_transformer")
+    return vit is not None and isinstance(model, vit.VisionTransformer)
+
+
 def is_token_backbone(backbone: nn.Module) -> bool:
     """True for ViT-style backbones whose patch tokens can be masked (the ``mask`` space)."""
-    return isinstance(backbone, VisionTransformer)
+    return _is_vit(backbone)
 
 
 def pooled_features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:

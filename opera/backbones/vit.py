@@ -8,10 +8,13 @@ load into the plain timm model of the same name.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from timm.models.vision_transformer import VisionTransformer
+
+if TYPE_CHECKING:  # timm is imported where a model is built (opera.backbones.factory)
+    from timm.models.vision_transformer import VisionTransformer
 
 
 def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -12,9 +12,9 @@ instance space's keys are ``teacher.rep(stage, "self/projector")``; a second tea
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from opera.backbones import pooled_features
@@ -40,9 +40,10 @@ class MomentumTeacher(nn.Module):
     def __init__(self, backbone: nn.Module, reps: dict[str, Published], wanted: list[str], drop_path: bool = True):
         super().__init__()
         self.backbone = _frozen_copy(backbone)
-        if not drop_path:  # no stochastic depth in the teacher (DINO builds it without drop_path_rate)
+        drop = sys.modules.get("timm.layers.drop")  # timm's DropPath, if timm built the backbone
+        if not drop_path and drop is not None:  # no stochastic depth in the teacher (DINO builds it without drop_path_rate)
             for m in self.backbone.modules():
-                if isinstance(m, DropPath):
+                if isinstance(m, drop.DropPath):
                     m.drop_prob = 0.0
         self.heads = nn.ModuleDict()
         # rep -> (source rep, online module); a plain dict, so the online modules are not

@@ -39,8 +39,9 @@ def run(variant: str, size: int, steps: int, a) -> dict:
 
 
 def table(rows: dict[tuple[int, str], list[dict]], variants: list[str]) -> str:
-    out = ["| size | pipeline | img/s | s/step | waits for data | peak RSS MB (PSS) | img/s vs official |",
-           "|---:|---|---:|---:|---:|---:|---:|"]
+    out = ["| size | pipeline | img/s | s/step | waits for data | peak RSS MB (PSS) | main / each worker, VmHWM MB (PSS) "
+           "| img/s vs official |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for size in sorted({s for s, _ in rows}):
         base = statistics.median(r["img_per_s"] for r in rows[(size, "official")])
         for v in variants:
@@ -49,8 +50,13 @@ def table(rows: dict[tuple[int, str], list[dict]], variants: list[str]) -> str:
                                                                        "peak_rss_mb", "peak_pss_mb")}
             name = "official (ImageFolder+PIL)" if v == "official" else f"opera, augment on {v}"
             runs = ", ".join(f"{r['img_per_s']:.1f}" for r in rs)
+            procs = [(p["role"], p["vmhwm_mb"], p["pss_mb"]) for r in rs for p in r.get("processes", [])]
+            split = " / ".join(
+                f"{statistics.median(m for k, m, _ in procs if k == role):.0f} "
+                f"({statistics.median(q for k, _, q in procs if k == role):.0f})"
+                for role in ("main", "worker") if any(k == role for k, _, _ in procs)) or "-"
             out.append(f"| {size} | {name} | {med['img_per_s']:.1f} ({runs}) | {med['s_per_step']:.2f} | "
-                       f"{100 * med['data_wait_share']:.0f}% | {med['peak_rss_mb']:.0f} ({med['peak_pss_mb']:.0f}) | "
+                       f"{100 * med['data_wait_share']:.0f}% | {med['peak_rss_mb']:.0f} ({med['peak_pss_mb']:.0f}) | {split} | "
                        f"{med['img_per_s'] / base:.2f}x |")
     return "\n".join(out)
 

@@ -6,7 +6,8 @@ ext4's 65000 links per file allow), then measures at each size:
 
 * ``dataset_s``: building the train split (scanning the folder);
 * ``identity_s``: the data identity a resume checks (a digest of every name);
-* ``sampler_us``: one epoch of ``data.labelled_per_batch`` (1% labelled, 64 of a batch of 256), per step;
+* ``sampler_us``: one epoch of ``data.labelled_per_batch`` (1% labelled, 64 of a batch of 256), per step,
+  1 ms between steps;
 * ``worker_mb``: a DataLoader worker's private memory after reading every path and label
   (``benchmarks/worker_memory.py``);
 * ``labels_s``: re-matching ``labelled.txt`` (1% of the images, by file name) on resume;
@@ -82,16 +83,19 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def sampler_us(n: int, batch: int = 256, k: int = 64) -> float:
+def sampler_us(n: int, batch: int = 256, k: int = 64, gap_s: float = 1e-3) -> float:
     from opera.data.loader import LabelledShareBatchSampler
 
     labelled = np.arange(0, n, 100)
     unlabelled = np.setdiff1d(np.arange(n), labelled)
     s = LabelledShareBatchSampler(labelled, unlabelled, batch, k, seed=0)
-    start = time.perf_counter()
-    for _ in s:
-        pass
-    return (time.perf_counter() - start) / s.n_steps * 1e6
+    spent, it = 0.0, iter(s)
+    for _ in range(s.n_steps):
+        start = time.perf_counter()
+        next(it)
+        spent += time.perf_counter() - start
+        time.sleep(gap_s)  # a step's stand-in: the next cycle is drawn ahead meanwhile (benchmarks/sampler_side_by_side.py)
+    return spent / s.n_steps * 1e6
 
 
 def labels_s(ds, tmp: Path) -> float:

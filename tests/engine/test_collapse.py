@@ -128,6 +128,11 @@ def test_a_collapsed_representation_warns_once_naming_it_and_a_healthy_one_does_
     logits = statistics(torch.from_numpy(np.hstack([s, -s])))
     assert logits["rankme"] == pytest.approx(1.0, abs=1e-4) and logits["std_sqrt_d"] > 0.5
     assert collapse_warnings({"full/logits": {**logits, "dim": 2, "images": 100}}) == []
+    # non-negative features in a narrow cone (a ReLU backbone's pooled y early in training): the
+    # normalised std is far below the isotropic one, but the images are told apart: no warning
+    cone = statistics(torch.from_numpy(1 + 0.1 * np.abs(rng.standard_normal((100, 16)))))
+    assert 0.02 < cone["std_sqrt_d"] < 0.1 and cone["rankme"] > RANKME_MIN
+    assert collapse_warnings({"backbone": {**cone, "dim": 16, "images": 100}}) == []
 
 
 @pytest.mark.slow

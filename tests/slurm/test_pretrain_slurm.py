@@ -52,7 +52,8 @@ def task_log(job: submitit.SlurmJob, task: int) -> str:
 
 
 def metric_steps(output: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if "loss" in r]  # the step rows (an epoch's monitor row shares its last step)
 
 
 def saved_step(output: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 from types import SimpleNamespace
 
@@ -47,7 +48,7 @@ def run_dir(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(LARS, "step", recording_step)
-        mp.setattr(loop, "time", SimpleNamespace(time=lambda: float(next(ticks))))
+        mp.setattr(loop, "time", SimpleNamespace(time=lambda: float(next(ticks)), perf_counter=time.perf_counter))
         run_pretrain(apply_overrides(load_config("cpu_digits"), SMALL + [f"train.log_every={LOG_EVERY}"]), out)
     (out / "applied_lr.json").write_text(json.dumps(applied))
     return out

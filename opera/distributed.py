@@ -12,6 +12,7 @@ import datetime
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 
 import torch
@@ -322,8 +323,27 @@ def join(device: str = "auto") -> tuple[DistEnv, torch.device]:
 
 
 def shutdown() -> None:
-    if is_initialized():
+    """Leave the process group: meet every rank once more, then close it, so that no rank exits
+    (closing its gloo sockets and, on rank 0, the store) while another is still finishing its last
+    collective; and rank 0, which hosts the store, closes last, once every other rank has closed
+    its group (counted in the store; at most 60 s): a store that vanished under a rank still
+    closing its group aborted that rank with SIGABRT ("terminate called without an active
+    exception") in 4 of 10 runs of a two-rank test. Nothing when no group is open."""
+    if not is_initialized():
+        return
+    dist.barrier()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store() if world > 1 else None
+    if store is None or rank != 0:
         dist.destroy_process_group()
+        if store is not None:
+            store.add("opera/left", 1)
+        return
+    # rank 0 hosts the store: it closes last, once every other rank has closed its group
+    deadline = time.monotonic() + 60
+    while store.add("opera/left", 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -110,14 +110,12 @@ def _child(local_rank: int, fn: Callable[..., Any], args: tuple, nproc: int, por
 
 
 def _leave_group() -> None:
-    """Every rank has returned: meet once more, then close the process group, so that no rank
-    exits (closing its gloo sockets and, on rank 0, the store) while another is still finishing
-    its last collective - which aborted that rank with SIGABRT in a CI run of ``knn --nproc 2``."""
-    import torch.distributed as dist
+    """Every rank has returned: meet once more and close the process group
+    (:func:`opera.distributed.shutdown`) - a rank that exited while another was still finishing its
+    last collective aborted that rank with SIGABRT in a CI run of ``knn --nproc 2``."""
+    from opera import distributed
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.shutdown()
 
 
 class _Forwarder:

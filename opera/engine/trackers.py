@@ -4,7 +4,7 @@ A run names its loggers in one option, ``train.loggers=tensorboard,wandb,mlflow`
 ``--set loggers=...``); ``tensorboard`` alone is the default. W&B and MLflow are optional extras
 (``pip install -e ".[wandb]"``, ``".[mlflow]"``): a logger whose package is missing is one line
 naming that command, before anything is built (:func:`require`); with none installed everything
-else works as before.
+else works.
 
 What a tracker run holds and how it lives with a resumable run (docs/trackers.md):
 
